@@ -1,0 +1,160 @@
+//! `spfs-changes` (also `spfs changes`): what changed in an spfs runtime, from the
+//! changelog a fanotify tracker keeps. This binary only parses arguments, calls the
+//! `tracker` and `store` crates and prints.
+
+mod output;
+mod run;
+mod target;
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "spfs-changes", version, about = "What changed in an spfs runtime, in O(changes)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a command in a fresh tracked overlay runtime, then print what it changed.
+    Run(run::RunArgs),
+    /// Print what changed (since a mark or token), `spfs diff` style or as JSON.
+    Changes(ChangesArgs),
+    /// Name the current position in the changelog (e.g. `build-start`).
+    Mark(MarkArgs),
+    /// Show the tracker's state and counters.
+    Status(StatusArgs),
+    /// Ask a running tracker to stop.
+    Stop(TargetArgs),
+}
+
+/// Which changelog to talk to.
+#[derive(Args, Clone, Default)]
+pub struct TargetArgs {
+    /// Control socket of a running tracker [default: $SPFS_CHANGES_SOCKET].
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    /// State dir of a runtime's changelog [default: $SPFS_CHANGES_STATE, else the
+    /// latest `run`].
+    #[arg(long, global = true)]
+    state: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ChangesArgs {
+    /// Only changes after this mark name or `<instance>:<seq>` token.
+    #[arg(long)]
+    since: Option<String>,
+    /// One JSON document.
+    #[arg(long, conflicts_with = "jsonl")]
+    json: bool,
+    /// One JSON object per line, then a trailer line with the token.
+    #[arg(long)]
+    jsonl: bool,
+    /// Only paths matching this glob (relative to the mount, e.g. `lib/**/*.so`).
+    #[arg(long = "glob")]
+    globs: Vec<String>,
+    /// Only these paths and what lies below them (`/spfs/lib`, `lib`).
+    prefixes: Vec<PathBuf>,
+    #[command(flatten)]
+    target: TargetArgs,
+}
+
+#[derive(Args)]
+struct MarkArgs {
+    name: String,
+    #[command(flatten)]
+    target: TargetArgs,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    target: TargetArgs,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SPFS_CHANGES_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Changes(args) => changes(args),
+        Command::Mark(args) => mark(args),
+        Command::Status(args) => status(args),
+        Command::Stop(target) => stop(target),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("spfs-changes: error: {}", one_line(&e));
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Joins an error and its causes on one line.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+    }
+    parts.join(": ").replace('\n', " ")
+}
+
+fn changes(args: ChangesArgs) -> anyhow::Result<ExitCode> {
+    let mut target = target::open(&args.target)?;
+    let query = store::Query {
+        since: args.since.as_deref().map(store::parse_since),
+        prefixes: args.prefixes.iter().map(|p| target.relative(p)).collect(),
+        globs: args.globs,
+    };
+    let set = target.changes(query)?;
+    let mut out = std::io::stdout().lock();
+    let format = if args.json {
+        output::Format::Json
+    } else if args.jsonl {
+        output::Format::JsonLines
+    } else {
+        output::Format::Diff
+    };
+    if let (Some(reason), output::Format::Diff) = (&set.fresh, format) {
+        eprintln!(
+            "spfs-changes: note: {}; showing every change instead",
+            output::fresh_reason(reason)
+        );
+    }
+    output::write_changes(&mut out, &set, target.mount(), format)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn mark(args: MarkArgs) -> anyhow::Result<ExitCode> {
+    let token = target::open(&args.target)?.mark(&args.name)?;
+    println!("{token}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let status = target::open(&args.target)?.status()?;
+    let mut out = std::io::stdout().lock();
+    output::write_status(&mut out, &status, args.json)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn stop(args: TargetArgs) -> anyhow::Result<ExitCode> {
+    target::open(&args)?.stop()?;
+    Ok(ExitCode::SUCCESS)
+}

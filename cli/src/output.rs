@@ -1,0 +1,224 @@
+//! Renders answers for people (`spfs diff` style) and for programs (JSON).
+//!
+//! Paths are bytes. In text, bytes that are not printable UTF-8 are escaped (`\n`,
+//! `\xff`, `\\`) so one line is always one path. In JSON, `path` is the path as a
+//! string (invalid UTF-8 replaced) and `path_bytes` carries the exact bytes whenever
+//! the string alone would not be exact.
+
+use serde_json::{Value, json};
+use std::io::{self, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use store::{Change, ChangeSet, FileType, FreshReason, NetKind};
+use tracker::Status;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Diff,
+    Json,
+    JsonLines,
+}
+
+pub fn write_changes(out: &mut impl Write, set: &ChangeSet, mount: &Path, format: Format) -> io::Result<()> {
+    match format {
+        Format::Diff => {
+            for c in &set.changes {
+                writeln!(out, "{}", diff_line(c, mount))?;
+            }
+        }
+        Format::Json => {
+            let doc = json!({
+                "token": set.token.to_string(),
+                "fresh": set.fresh.as_ref().map(fresh_reason),
+                "mount": mount.to_string_lossy(),
+                "changes": set.changes.iter().map(|c| change_json(c, mount)).collect::<Vec<_>>(),
+            });
+            serde_json::to_writer_pretty(&mut *out, &doc)?;
+            writeln!(out)?;
+        }
+        Format::JsonLines => {
+            for c in &set.changes {
+                serde_json::to_writer(&mut *out, &change_json(c, mount))?;
+                writeln!(out)?;
+            }
+            let trailer = json!({
+                "token": set.token.to_string(),
+                "fresh": set.fresh.as_ref().map(fresh_reason),
+            });
+            serde_json::to_writer(&mut *out, &trailer)?;
+            writeln!(out)?;
+        }
+    }
+    out.flush()
+}
+
+/// `+/spfs/a`, `-/spfs/a`, `~/spfs/a [content]`, as `spfs diff` prints.
+pub fn diff_line(c: &Change, mount: &Path) -> String {
+    let path = escape(&full_path(mount, &c.path));
+    match (c.kind, c.before) {
+        (Some(NetKind::Added), _) => format!("+{path}"),
+        (Some(NetKind::Removed), _) => format!("-{path}"),
+        (Some(NetKind::Modified), _) => format!("~{path} [content]"),
+        (Some(NetKind::Metadata), _) => format!("~{path} [metadata]"),
+        (Some(NetKind::Replaced), _) => format!("~{path} [replaced {}]", type_name(c.file_type)),
+        (None, Some(NetKind::Added)) => format!("-{path}"),
+        (None, Some(NetKind::Removed)) => format!("+{path} [restored]"),
+        (None, _) => format!("~{path} [reverted]"),
+    }
+}
+
+fn full_path(mount: &Path, rel: &[u8]) -> Vec<u8> {
+    let mut p = mount.as_os_str().as_bytes().to_vec();
+    if !p.ends_with(b"/") {
+        p.push(b'/');
+    }
+    p.extend_from_slice(rel);
+    p
+}
+
+/// Escapes everything that would make a path ambiguous on one line of text.
+pub fn escape(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        for ch in chunk.valid().chars() {
+            match ch {
+                '\\' => s.push_str("\\\\"),
+                '\n' => s.push_str("\\n"),
+                '\t' => s.push_str("\\t"),
+                '\r' => s.push_str("\\r"),
+                c if c.is_control() => s.push_str(&format!("\\x{:02x}", c as u32)),
+                c => s.push(c),
+            }
+        }
+        for b in chunk.invalid() {
+            s.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    s
+}
+
+fn change_json(c: &Change, mount: &Path) -> Value {
+    let full = full_path(mount, &c.path);
+    let mut v = json!({
+        "path": String::from_utf8_lossy(&full),
+        "kind": c.kind.map(kind_name),
+        "before": c.before.map(kind_name),
+        "type": type_name(c.file_type),
+        "pid": c.origin.as_ref().map(|o| o.pid),
+        "command": c.origin.as_ref().map(|o| String::from_utf8_lossy(&o.command).into_owned()),
+        "seq": c.seq,
+    });
+    if std::str::from_utf8(&full).is_err() {
+        v["path_bytes"] = json!(full);
+    }
+    v
+}
+
+pub fn kind_name(k: NetKind) -> &'static str {
+    match k {
+        NetKind::Added => "added",
+        NetKind::Modified => "modified",
+        NetKind::Metadata => "metadata",
+        NetKind::Removed => "removed",
+        NetKind::Replaced => "replaced",
+    }
+}
+
+pub fn type_name(t: FileType) -> &'static str {
+    match t {
+        FileType::File => "file",
+        FileType::Dir => "dir",
+        FileType::Symlink => "symlink",
+        FileType::Fifo => "fifo",
+        FileType::Socket => "socket",
+        FileType::CharDevice => "char-device",
+        FileType::BlockDevice => "block-device",
+        FileType::Whiteout => "whiteout",
+        FileType::Unknown => "unknown",
+    }
+}
+
+pub fn fresh_reason(r: &FreshReason) -> String {
+    match r {
+        FreshReason::OtherInstance { asked, current } => format!(
+            "the token or mark is from tracker instance {asked:016x}, history since then is incomplete (now {current:016x})"
+        ),
+        FreshReason::Expired { asked, oldest } => {
+            format!("position {asked} is older than the retained history (oldest {oldest})")
+        }
+    }
+}
+
+pub fn write_status(out: &mut impl Write, s: &Status, as_json: bool) -> io::Result<()> {
+    if as_json {
+        let doc = json!({
+            "live": s.live,
+            "token": s.token.map(|t| t.to_string()),
+            "mount": s.mount.to_string_lossy(),
+            "upper": s.upper.to_string_lossy(),
+            "events": s.events,
+            "batches": s.batches,
+            "records": s.records,
+            "overflows": s.overflows,
+            "rescans": s.rescans,
+            "gaps": s.gaps,
+            "net_paths": s.net_paths,
+            "db_bytes": s.db_bytes,
+            "last_batch_us": s.last_batch_us,
+            "watch": s.watch,
+            "degraded": s.degraded,
+        });
+        serde_json::to_writer_pretty(&mut *out, &doc)?;
+        writeln!(out)?;
+        return out.flush();
+    }
+    let token = s.token.map(|t| t.to_string()).unwrap_or_default();
+    writeln!(out, "tracker:    {}", if s.live { "running" } else { "not running" })?;
+    writeln!(out, "token:      {token}")?;
+    writeln!(out, "mount:      {}", s.mount.display())?;
+    writeln!(out, "upper:      {}", s.upper.display())?;
+    writeln!(out, "watch:      {}", s.watch)?;
+    writeln!(out, "changed:    {} paths", s.net_paths)?;
+    writeln!(out, "events:     {} in {} batches, {} records", s.events, s.batches, s.records)?;
+    writeln!(out, "overflows:  {} (rescans {}, gaps {})", s.overflows, s.rescans, s.gaps)?;
+    writeln!(out, "lag:        last batch took {} us", s.last_batch_us)?;
+    writeln!(out, "db size:    {} bytes", s.db_bytes)?;
+    for d in &s.degraded {
+        writeln!(out, "degraded:   {d}")?;
+    }
+    out.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escape_keeps_one_path_per_line() {
+        assert_eq!(escape(b"a/b c"), "a/b c");
+        assert_eq!(escape(b"new\nline"), "new\\nline");
+        assert_eq!(escape(b"back\\slash"), "back\\\\slash");
+        assert_eq!(escape(b"bad\xff\xfe"), "bad\\xff\\xfe");
+        assert_eq!(escape("caf\u{e9}".as_bytes()), "caf\u{e9}");
+        assert_eq!(escape(b"\x1b[31m"), "\\x1b[31m");
+    }
+
+    #[test]
+    fn json_is_lossless_for_non_utf8() {
+        let c = Change {
+            path: b"x\xff\n".to_vec(),
+            kind: Some(NetKind::Added),
+            before: None,
+            file_type: FileType::File,
+            origin: None,
+            seq: 3,
+        };
+        let v = change_json(&c, Path::new("/spfs"));
+        let bytes: Vec<u8> = serde_json::from_value(v["path_bytes"].clone()).expect("byte array");
+        assert_eq!(bytes, b"/spfs/x\xff\n");
+        assert_eq!(v["kind"], "added");
+        let ok = change_json(&Change { path: b"a\nb".to_vec(), ..c }, Path::new("/spfs"));
+        assert_eq!(ok["path"], "/spfs/a\nb");
+        assert!(ok.get("path_bytes").is_none());
+    }
+}

@@ -1,0 +1,171 @@
+//! `spfs-changes run`: a self-contained tracked runtime shaped like spfs's (a tmpfs
+//! runtime dir with upper/work/lower and an overlay on top), for trying the tracker
+//! without an spfs install and for tests.
+
+use crate::output::{self, Format};
+use crate::target::{RUNS_DIR, SOCKET_NAME};
+use anyhow::{Context, bail};
+use clap::Args;
+use nix::mount::{MsFlags, mount};
+use nix::sched::{CloneFlags, unshare};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use tracker::control::Server;
+use tracker::{Config, Layout, Tracker};
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// A lower layer, top-most first (repeatable) [default: one empty layer].
+    #[arg(long = "lower")]
+    lowers: Vec<PathBuf>,
+    /// Where to mount the overlay.
+    #[arg(long, default_value = "/spfs")]
+    mount: PathBuf,
+    /// Where the runtime's tmpfs (upper/, work/, lower/) is mounted, inside the
+    /// runtime's private mount namespace.
+    #[arg(long, default_value = "/tmp/spfs-runtime")]
+    runtime_dir: PathBuf,
+    /// Where to keep the changelog [default: /var/lib/spfs-changes/runs/<id>].
+    #[arg(long)]
+    state: Option<PathBuf>,
+    /// The command to run inside the runtime.
+    #[arg(last = true, required = true)]
+    command: Vec<std::ffi::OsString>,
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("`run` needs root: it mounts a tmpfs and an overlay in a private mount namespace");
+    }
+    for lower in &args.lowers {
+        let meta = std::fs::metadata(lower)
+            .with_context(|| format!("lower dir {}", lower.display()))?;
+        if !meta.is_dir() {
+            bail!("lower dir {} is not a directory", lower.display());
+        }
+    }
+    // Ctrl-C reaches the whole foreground group: let it end the command, not us, so
+    // the changelog is still printed and flushed. Threads started below inherit this
+    // mask; std resets it for the child command.
+    let mut terminal = SigSet::empty();
+    terminal.add(Signal::SIGINT);
+    terminal.add(Signal::SIGQUIT);
+    pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&terminal), None)?;
+
+    let state = match &args.state {
+        Some(s) => s.clone(),
+        None => new_run_dir()?,
+    };
+    std::fs::create_dir_all(&state).with_context(|| format!("state dir {}", state.display()))?;
+    let state = state.canonicalize()?;
+
+    unshare(CloneFlags::CLONE_NEWNS).context("cannot create a private mount namespace")?;
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+        .context("cannot make the mount namespace private")?;
+
+    let runtime = &args.runtime_dir;
+    std::fs::create_dir_all(runtime).with_context(|| format!("runtime dir {}", runtime.display()))?;
+    mount(Some("tmpfs"), runtime, Some("tmpfs"), MsFlags::MS_NOEXEC, Some("mode=0755"))
+        .with_context(|| format!("cannot mount a tmpfs at {}", runtime.display()))?;
+    let upper = runtime.join("upper");
+    let work = runtime.join("work");
+    let empty_lower = runtime.join("lower");
+    let sync_dir = runtime.join("spfs-changes-sync");
+    for d in [&upper, &work, &empty_lower, &sync_dir] {
+        std::fs::create_dir(d).with_context(|| format!("cannot create {}", d.display()))?;
+    }
+    let mut lowers = args.lowers.clone();
+    lowers.push(empty_lower);
+
+    std::fs::create_dir_all(&args.mount)
+        .with_context(|| format!("mount point {}", args.mount.display()))?;
+    if is_mount_point(&args.mount)? {
+        bail!("mount point {} is in use: something is already mounted there", args.mount.display());
+    }
+    let options = overlay_options(&lowers, &upper, &work)?;
+    mount(Some("overlay"), &args.mount, Some("overlay"), MsFlags::empty(), Some(options.as_str()))
+        .with_context(|| format!("cannot mount the overlay at {}", args.mount.display()))?;
+
+    let layout = Layout {
+        mount: args.mount.clone(),
+        upper,
+        work,
+        lowers,
+    };
+    let tracker = Arc::new(Tracker::start(Config::new(layout, state.clone(), sync_dir))?);
+    let socket = state.join(SOCKET_NAME);
+    let server = Server::start(tracker.clone(), &socket, nix::unistd::getuid().as_raw())?;
+
+    let (program, rest) = args.command.split_first().context("no command given")?;
+    let status = std::process::Command::new(program)
+        .args(rest)
+        .env("SPFS_CHANGES_SOCKET", &socket)
+        .env("SPFS_CHANGES_STATE", &state)
+        .status()
+        .with_context(|| format!("cannot run {}", program.to_string_lossy()))?;
+
+    let set = tracker.query(&store::Query::default())?;
+    output::write_changes(&mut std::io::stdout().lock(), &set, &args.mount, Format::Diff)?;
+    drop(server);
+    match Arc::try_unwrap(tracker) {
+        Ok(t) => t.stop()?,
+        Err(_) => bail!("the control socket still holds the tracker"),
+    }
+    eprintln!(
+        "spfs-changes: changelog kept in {} (spfs-changes changes --state {})",
+        state.display(),
+        state.display()
+    );
+    let code = status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(1);
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+}
+
+/// A new dir under RUNS_DIR, and `latest` pointing at it.
+fn new_run_dir() -> anyhow::Result<PathBuf> {
+    let runs = Path::new(RUNS_DIR);
+    std::fs::create_dir_all(runs).with_context(|| format!("cannot create {}", runs.display()))?;
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let dir = runs.join(format!("run-{secs}-{}", std::process::id()));
+    std::fs::create_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let tmp = runs.join(format!(".latest-{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(&dir, &tmp)?;
+    std::fs::rename(&tmp, runs.join("latest"))?;
+    Ok(dir)
+}
+
+fn is_mount_point(p: &Path) -> anyhow::Result<bool> {
+    let meta = std::fs::metadata(p)?;
+    let parent = std::fs::metadata(p.join(".."))?;
+    Ok(meta.dev() != parent.dev() || meta.ino() == parent.ino())
+}
+
+/// The option string spfs uses: index=off, metacopy=off, redirect_dir=follow.
+fn overlay_options(lowers: &[PathBuf], upper: &Path, work: &Path) -> anyhow::Result<String> {
+    let mut all: Vec<&Path> = lowers.iter().map(PathBuf::as_path).collect();
+    all.push(upper);
+    all.push(work);
+    for p in &all {
+        let b = p.as_os_str().as_bytes();
+        if b.iter().any(|c| matches!(c, b',' | b':' | b'\\')) || std::str::from_utf8(b).is_err() {
+            bail!("overlay layer path {} must not contain ',', ':', '\\' or non-UTF-8 bytes", p.display());
+        }
+    }
+    let lowerdir: Vec<String> = lowers.iter().map(|p| p.to_string_lossy().into_owned()).collect();
+    Ok(format!(
+        "lowerdir={},upperdir={},workdir={},index=off,metacopy=off,redirect_dir=follow",
+        lowerdir.join(":"),
+        upper.display(),
+        work.display()
+    ))
+}

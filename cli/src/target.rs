@@ -1,0 +1,146 @@
+//! Finds the changelog a command speaks of: a running tracker's socket, or the db of a
+//! runtime whose tracker has ended.
+
+use crate::TargetArgs;
+use anyhow::{Context, bail};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+use store::{ChangeSet, Query, Store, Token};
+use tracker::Status;
+use tracker::control::{Client, Request, Response};
+
+/// Where `run` keeps each runtime's changelog, and `latest` links the newest.
+pub const RUNS_DIR: &str = "/var/lib/spfs-changes/runs";
+pub const SOCKET_NAME: &str = "control.sock";
+
+pub enum Target {
+    Live { client: Client, mount: PathBuf },
+    Kept { store: Store, mount: PathBuf, state: PathBuf },
+}
+
+pub fn open(args: &TargetArgs) -> anyhow::Result<Target> {
+    let socket = args
+        .socket
+        .clone()
+        .or_else(|| std::env::var_os("SPFS_CHANGES_SOCKET").map(PathBuf::from));
+    if let Some(socket) = socket {
+        return live(&socket);
+    }
+    let state = match args
+        .state
+        .clone()
+        .or_else(|| std::env::var_os("SPFS_CHANGES_STATE").map(PathBuf::from))
+    {
+        Some(s) => s,
+        None => {
+            let latest = Path::new(RUNS_DIR).join("latest");
+            std::fs::read_link(&latest).with_context(|| {
+                format!("no runtime given (--state, --socket) and no earlier run at {}", latest.display())
+            })?
+        }
+    };
+    if !state.is_dir() {
+        bail!("no changelog at {}: not a directory", state.display());
+    }
+    let socket = state.join(SOCKET_NAME);
+    if socket.exists() {
+        if let Ok(target) = live(&socket) {
+            return Ok(target);
+        }
+    }
+    let store = Store::open(&state)?;
+    let mount = store
+        .info("mount")?
+        .map(|b| PathBuf::from(std::ffi::OsString::from_vec(b)))
+        .unwrap_or_else(|| PathBuf::from("/spfs"));
+    Ok(Target::Kept { store, mount, state })
+}
+
+fn live(socket: &Path) -> anyhow::Result<Target> {
+    let mut client = Client::connect(socket)?;
+    let Response::Status(status) = client.call(&Request::Status)? else {
+        bail!("tracker at {} gave an unexpected answer to status", socket.display());
+    };
+    Ok(Target::Live {
+        client,
+        mount: status.mount,
+    })
+}
+
+impl Target {
+    pub fn mount(&self) -> &Path {
+        match self {
+            Target::Live { mount, .. } | Target::Kept { mount, .. } => mount,
+        }
+    }
+
+    /// A path as the user wrote it (`/spfs/lib`, `lib/`, `/lib`) relative to the mount.
+    pub fn relative(&self, p: &Path) -> Vec<u8> {
+        let p = p.strip_prefix(self.mount()).unwrap_or(p);
+        let mut bytes = p.as_os_str().as_bytes();
+        while let Some(rest) = bytes.strip_prefix(b"/") {
+            bytes = rest;
+        }
+        while let Some(rest) = bytes.strip_suffix(b"/") {
+            bytes = rest;
+        }
+        bytes.to_vec()
+    }
+
+    pub fn changes(&mut self, query: Query) -> anyhow::Result<ChangeSet> {
+        match self {
+            Target::Live { client, .. } => match client.call(&Request::Changes(query))? {
+                Response::Changes(set) => Ok(set),
+                other => bail!("unexpected answer from tracker: {other:?}"),
+            },
+            Target::Kept { store, .. } => Ok(store.query(&query)?),
+        }
+    }
+
+    pub fn mark(&mut self, name: &str) -> anyhow::Result<Token> {
+        match self {
+            Target::Live { client, .. } => match client.call(&Request::Mark(name.to_string()))? {
+                Response::Token(t) => Ok(t),
+                other => bail!("unexpected answer from tracker: {other:?}"),
+            },
+            Target::Kept { store, .. } => Ok(store.mark(name)?),
+        }
+    }
+
+    pub fn status(&mut self) -> anyhow::Result<Status> {
+        match self {
+            Target::Live { client, .. } => match client.call(&Request::Status)? {
+                Response::Status(s) => Ok(*s),
+                other => bail!("unexpected answer from tracker: {other:?}"),
+            },
+            Target::Kept { store, mount, .. } => {
+                let stats = store.stats()?;
+                let upper = store
+                    .info("upper")?
+                    .map(|b| PathBuf::from(std::ffi::OsString::from_vec(b)))
+                    .unwrap_or_default();
+                Ok(Status {
+                    token: Some(store.token()),
+                    live: false,
+                    mount: mount.clone(),
+                    upper,
+                    gaps: stats.gaps,
+                    net_paths: stats.net_paths,
+                    db_bytes: stats.db_bytes,
+                    watch: "none (no tracker is running; reading the kept changelog)".into(),
+                    ..Status::default()
+                })
+            }
+        }
+    }
+
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        match self {
+            Target::Live { client, .. } => {
+                client.call(&Request::Stop)?;
+                Ok(())
+            }
+            Target::Kept { state, .. } => bail!("no tracker is running for {}", state.display()),
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! The control socket: how other processes (the CLI inside the runtime, spk) ask a
+//! running tracker, which alone may open the changelog (sled allows one process).
+//!
+//! Frames are a 4-byte big-endian length then a bincode payload. Requests are capped
+//! at `MAX_REQUEST` bytes; a frame over the cap or one that does not decode gets an
+//! error reply, and the tracker keeps serving everyone else.
+
+use crate::{Status, Tracker, TrackerError};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use store::{ChangeSet, LogRecord, Query, Token};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+
+/// Largest request the tracker reads.
+pub const MAX_REQUEST: usize = 64 * 1024;
+/// Largest answer a client accepts (a net state of millions of paths fits).
+pub const MAX_RESPONSE: usize = 1 << 30;
+/// Bumped whenever Request or Response change shape.
+const PROTOCOL_VERSION: u8 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    Changes(Query),
+    History(Vec<u8>),
+    Mark(String),
+    Sync,
+    Status,
+    Stop,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    Changes(ChangeSet),
+    History(Vec<LogRecord>),
+    Token(Token),
+    Status(Box<Status>),
+    Stopping,
+    Error(String),
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    let mut out = vec![0u8; 5];
+    out[4] = PROTOCOL_VERSION;
+    // Serializing these plain enums into a Vec cannot fail.
+    let body = bincode::serde::encode_to_vec(v, bincode::config::standard())
+        .expect("control messages always serialize");
+    out.extend_from_slice(&body);
+    let len = (out.len() - 4) as u32;
+    out[..4].copy_from_slice(&len.to_be_bytes());
+    out
+}
+
+fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, String> {
+    match payload.split_first() {
+        Some((&PROTOCOL_VERSION, body)) => {
+            bincode::serde::decode_from_slice(body, bincode::config::standard())
+                .map(|(v, _)| v)
+                .map_err(|e| format!("malformed frame: {e}"))
+        }
+        Some((v, _)) => Err(format!(
+            "protocol version {v} is not spoken here (expected {PROTOCOL_VERSION})"
+        )),
+        None => Err("empty frame".into()),
+    }
+}
+
+/// A running control socket server; dropping it stops serving.
+pub struct Server {
+    shutdown: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    stop_requests: std::sync::mpsc::Receiver<()>,
+    path: PathBuf,
+}
+
+impl Server {
+    /// Serves `tracker` on a Unix socket at `path`, answering root and `owner_uid`.
+    pub fn start(tracker: Arc<Tracker>, path: &Path, owner_uid: u32) -> Result<Server, TrackerError> {
+        let _ = std::fs::remove_file(path);
+        let std_listener = std::os::unix::net::UnixListener::bind(path)
+            .map_err(TrackerError::io("cannot listen on", path))?;
+        std_listener
+            .set_nonblocking(true)
+            .map_err(TrackerError::io("cannot listen on", path))?;
+        let (shutdown_tx, shutdown_rx) = oneshot::channel();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(TrackerError::io("cannot start the socket runtime for", path))?;
+        let thread = std::thread::Builder::new()
+            .name("spfs-changes-control".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let listener = match tokio::net::UnixListener::from_std(std_listener) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::error!(error = %e, "control socket");
+                            return;
+                        }
+                    };
+                    let (stop_async_tx, mut stop_async_rx) = mpsc::unbounded_channel();
+                    tokio::pin!(shutdown_rx);
+                    loop {
+                        tokio::select! {
+                            _ = &mut shutdown_rx => break,
+                            Some(()) = stop_async_rx.recv() => { let _ = stop_tx.send(()); }
+                            accepted = listener.accept() => match accepted {
+                                Ok((stream, _)) => {
+                                    tokio::spawn(serve_client(stream, tracker.clone(), owner_uid, stop_async_tx.clone()));
+                                }
+                                Err(e) => tracing::warn!(error = %e, "accept on control socket"),
+                            }
+                        }
+                    }
+                });
+            })
+            .map_err(TrackerError::io("cannot start the socket thread for", path))?;
+        Ok(Server {
+            shutdown: Some(shutdown_tx),
+            thread: Some(thread),
+            stop_requests: stop_rx,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Waits up to `timeout` for a client's `Stop`; true when one came.
+    pub fn stop_requested(&self, timeout: Duration) -> bool {
+        self.stop_requests.recv_timeout(timeout).is_ok()
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+async fn serve_client(
+    mut stream: tokio::net::UnixStream,
+    tracker: Arc<Tracker>,
+    owner_uid: u32,
+    stop: mpsc::UnboundedSender<()>,
+) {
+    let allowed = match stream.peer_cred() {
+        Ok(cred) if cred.uid() == 0 || cred.uid() == owner_uid => Ok(()),
+        Ok(cred) => Err(format!(
+            "uid {} may not use this tracker (only root and uid {owner_uid})",
+            cred.uid()
+        )),
+        Err(e) => Err(format!("cannot read peer credentials: {e}")),
+    };
+    if let Err(why) = allowed {
+        let _ = stream.write_all(&encode(&Response::Error(why))).await;
+        return;
+    }
+    loop {
+        let mut len = [0u8; 4];
+        if stream.read_exact(&mut len).await.is_err() {
+            return;
+        }
+        let len = u32::from_be_bytes(len) as usize;
+        if len > MAX_REQUEST {
+            let why = format!("frame of {len} bytes exceeds the {MAX_REQUEST}-byte limit");
+            let _ = stream.write_all(&encode(&Response::Error(why))).await;
+            // The stream cannot be resynchronised past an unread frame.
+            return;
+        }
+        let mut payload = vec![0u8; len];
+        if stream.read_exact(&mut payload).await.is_err() {
+            return;
+        }
+        let response = match decode::<Request>(&payload) {
+            Err(why) => Response::Error(why),
+            Ok(Request::Stop) => {
+                let _ = stop.send(());
+                Response::Stopping
+            }
+            Ok(req) => {
+                let tracker = tracker.clone();
+                tokio::task::spawn_blocking(move || answer(&tracker, req))
+                    .await
+                    .unwrap_or_else(|e| Response::Error(format!("request failed: {e}")))
+            }
+        };
+        if stream.write_all(&encode(&response)).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn answer(tracker: &Tracker, req: Request) -> Response {
+    let result = match req {
+        Request::Changes(q) => tracker.query(&q).map(Response::Changes),
+        Request::History(path) => tracker
+            .sync()
+            .and_then(|_| Ok(tracker.store().history(&path)?))
+            .map(Response::History),
+        Request::Mark(name) => tracker.mark(&name).map(Response::Token),
+        Request::Sync => tracker.sync().map(Response::Token),
+        Request::Status => tracker.status().map(|s| Response::Status(Box::new(s))),
+        Request::Stop => Ok(Response::Stopping),
+    };
+    result.unwrap_or_else(|e| Response::Error(e.to_string()))
+}
+
+/// A blocking client, for the CLI and for tools such as spk.
+pub struct Client {
+    stream: UnixStream,
+}
+
+impl Client {
+    pub fn connect(path: &Path) -> Result<Client, TrackerError> {
+        let stream = UnixStream::connect(path).map_err(TrackerError::io("cannot connect to tracker at", path))?;
+        Ok(Client { stream })
+    }
+
+    /// Sends one request and reads its answer; an `Error` answer becomes `Err`.
+    pub fn call(&mut self, req: &Request) -> Result<Response, TrackerError> {
+        let proto = |e: std::io::Error| TrackerError::Protocol(e.to_string());
+        self.stream.write_all(&encode(req)).map_err(proto)?;
+        let mut len = [0u8; 4];
+        self.stream.read_exact(&mut len).map_err(proto)?;
+        let len = u32::from_be_bytes(len) as usize;
+        if len > MAX_RESPONSE {
+            return Err(TrackerError::Protocol(format!("answer of {len} bytes is too large")));
+        }
+        let mut payload = vec![0u8; len];
+        self.stream.read_exact(&mut payload).map_err(proto)?;
+        match decode::<Response>(&payload).map_err(TrackerError::Protocol)? {
+            Response::Error(why) => Err(TrackerError::Protocol(why)),
+            r => Ok(r),
+        }
+    }
+
+    /// Sends raw bytes, for tests of the server's handling of bad frames.
+    pub fn send_raw(&mut self, bytes: &[u8]) -> Result<Response, TrackerError> {
+        let proto = |e: std::io::Error| TrackerError::Protocol(e.to_string());
+        self.stream.write_all(bytes).map_err(proto)?;
+        let mut len = [0u8; 4];
+        self.stream.read_exact(&mut len).map_err(proto)?;
+        let mut payload = vec![0u8; (u32::from_be_bytes(len) as usize).min(MAX_RESPONSE)];
+        self.stream.read_exact(&mut payload).map_err(proto)?;
+        decode::<Response>(&payload).map_err(TrackerError::Protocol)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_reject_garbage() {
+        let req = Request::Changes(Query {
+            since: Some(store::Since::Mark("build-start".into())),
+            prefixes: vec![b"a\nb".to_vec()],
+            globs: vec!["*.so".into()],
+        });
+        let frame = encode(&req);
+        assert_eq!(u32::from_be_bytes(frame[..4].try_into().expect("4 bytes")) as usize, frame.len() - 4);
+        assert_eq!(decode::<Request>(&frame[4..]), Ok(req));
+        assert!(decode::<Request>(&[]).is_err());
+        assert!(decode::<Request>(&[9, 1, 2]).unwrap_err().contains("version 9"));
+        assert!(decode::<Request>(&[PROTOCOL_VERSION, 0xff, 0xff, 0xff]).is_err());
+    }
+}

@@ -1,0 +1,692 @@
+//! The watcher loop and the `Tracker` handle that owns it.
+
+use crate::classify::{Classifier, join_rel};
+use crate::fid::{self, DirEntryRef, Handle};
+use crate::resolve::{Place, Resolver};
+use crate::sys::{self, FanotifyGroup};
+use crate::TrackerError;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use store::{
+    Action, Batch, ChangeSet, FileType, NetKind, NetUpdate, Observation, Origin, Query, Store,
+    Token,
+};
+
+/// The directories of one overlay runtime.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layout {
+    /// Where the overlay is mounted (for display: paths are kept relative to upper).
+    pub mount: PathBuf,
+    pub upper: PathBuf,
+    pub work: PathBuf,
+    /// Top-most first, as in `lowerdir=`.
+    pub lowers: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub layout: Layout,
+    /// Where the changelog lives; must not be inside the upper or work dir.
+    pub state_dir: PathBuf,
+    /// A dir on the upper dir's filesystem, outside upper and work, for sync cookies.
+    pub sync_dir: PathBuf,
+    /// How long to keep reading after the first event before processing a batch.
+    pub batch_window: Duration,
+}
+
+impl Config {
+    pub fn new(layout: Layout, state_dir: PathBuf, sync_dir: PathBuf) -> Self {
+        Self {
+            layout,
+            state_dir,
+            sync_dir,
+            batch_window: Duration::from_millis(5),
+        }
+    }
+}
+
+/// What `status` reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub token: Option<Token>,
+    /// Whether a tracker is running (false when read from a kept changelog).
+    pub live: bool,
+    pub mount: PathBuf,
+    pub upper: PathBuf,
+    pub events: u64,
+    pub batches: u64,
+    pub records: u64,
+    pub overflows: u64,
+    pub rescans: u64,
+    pub gaps: u64,
+    pub net_paths: u64,
+    pub db_bytes: u64,
+    /// Time the last batch took to process, in microseconds.
+    pub last_batch_us: u64,
+    pub watch: String,
+    pub degraded: Vec<String>,
+}
+
+/// How long `sync` waits for its cookie before declaring the kernel silent.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
+/// Read buffer; the kernel needs room for at least one whole event per read.
+const READ_BUF: usize = 256 * 1024;
+const MIN_FREE: usize = 16 * 1024;
+
+#[derive(Default)]
+struct SyncState {
+    reached: u64,
+    failed: Option<String>,
+}
+
+#[derive(Default)]
+struct Counters {
+    events: AtomicU64,
+    batches: AtomicU64,
+    records: AtomicU64,
+    overflows: AtomicU64,
+    rescans: AtomicU64,
+    last_batch_us: AtomicU64,
+}
+
+struct Shared {
+    store: Arc<Store>,
+    stop: AtomicBool,
+    next_cookie: AtomicU64,
+    sync: Mutex<SyncState>,
+    synced: Condvar,
+    counters: Counters,
+}
+
+/// A running tracker. Dropping it stops the watcher thread; `stop` also reports errors.
+pub struct Tracker {
+    shared: Arc<Shared>,
+    config: Config,
+    degraded: Vec<String>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Tracker {
+    /// Opens the changelog, installs the fanotify mark, rescans an upper dir that is
+    /// not empty (recording a gap), starts the watcher and checks events arrive.
+    pub fn start(config: Config) -> Result<Tracker, TrackerError> {
+        let layout = &config.layout;
+        for (what, dir) in [
+            ("upper dir", &layout.upper),
+            ("work dir", &layout.work),
+            ("sync dir", &config.sync_dir),
+        ] {
+            std::fs::metadata(dir).map_err(TrackerError::io(what, dir))?;
+        }
+        for lower in &layout.lowers {
+            std::fs::metadata(lower).map_err(TrackerError::io("lower dir", lower))?;
+        }
+        let degraded = check_placement(&config)?;
+        std::fs::create_dir_all(&config.state_dir)
+            .map_err(TrackerError::io("cannot create state dir", &config.state_dir))?;
+        let store = Arc::new(Store::open(&config.state_dir)?);
+
+        let group = FanotifyGroup::new().map_err(|e| match e.raw_os_error() {
+            Some(libc::EPERM) => TrackerError::NotRoot,
+            _ => TrackerError::KernelFeature {
+                feature: "fanotify with FAN_REPORT_DFID_NAME_TARGET (Linux 5.17 or newer)",
+                source: e,
+            },
+        })?;
+        group
+            .mark_filesystem(&layout.upper, sys::WATCH_MASK)
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::EPERM) => TrackerError::NotRoot,
+                Some(libc::ENODEV) | Some(libc::EOPNOTSUPP) | Some(libc::EXDEV) => {
+                    TrackerError::Unwatchable {
+                        path: layout.upper.clone(),
+                        why: format!(
+                            "its filesystem cannot report file handles to fanotify ({e})"
+                        ),
+                    }
+                }
+                _ => TrackerError::KernelFeature {
+                    feature: "fanotify filesystem marks with FAN_RENAME (Linux 5.17 or newer)",
+                    source: e,
+                },
+            })?;
+        let sync_handle = sys::handle_of(&config.sync_dir)
+            .map_err(TrackerError::io("cannot get a file handle of", &config.sync_dir))?;
+        let resolver = Resolver::new(&layout.upper, &config.sync_dir)
+            .map_err(TrackerError::io("cannot resolve", &layout.upper))?;
+        let classifier = Classifier::new(layout.upper.clone(), layout.lowers.clone());
+
+        let shared = Arc::new(Shared {
+            store,
+            stop: AtomicBool::new(false),
+            next_cookie: AtomicU64::new(0),
+            sync: Mutex::new(SyncState::default()),
+            synced: Condvar::new(),
+            counters: Counters::default(),
+        });
+        for (key, value) in [
+            ("mount", layout.mount.as_os_str()),
+            ("upper", layout.upper.as_os_str()),
+            ("work", layout.work.as_os_str()),
+        ] {
+            shared
+                .store
+                .set_info(key, std::os::unix::ffi::OsStrExt::as_bytes(value))?;
+        }
+        let mut watcher = Watcher {
+            group,
+            resolver,
+            classifier,
+            shared: shared.clone(),
+            own_pid: std::process::id() as i32,
+            sync_handle,
+            batch_window: config.batch_window,
+        };
+        // The mark is in place: anything changing from here on is queued, so a rescan
+        // now misses nothing.
+        let existing = shared.store.token().seq > 0
+            || std::fs::read_dir(&layout.upper)
+                .map_err(TrackerError::io("cannot read", &layout.upper))?
+                .next()
+                .is_some();
+        if existing {
+            watcher.rescan("tracker started over an existing upper dir or changelog")?;
+        }
+        let thread = std::thread::Builder::new()
+            .name("spfs-changes-watch".into())
+            .spawn(move || watcher.run())
+            .map_err(TrackerError::io("cannot start watcher thread for", &layout.upper))?;
+        let tracker = Tracker {
+            shared,
+            config,
+            degraded,
+            thread: Some(thread),
+        };
+        tracker.sync()?;
+        Ok(tracker)
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.shared.store
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Returns once every change completed before the call is in the changelog.
+    ///
+    /// Writes a uniquely named cookie file on the watched filesystem and waits for the
+    /// watcher to process its event: the kernel queues events in order, so everything
+    /// queued before the cookie has been processed by then.
+    pub fn sync(&self) -> Result<Token, TrackerError> {
+        let n = self.shared.next_cookie.fetch_add(1, Ordering::SeqCst) + 1;
+        let cookie = self.config.sync_dir.join(format!("cookie-{n}"));
+        std::fs::File::create(&cookie).map_err(TrackerError::io("cannot write sync cookie", &cookie))?;
+        let _ = std::fs::remove_file(&cookie);
+        let deadline = Instant::now() + SYNC_TIMEOUT;
+        let mut state = self.shared.sync.lock().map_err(|_| poisoned())?;
+        loop {
+            if let Some(why) = &state.failed {
+                return Err(TrackerError::Stopped(why.clone()));
+            }
+            if state.reached >= n {
+                return Ok(self.shared.store.token());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(TrackerError::SyncTimeout(SYNC_TIMEOUT));
+            }
+            state = self
+                .shared
+                .synced
+                .wait_timeout(state, deadline - now)
+                .map_err(|_| poisoned())?
+                .0;
+        }
+    }
+
+    /// Answers a query with every change completed before the call.
+    pub fn query(&self, q: &Query) -> Result<ChangeSet, TrackerError> {
+        self.sync()?;
+        Ok(self.shared.store.query(q)?)
+    }
+
+    /// Names the current position, after a sync so that it follows every change
+    /// completed before the call.
+    pub fn mark(&self, name: &str) -> Result<Token, TrackerError> {
+        self.sync()?;
+        Ok(self.shared.store.mark(name)?)
+    }
+
+    pub fn status(&self) -> Result<Status, TrackerError> {
+        let c = &self.shared.counters;
+        let stats = self.shared.store.stats()?;
+        Ok(Status {
+            token: Some(self.shared.store.token()),
+            live: true,
+            mount: self.config.layout.mount.clone(),
+            upper: self.config.layout.upper.clone(),
+            events: c.events.load(Ordering::Relaxed),
+            batches: c.batches.load(Ordering::Relaxed),
+            records: c.records.load(Ordering::Relaxed),
+            overflows: c.overflows.load(Ordering::Relaxed),
+            rescans: c.rescans.load(Ordering::Relaxed),
+            gaps: stats.gaps,
+            net_paths: stats.net_paths,
+            db_bytes: stats.db_bytes,
+            last_batch_us: c.last_batch_us.load(Ordering::Relaxed),
+            watch: "fanotify filesystem mark on the upper dir's filesystem (FID mode)".into(),
+            degraded: self.degraded.clone(),
+        })
+    }
+
+    /// Stops the watcher after it has processed what is queued, and flushes the db.
+    pub fn stop(mut self) -> Result<(), TrackerError> {
+        let synced = self.sync();
+        self.halt();
+        self.shared.store.flush()?;
+        synced.map(|_| ())
+    }
+
+    fn halt(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        self.halt();
+        let _ = self.shared.store.flush();
+    }
+}
+
+fn poisoned() -> TrackerError {
+    TrackerError::Stopped("the watcher thread panicked".into())
+}
+
+/// Checks the dirs are placed so the tracker can work, and reports what degrades it.
+fn check_placement(config: &Config) -> Result<Vec<String>, TrackerError> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = |p: &Path, what| {
+        std::fs::metadata(p)
+            .map(|m| m.dev())
+            .map_err(TrackerError::io(what, p))
+    };
+    let upper_dev = dev(&config.layout.upper, "upper dir")?;
+    if dev(&config.sync_dir, "sync dir")? != upper_dev {
+        return Err(TrackerError::Unwatchable {
+            path: config.sync_dir.clone(),
+            why: "the sync dir must be on the upper dir's filesystem".into(),
+        });
+    }
+    let canon = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+    let state = canon(&config.state_dir);
+    for inside in [&config.layout.upper, &config.layout.work] {
+        if state.starts_with(canon(inside)) {
+            return Err(TrackerError::Unwatchable {
+                path: config.state_dir.clone(),
+                why: format!("the state dir must not be inside {}", inside.display()),
+            });
+        }
+    }
+    let mut degraded = Vec::new();
+    if let Some(parent) = config.layout.upper.parent() {
+        if dev(parent, "parent of the upper dir")? == upper_dev
+            && parent.parent().is_some_and(|gp| dev(gp, "filesystem root").ok() == Some(upper_dev))
+        {
+            degraded.push(format!(
+                "the upper dir shares its filesystem with other data; events from all of it are read and filtered (mount a dedicated tmpfs at {})",
+                parent.display()
+            ));
+        }
+    }
+    Ok(degraded)
+}
+
+/// The watcher thread's state.
+struct Watcher {
+    group: FanotifyGroup,
+    resolver: Resolver,
+    classifier: Classifier,
+    shared: Arc<Shared>,
+    own_pid: i32,
+    sync_handle: Handle,
+    batch_window: Duration,
+}
+
+/// What one batch of events asks to be done.
+#[derive(Default)]
+struct Pending {
+    observations: Vec<Observation>,
+    /// Paths moved into the upper dir from overlayfs' work dir (copy-up, whiteout,
+    /// opaque dir): what they mean is known only once they are classified.
+    staged: Vec<(Vec<u8>, Option<Origin>, u64)>,
+    dirty: BTreeSet<Vec<u8>>,
+    /// Dirs whose recorded descendants must be classified again.
+    subtrees: BTreeSet<Vec<u8>>,
+    /// Dirs moved into place whose content must be walked.
+    walks: BTreeSet<Vec<u8>>,
+    seen: HashSet<(Action, Vec<u8>, u32)>,
+    cookie: u64,
+    overflow: bool,
+}
+
+impl Watcher {
+    fn run(mut self) {
+        let mut buf = vec![0u8; READ_BUF];
+        let result = loop {
+            if self.shared.stop.load(Ordering::SeqCst) {
+                break Ok(());
+            }
+            match self.group.wait(Duration::from_millis(100)) {
+                Ok(false) => continue,
+                Ok(true) => {}
+                Err(e) => break Err(format!("polling fanotify: {e}")),
+            }
+            let filled = match self.fill(&mut buf) {
+                Ok(n) => n,
+                Err(e) => break Err(format!("reading fanotify: {e}")),
+            };
+            if filled == 0 {
+                continue;
+            }
+            if let Err(e) = self.process(&buf[..filled]) {
+                break Err(e.to_string());
+            }
+        };
+        if let Err(why) = result {
+            tracing::error!(%why, "watcher stopped");
+            if let Ok(mut s) = self.shared.sync.lock() {
+                s.failed = Some(why);
+            }
+            self.shared.synced.notify_all();
+        }
+    }
+
+    /// Reads events for up to `batch_window` after the first ones arrive, so bursts are
+    /// processed (and written to the db) together.
+    fn fill(&self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut filled = self.group.read(buf)?;
+        if filled == 0 || self.batch_window.is_zero() {
+            return Ok(filled);
+        }
+        let deadline = Instant::now() + self.batch_window;
+        while buf.len() - filled >= MIN_FREE {
+            let now = Instant::now();
+            if now >= deadline || !self.group.wait(deadline - now)? {
+                break;
+            }
+            filled += self.group.read(&mut buf[filled..])?;
+        }
+        Ok(filled)
+    }
+
+    fn process(&mut self, buf: &[u8]) -> Result<(), TrackerError> {
+        let started = Instant::now();
+        let mut p = Pending::default();
+        let mut commands: HashMap<i32, Vec<u8>> = HashMap::new();
+        let now_ns = now_ns();
+        let mut count = 0u64;
+        for event in fid::events(buf) {
+            let event = match event {
+                Ok(e) => e,
+                Err(e) => {
+                    // The rest of the buffer cannot be trusted: treat it like an overflow.
+                    tracing::error!(error = %e, "undecodable fanotify record");
+                    p.overflow = true;
+                    break;
+                }
+            };
+            count += 1;
+            if event.mask & sys::FAN_Q_OVERFLOW != 0 {
+                p.overflow = true;
+                continue;
+            }
+            if let Some(entry) = event.entry {
+                if entry.dir == self.sync_handle.as_ref() {
+                    if event.mask & sys::FAN_CREATE != 0 {
+                        if let Some(n) = cookie_number(entry.name) {
+                            p.cookie = p.cookie.max(n);
+                        }
+                    }
+                    continue;
+                }
+            }
+            if event.pid == self.own_pid {
+                continue;
+            }
+            let origin = (event.pid > 0).then(|| Origin {
+                pid: event.pid as u32,
+                command: commands
+                    .entry(event.pid)
+                    .or_insert_with(|| sys::command_of(event.pid as u32))
+                    .clone(),
+            });
+            self.handle_event(&event, origin, now_ns, &mut p)?;
+        }
+        self.shared.counters.events.fetch_add(count, Ordering::Relaxed);
+        self.apply(p)?;
+        self.shared.counters.batches.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .counters
+            .last_batch_us
+            .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn handle_event(
+        &mut self,
+        event: &fid::Event<'_>,
+        origin: Option<Origin>,
+        time_ns: u64,
+        p: &mut Pending,
+    ) -> Result<(), TrackerError> {
+        let ondir = event.mask & sys::FAN_ONDIR != 0;
+        let observe = |p: &mut Pending, action, path: &[u8], ft| {
+            let dedupe = matches!(action, Action::Written | Action::Attrib);
+            let pid = origin.as_ref().map_or(0, |o| o.pid);
+            if dedupe && !p.seen.insert((action, path.to_vec(), pid)) {
+                return;
+            }
+            p.observations.push(Observation {
+                action,
+                path: path.to_vec(),
+                file_type: ft,
+                origin: origin.clone(),
+                time_ns,
+            });
+        };
+        let dir_type = if ondir { FileType::Dir } else { FileType::Unknown };
+        if event.mask & sys::FAN_RENAME != 0 {
+            let old = self.entry_path(event.old)?;
+            let new = self.entry_path(event.new)?;
+            if ondir {
+                self.resolver.invalidate();
+            }
+            if let Some(old) = &old {
+                observe(p, Action::RenamedFrom, old, dir_type);
+                p.dirty.insert(old.clone());
+                if ondir {
+                    p.subtrees.insert(old.clone());
+                }
+            }
+            if let Some(new) = new {
+                if old.is_some() {
+                    observe(p, Action::RenamedTo, &new, dir_type);
+                } else {
+                    p.staged.push((new.clone(), origin.clone(), time_ns));
+                }
+                if ondir {
+                    p.subtrees.insert(new.clone());
+                    p.walks.insert(new.clone());
+                }
+                p.dirty.insert(new);
+            }
+            return Ok(());
+        }
+        let path = match event.entry {
+            Some(_) => self.entry_path(event.entry)?,
+            None => match event.object {
+                Some(h) => match self
+                    .resolver
+                    .object(h)
+                    .map_err(TrackerError::io("cannot resolve a handle under", self.classifier.upper()))?
+                {
+                    Some(Place::Upper(rel)) if !rel.is_empty() => Some(rel),
+                    _ => None,
+                },
+                None => None,
+            },
+        };
+        let Some(path) = path else { return Ok(()) };
+        if event.mask & sys::FAN_CREATE != 0 {
+            observe(p, Action::Created, &path, dir_type);
+            if let (true, Some(obj)) = (ondir, event.object) {
+                self.resolver.remember(obj.to_owned(), Place::Upper(path.clone()));
+            }
+        }
+        if event.mask & sys::FAN_DELETE != 0 {
+            observe(p, Action::Deleted, &path, dir_type);
+            if ondir {
+                self.resolver.invalidate();
+                p.subtrees.insert(path.clone());
+            }
+        }
+        if event.mask & (sys::FAN_MODIFY | sys::FAN_CLOSE_WRITE) != 0 {
+            observe(p, Action::Written, &path, dir_type);
+        }
+        if event.mask & sys::FAN_ATTRIB != 0 {
+            observe(p, Action::Attrib, &path, dir_type);
+        }
+        p.dirty.insert(path);
+        Ok(())
+    }
+
+    /// The upper-relative path of a (dir, name) pair; `None` outside the upper dir, for
+    /// the upper dir itself, or when the dir is already gone.
+    fn entry_path(&mut self, entry: Option<DirEntryRef<'_>>) -> Result<Option<Vec<u8>>, TrackerError> {
+        let Some(entry) = entry else { return Ok(None) };
+        let place = self
+            .resolver
+            .dir(entry.dir)
+            .map_err(TrackerError::io("cannot resolve a dir handle under", self.classifier.upper()))?;
+        Ok(match place {
+            Some(Place::Upper(dir)) => {
+                if entry.name == b"." || entry.name.is_empty() {
+                    (!dir.is_empty()).then_some(dir)
+                } else {
+                    Some(join_rel(&dir, entry.name))
+                }
+            }
+            _ => None,
+        })
+    }
+
+    /// Classifies what the batch touched and writes it to the changelog in one go.
+    fn apply(&mut self, mut p: Pending) -> Result<(), TrackerError> {
+        let store = self.shared.store.clone();
+        for dir in &p.subtrees {
+            for (path, _) in store.net_under(dir)? {
+                p.dirty.insert(path);
+            }
+        }
+        for dir in &p.walks {
+            let mut found = Vec::new();
+            self.classify_io(|c| c.walk(dir, &mut found))?;
+            p.dirty.extend(found.into_iter().map(|(path, _, _)| path));
+        }
+        let mut net = Vec::with_capacity(p.dirty.len());
+        let mut states = HashMap::new();
+        for path in &p.dirty {
+            let state = self.classify_io(|c| c.classify(path))?;
+            states.insert(path.clone(), state);
+            net.push(NetUpdate {
+                path: path.clone(),
+                state,
+            });
+        }
+        let mut staged_done = HashSet::new();
+        for (path, origin, time_ns) in p.staged.into_iter().rev() {
+            if !staged_done.insert(path.clone()) {
+                continue;
+            }
+            let action = match states.get(&path).copied().flatten() {
+                Some((NetKind::Removed, _)) => Action::Deleted,
+                Some((NetKind::Replaced, FileType::Dir)) => Action::Created,
+                _ => continue,
+            };
+            let file_type = states.get(&path).copied().flatten().map_or(FileType::Unknown, |s| s.1);
+            p.observations.push(Observation {
+                action,
+                path,
+                file_type,
+                origin,
+                time_ns,
+            });
+        }
+        // Fill in types the events did not carry from what the filesystem showed.
+        for o in &mut p.observations {
+            if o.file_type == FileType::Unknown {
+                if let Some(Some((_, ft))) = states.get(&o.path) {
+                    o.file_type = *ft;
+                } else if o.action != Action::Deleted {
+                    o.file_type = FileType::File;
+                }
+            }
+        }
+        let records = p.observations.len() as u64;
+        if records > 0 || !net.is_empty() {
+            store.apply(&Batch {
+                observations: p.observations,
+                net,
+            })?;
+        }
+        self.shared.counters.records.fetch_add(records, Ordering::Relaxed);
+        if p.overflow {
+            self.shared.counters.overflows.fetch_add(1, Ordering::Relaxed);
+            self.rescan("fanotify queue overflow: events were lost")?;
+        }
+        if p.cookie > 0 {
+            if let Ok(mut s) = self.shared.sync.lock() {
+                s.reached = s.reached.max(p.cookie);
+            }
+            self.shared.synced.notify_all();
+        }
+        Ok(())
+    }
+
+    /// Rebuilds the net state from a walk of the upper dir and starts a new instance.
+    fn rescan(&mut self, reason: &str) -> Result<(), TrackerError> {
+        self.resolver.invalidate();
+        let mut entries = Vec::new();
+        self.classify_io(|c| c.walk(b"", &mut entries))?;
+        let gap = self.shared.store.rebuild(entries, reason)?;
+        self.shared.counters.rescans.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(reason, instance = gap.new_instance, "history gap; net state rebuilt from the upper dir");
+        Ok(())
+    }
+
+    fn classify_io<T>(&self, f: impl FnOnce(&Classifier) -> io::Result<T>) -> Result<T, TrackerError> {
+        f(&self.classifier).map_err(TrackerError::io("cannot inspect", self.classifier.upper()))
+    }
+}
+
+fn cookie_number(name: &[u8]) -> Option<u64> {
+    std::str::from_utf8(name.strip_prefix(b"cookie-")?).ok()?.parse().ok()
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}

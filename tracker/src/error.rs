@@ -1,0 +1,36 @@
+use std::path::PathBuf;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum TrackerError {
+    #[error("fanotify needs root (CAP_SYS_ADMIN) to watch a filesystem: run as root")]
+    NotRoot,
+    #[error("the kernel lacks {feature}: {source}")]
+    KernelFeature {
+        feature: &'static str,
+        source: std::io::Error,
+    },
+    #[error("cannot watch the filesystem holding {path}: {why}")]
+    Unwatchable { path: PathBuf, why: String },
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("the tracker did not see its sync cookie within {0:?}; events are not being delivered")]
+    SyncTimeout(std::time::Duration),
+    #[error("the tracker stopped: {0}")]
+    Stopped(String),
+    #[error("control socket: {0}")]
+    Protocol(String),
+}
+
+impl TrackerError {
+    pub(crate) fn io(what: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| TrackerError::Io { what, path, source }
+    }
+}

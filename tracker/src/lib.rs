@@ -1,0 +1,15 @@
+//! The tracker: watches the filesystem holding an overlay's upper dir with fanotify and
+//! keeps the changelog (`store`) equal to what changed in that upper dir.
+//!
+//! It knows nothing of terminals: callers get typed answers and errors.
+
+pub mod classify;
+pub mod control;
+mod engine;
+mod error;
+pub mod fid;
+pub mod resolve;
+pub mod sys;
+
+pub use engine::{Config, Layout, Status, Tracker};
+pub use error::TrackerError;

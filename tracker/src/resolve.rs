@@ -1,0 +1,140 @@
+//! Turns the directory handles fanotify reports into paths relative to the upper dir.
+//!
+//! A handle is opened with `open_by_handle_at` and its path read back through
+//! `/proc/thread-self/fd`; that path is compared with the upper dir's own path read the
+//! same way, so the answer does not depend on which mount namespace the tracker runs
+//! in. Results are cached per handle; a dir rename or removal clears the cache, since
+//! it changes the path of everything below.
+
+use crate::fid::{Handle, HandleRef};
+use crate::sys;
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+/// Where a directory lies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Place {
+    /// In the upper dir, at this relative path (empty: the upper dir itself).
+    Upper(Vec<u8>),
+    /// The tracker's own sync dir.
+    Sync,
+    /// Anywhere else on the filesystem (overlayfs' work dir, unrelated dirs).
+    Outside,
+}
+
+/// Past this many cached dirs the cache starts over, bounding memory.
+const CACHE_LIMIT: usize = 256 * 1024;
+
+pub struct Resolver {
+    mount_fd: OwnedFd,
+    upper: Vec<u8>,
+    sync: Vec<u8>,
+    cache: HashMap<Handle, Place>,
+    pub hits: u64,
+    pub misses: u64,
+}
+
+impl Resolver {
+    pub fn new(upper: &Path, sync_dir: &Path) -> io::Result<Self> {
+        let mount_fd: OwnedFd = std::fs::File::open(upper)?.into();
+        let upper_path = sys::path_of(mount_fd.as_fd())?.ok_or_else(|| gone(upper))?;
+        let sync_fd: OwnedFd = std::fs::File::open(sync_dir)?.into();
+        let sync_path = sys::path_of(sync_fd.as_fd())?.ok_or_else(|| gone(sync_dir))?;
+        Ok(Self {
+            mount_fd,
+            upper: upper_path.as_os_str().as_bytes().to_vec(),
+            sync: sync_path.as_os_str().as_bytes().to_vec(),
+            cache: HashMap::new(),
+            hits: 0,
+            misses: 0,
+        })
+    }
+
+    /// Where the dir behind `handle` is; `None` when it no longer exists.
+    pub fn dir(&mut self, handle: HandleRef<'_>) -> io::Result<Option<Place>> {
+        let key = handle.to_owned();
+        if let Some(place) = self.cache.get(&key) {
+            self.hits += 1;
+            return Ok(Some(place.clone()));
+        }
+        self.misses += 1;
+        let place = self.lookup(handle)?;
+        if let Some(place) = &place {
+            self.remember(key, place.clone());
+        }
+        Ok(place)
+    }
+
+    /// Where any object (file or dir) is, without caching: a file can be renamed
+    /// without an event that would invalidate the cache.
+    pub fn object(&self, handle: HandleRef<'_>) -> io::Result<Option<Place>> {
+        self.lookup(handle)
+    }
+
+    fn lookup(&self, handle: HandleRef<'_>) -> io::Result<Option<Place>> {
+        let fd = match sys::open_by_handle(self.mount_fd.as_fd(), handle) {
+            Ok(fd) => fd,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ESTALE) | Some(libc::ENOENT)) => {
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        let Some(path) = sys::path_of(fd.as_fd())? else {
+            return Ok(None);
+        };
+        Ok(Some(self.place_of(path.as_os_str().as_bytes())))
+    }
+
+    /// Records where a dir is, when an event already told us (a created dir).
+    pub fn remember(&mut self, handle: Handle, place: Place) {
+        if self.cache.len() >= CACHE_LIMIT {
+            self.cache.clear();
+        }
+        self.cache.insert(handle, place);
+    }
+
+    /// Drops every cached path: a dir moved or went away.
+    pub fn invalidate(&mut self) {
+        self.cache.clear();
+    }
+
+    fn place_of(&self, path: &[u8]) -> Place {
+        if let Some(rel) = strip_dir(path, &self.upper) {
+            Place::Upper(rel.to_vec())
+        } else if path == self.sync.as_slice() {
+            Place::Sync
+        } else {
+            Place::Outside
+        }
+    }
+}
+
+/// `path` relative to `dir` when it is `dir` or below it.
+fn strip_dir<'a>(path: &'a [u8], dir: &[u8]) -> Option<&'a [u8]> {
+    let rest = path.strip_prefix(dir)?;
+    if rest.is_empty() {
+        Some(rest)
+    } else {
+        rest.strip_prefix(b"/")
+    }
+}
+
+fn gone(p: &Path) -> io::Error {
+    io::Error::new(io::ErrorKind::NotFound, format!("{} was removed", p.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strip_dir_is_component_wise() {
+        assert_eq!(strip_dir(b"/r/upper", b"/r/upper"), Some(&b""[..]));
+        assert_eq!(strip_dir(b"/r/upper/a/b", b"/r/upper"), Some(&b"a/b"[..]));
+        assert_eq!(strip_dir(b"/r/upper2/a", b"/r/upper"), None);
+        assert_eq!(strip_dir(b"/r/work/x", b"/r/upper"), None);
+    }
+}

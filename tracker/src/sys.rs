@@ -1,0 +1,241 @@
+//! The syscall boundary: fanotify groups, file handles and `/proc` lookups.
+//!
+//! Every `unsafe` block of the tracker lives here, each with the reason it is sound.
+
+use crate::fid::{Handle, HandleRef, MAX_HANDLE_BYTES};
+use fanotify::low_level as fan;
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+/// Events the tracker listens to: everything that can change an entry of the upper
+/// dir. Content reads and opens are left out: they change nothing.
+pub const WATCH_MASK: u64 = fan::FAN_CREATE
+    | fan::FAN_DELETE
+    | libc::FAN_RENAME
+    | fan::FAN_MODIFY
+    | fan::FAN_CLOSE_WRITE
+    | fan::FAN_ATTRIB
+    | fan::FAN_ONDIR;
+
+pub const FAN_Q_OVERFLOW: u64 = fan::FAN_Q_OVERFLOW;
+pub const FAN_ONDIR: u64 = fan::FAN_ONDIR;
+pub const FAN_CREATE: u64 = fan::FAN_CREATE;
+pub const FAN_DELETE: u64 = fan::FAN_DELETE;
+pub const FAN_RENAME: u64 = libc::FAN_RENAME;
+pub const FAN_MODIFY: u64 = fan::FAN_MODIFY;
+pub const FAN_CLOSE_WRITE: u64 = fan::FAN_CLOSE_WRITE;
+pub const FAN_ATTRIB: u64 = fan::FAN_ATTRIB;
+
+/// A fanotify notification group in FID mode: events name directories by file handle
+/// and entries by name, and hold no open file descriptors.
+pub struct FanotifyGroup {
+    fd: OwnedFd,
+}
+
+impl FanotifyGroup {
+    /// `FAN_REPORT_DFID_NAME_TARGET` needs Linux 5.17 (FAN_RENAME and target FIDs).
+    pub fn new() -> io::Result<Self> {
+        let flags = fan::FAN_CLASS_NOTIF
+            | fan::FAN_CLOEXEC
+            | fan::FAN_NONBLOCK
+            | libc::FAN_REPORT_DFID_NAME_TARGET;
+        let raw = fan::fanotify_init(flags, (libc::O_RDONLY | libc::O_LARGEFILE) as u32)?;
+        // SAFETY: fanotify_init returned a fresh descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        Ok(Self { fd })
+    }
+
+    /// Marks the whole filesystem holding `path`, so the mark outlives every overlay
+    /// mount that uses it.
+    pub fn mark_filesystem(&self, path: &Path, mask: u64) -> io::Result<()> {
+        fan::fanotify_mark(
+            self.fd.as_raw_fd(),
+            fan::FAN_MARK_ADD | fan::FAN_MARK_FILESYSTEM,
+            mask,
+            fan::AT_FDCWD,
+            path,
+        )
+    }
+
+    /// Reads as many queued events as fit; `Ok(0)` when none are queued.
+    pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match nix::unistd::read(self.fd.as_fd(), buf) {
+            Ok(n) => Ok(n),
+            Err(nix::errno::Errno::EAGAIN) => Ok(0),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Waits until events are queued or `timeout` passes; true when readable.
+    pub fn wait(&self, timeout: std::time::Duration) -> io::Result<bool> {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
+        let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(n) => Ok(n > 0),
+            Err(nix::errno::Errno::EINTR) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// The file handle of `path` (not following a final symlink), as fanotify reports it.
+pub fn handle_of(path: &Path) -> io::Result<Handle> {
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
+    let mut buf = HandleBuf::new();
+    buf.set_capacity(MAX_HANDLE_BYTES);
+    let mut mount_id: libc::c_int = 0;
+    // SAFETY: c_path is NUL-terminated; buf is an aligned file_handle with room for
+    // MAX_HANDLE_BYTES payload bytes, as handle_bytes tells the kernel; mount_id is a
+    // valid out pointer.
+    let rc = unsafe {
+        libc::name_to_handle_at(
+            libc::AT_FDCWD,
+            c_path.as_ptr(),
+            buf.as_mut_ptr(),
+            &mut mount_id,
+            0,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(buf.to_handle())
+}
+
+/// Opens the object behind a handle as an `O_PATH` descriptor. `mount_fd` is any
+/// descriptor on the same filesystem; the result is reached through its mount.
+pub fn open_by_handle(mount_fd: BorrowedFd<'_>, handle: HandleRef<'_>) -> io::Result<OwnedFd> {
+    if handle.bytes.len() > MAX_HANDLE_BYTES {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "handle too large"));
+    }
+    let mut buf = HandleBuf::new();
+    buf.fill(handle);
+    // SAFETY: buf is an aligned file_handle whose handle_bytes equals the payload
+    // length written after it; the kernel only reads it. The returned descriptor, if
+    // any, is new and owned by no one else.
+    let raw = unsafe {
+        libc::open_by_handle_at(
+            mount_fd.as_raw_fd(),
+            buf.as_mut_ptr(),
+            libc::O_PATH | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+        )
+    };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: raw is a fresh descriptor returned by open_by_handle_at.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// The path of an open descriptor as the kernel spells it for this thread's root, or
+/// `None` when the object has no name any more (unlinked).
+pub fn path_of(fd: BorrowedFd<'_>) -> io::Result<Option<PathBuf>> {
+    let st = nix::sys::stat::fstat(fd)?;
+    if st.st_nlink == 0 {
+        return Ok(None);
+    }
+    std::fs::read_link(format!("/proc/thread-self/fd/{}", fd.as_raw_fd())).map(Some)
+}
+
+/// `struct file_handle` with room for the largest payload, aligned for the kernel.
+#[repr(C, align(8))]
+struct HandleBuf {
+    handle_bytes: u32,
+    handle_type: i32,
+    payload: [u8; MAX_HANDLE_BYTES],
+}
+
+impl HandleBuf {
+    fn new() -> Self {
+        Self {
+            handle_bytes: 0,
+            handle_type: 0,
+            payload: [0; MAX_HANDLE_BYTES],
+        }
+    }
+
+    fn set_capacity(&mut self, n: usize) {
+        self.handle_bytes = n.min(MAX_HANDLE_BYTES) as u32;
+    }
+
+    fn fill(&mut self, handle: HandleRef<'_>) {
+        let n = handle.bytes.len().min(MAX_HANDLE_BYTES);
+        self.handle_bytes = n as u32;
+        self.handle_type = handle.handle_type;
+        self.payload[..n].copy_from_slice(&handle.bytes[..n]);
+    }
+
+    fn to_handle(&self) -> Handle {
+        let n = (self.handle_bytes as usize).min(MAX_HANDLE_BYTES);
+        Handle {
+            handle_type: self.handle_type,
+            bytes: self.payload[..n].to_vec(),
+        }
+    }
+
+    fn as_mut_ptr(&mut self) -> *mut libc::file_handle {
+        (self as *mut Self).cast()
+    }
+}
+
+/// The command line of a process, NULs turned into spaces, or empty when it is gone.
+pub fn command_of(pid: u32) -> Vec<u8> {
+    let mut cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    cmd.truncate(4096);
+    while cmd.last() == Some(&0) {
+        cmd.pop();
+    }
+    for b in &mut cmd {
+        if *b == 0 {
+            *b = b' ';
+        }
+    }
+    cmd
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handle_round_trip_resolves_to_the_same_path() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        let sub = dir.path().join("sub\ndir");
+        std::fs::create_dir(&sub).expect("mkdir");
+        let handle = match handle_of(&sub) {
+            Ok(h) => h,
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                eprintln!("skipped: filesystem of {} has no file handles", sub.display());
+                return;
+            }
+            Err(e) => panic!("name_to_handle_at: {e}"),
+        };
+        let root = std::fs::File::open(dir.path()).expect("open temp dir");
+        let fd = open_by_handle(root.as_fd(), handle.as_ref()).expect("open_by_handle_at");
+        let path = path_of(fd.as_fd()).expect("readlink").expect("still linked");
+        assert_eq!(path, sub.canonicalize().expect("canonical"));
+        std::fs::remove_dir(&sub).expect("rmdir");
+        // A removed dir has no path any more, whether the handle goes stale or not.
+        match open_by_handle(root.as_fd(), handle.as_ref()) {
+            Ok(fd) => assert_eq!(path_of(fd.as_fd()).expect("fstat"), None),
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::ESTALE)),
+        }
+    }
+
+    #[test]
+    fn command_of_self_is_this_test_binary() {
+        let me = command_of(std::process::id());
+        assert!(!me.is_empty());
+        assert!(!me.contains(&0));
+        assert!(command_of(u32::MAX).is_empty());
+    }
+}
