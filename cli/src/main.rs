@@ -11,7 +11,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "spfs-changes", version, about = "What changed in an spfs runtime, in O(changes)")]
+#[command(
+    name = "spfs-changes",
+    version,
+    about = "What changed in an spfs runtime, in O(changes)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

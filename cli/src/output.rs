@@ -19,7 +19,12 @@ pub enum Format {
     JsonLines,
 }
 
-pub fn write_changes(out: &mut impl Write, set: &ChangeSet, mount: &Path, format: Format) -> io::Result<()> {
+pub fn write_changes(
+    out: &mut impl Write,
+    set: &ChangeSet,
+    mount: &Path,
+    format: Format,
+) -> io::Result<()> {
     match format {
         Format::Diff => {
             for c in &set.changes {
@@ -173,14 +178,26 @@ pub fn write_status(out: &mut impl Write, s: &Status, as_json: bool) -> io::Resu
         return out.flush();
     }
     let token = s.token.map(|t| t.to_string()).unwrap_or_default();
-    writeln!(out, "tracker:    {}", if s.live { "running" } else { "not running" })?;
+    writeln!(
+        out,
+        "tracker:    {}",
+        if s.live { "running" } else { "not running" }
+    )?;
     writeln!(out, "token:      {token}")?;
     writeln!(out, "mount:      {}", s.mount.display())?;
     writeln!(out, "upper:      {}", s.upper.display())?;
     writeln!(out, "watch:      {}", s.watch)?;
     writeln!(out, "changed:    {} paths", s.net_paths)?;
-    writeln!(out, "events:     {} in {} batches, {} records", s.events, s.batches, s.records)?;
-    writeln!(out, "overflows:  {} (rescans {}, gaps {})", s.overflows, s.rescans, s.gaps)?;
+    writeln!(
+        out,
+        "events:     {} in {} batches, {} records",
+        s.events, s.batches, s.records
+    )?;
+    writeln!(
+        out,
+        "overflows:  {} (rescans {}, gaps {})",
+        s.overflows, s.rescans, s.gaps
+    )?;
     writeln!(out, "lag:        last batch took {} us", s.last_batch_us)?;
     writeln!(out, "db size:    {} bytes", s.db_bytes)?;
     for d in &s.degraded {
@@ -217,7 +234,13 @@ mod tests {
         let bytes: Vec<u8> = serde_json::from_value(v["path_bytes"].clone()).expect("byte array");
         assert_eq!(bytes, b"/spfs/x\xff\n");
         assert_eq!(v["kind"], "added");
-        let ok = change_json(&Change { path: b"a\nb".to_vec(), ..c }, Path::new("/spfs"));
+        let ok = change_json(
+            &Change {
+                path: b"a\nb".to_vec(),
+                ..c
+            },
+            Path::new("/spfs"),
+        );
         assert_eq!(ok["path"], "/spfs/a\nb");
         assert!(ok.get("path_bytes").is_none());
     }

@@ -43,8 +43,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         bail!("`run` needs root: it mounts a tmpfs and an overlay in a private mount namespace");
     }
     for lower in &args.lowers {
-        let meta = std::fs::metadata(lower)
-            .with_context(|| format!("lower dir {}", lower.display()))?;
+        let meta =
+            std::fs::metadata(lower).with_context(|| format!("lower dir {}", lower.display()))?;
         if !meta.is_dir() {
             bail!("lower dir {} is not a directory", lower.display());
         }
@@ -65,13 +65,26 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let state = state.canonicalize()?;
 
     unshare(CloneFlags::CLONE_NEWNS).context("cannot create a private mount namespace")?;
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-        .context("cannot make the mount namespace private")?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .context("cannot make the mount namespace private")?;
 
     let runtime = &args.runtime_dir;
-    std::fs::create_dir_all(runtime).with_context(|| format!("runtime dir {}", runtime.display()))?;
-    mount(Some("tmpfs"), runtime, Some("tmpfs"), MsFlags::MS_NOEXEC, Some("mode=0755"))
-        .with_context(|| format!("cannot mount a tmpfs at {}", runtime.display()))?;
+    std::fs::create_dir_all(runtime)
+        .with_context(|| format!("runtime dir {}", runtime.display()))?;
+    mount(
+        Some("tmpfs"),
+        runtime,
+        Some("tmpfs"),
+        MsFlags::MS_NOEXEC,
+        Some("mode=0755"),
+    )
+    .with_context(|| format!("cannot mount a tmpfs at {}", runtime.display()))?;
     let upper = runtime.join("upper");
     let work = runtime.join("work");
     let empty_lower = runtime.join("lower");
@@ -85,11 +98,20 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&args.mount)
         .with_context(|| format!("mount point {}", args.mount.display()))?;
     if is_mount_point(&args.mount)? {
-        bail!("mount point {} is in use: something is already mounted there", args.mount.display());
+        bail!(
+            "mount point {} is in use: something is already mounted there",
+            args.mount.display()
+        );
     }
     let options = overlay_options(&lowers, &upper, &work)?;
-    mount(Some("overlay"), &args.mount, Some("overlay"), MsFlags::empty(), Some(options.as_str()))
-        .with_context(|| format!("cannot mount the overlay at {}", args.mount.display()))?;
+    mount(
+        Some("overlay"),
+        &args.mount,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(options.as_str()),
+    )
+    .with_context(|| format!("cannot mount the overlay at {}", args.mount.display()))?;
 
     let layout = Layout {
         mount: args.mount.clone(),
@@ -97,7 +119,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         work,
         lowers,
     };
-    let tracker = Arc::new(Tracker::start(Config::new(layout, state.clone(), sync_dir))?);
+    let tracker = Arc::new(Tracker::start(Config::new(
+        layout,
+        state.clone(),
+        sync_dir,
+    ))?);
     let socket = state.join(SOCKET_NAME);
     let server = Server::start(tracker.clone(), &socket, nix::unistd::getuid().as_raw())?;
 
@@ -110,7 +136,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("cannot run {}", program.to_string_lossy()))?;
 
     let set = tracker.query(&store::Query::default())?;
-    output::write_changes(&mut std::io::stdout().lock(), &set, &args.mount, Format::Diff)?;
+    output::write_changes(
+        &mut std::io::stdout().lock(),
+        &set,
+        &args.mount,
+        Format::Diff,
+    )?;
     drop(server);
     match Arc::try_unwrap(tracker) {
         Ok(t) => t.stop()?,
@@ -158,10 +189,16 @@ fn overlay_options(lowers: &[PathBuf], upper: &Path, work: &Path) -> anyhow::Res
     for p in &all {
         let b = p.as_os_str().as_bytes();
         if b.iter().any(|c| matches!(c, b',' | b':' | b'\\')) || std::str::from_utf8(b).is_err() {
-            bail!("overlay layer path {} must not contain ',', ':', '\\' or non-UTF-8 bytes", p.display());
+            bail!(
+                "overlay layer path {} must not contain ',', ':', '\\' or non-UTF-8 bytes",
+                p.display()
+            );
         }
     }
-    let lowerdir: Vec<String> = lowers.iter().map(|p| p.to_string_lossy().into_owned()).collect();
+    let lowerdir: Vec<String> = lowers
+        .iter()
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
     Ok(format!(
         "lowerdir={},upperdir={},workdir={},index=off,metacopy=off,redirect_dir=follow",
         lowerdir.join(":"),

@@ -14,8 +14,15 @@ pub const RUNS_DIR: &str = "/var/lib/spfs-changes/runs";
 pub const SOCKET_NAME: &str = "control.sock";
 
 pub enum Target {
-    Live { client: Client, mount: PathBuf },
-    Kept { store: Store, mount: PathBuf, state: PathBuf },
+    Live {
+        client: Client,
+        mount: PathBuf,
+    },
+    Kept {
+        store: Store,
+        mount: PathBuf,
+        state: PathBuf,
+    },
 }
 
 pub fn open(args: &TargetArgs) -> anyhow::Result<Target> {
@@ -35,7 +42,10 @@ pub fn open(args: &TargetArgs) -> anyhow::Result<Target> {
         None => {
             let latest = Path::new(RUNS_DIR).join("latest");
             std::fs::read_link(&latest).with_context(|| {
-                format!("no runtime given (--state, --socket) and no earlier run at {}", latest.display())
+                format!(
+                    "no runtime given (--state, --socket) and no earlier run at {}",
+                    latest.display()
+                )
             })?
         }
     };
@@ -53,13 +63,20 @@ pub fn open(args: &TargetArgs) -> anyhow::Result<Target> {
         .info("mount")?
         .map(|b| PathBuf::from(std::ffi::OsString::from_vec(b)))
         .unwrap_or_else(|| PathBuf::from("/spfs"));
-    Ok(Target::Kept { store, mount, state })
+    Ok(Target::Kept {
+        store,
+        mount,
+        state,
+    })
 }
 
 fn live(socket: &Path) -> anyhow::Result<Target> {
     let mut client = Client::connect(socket)?;
     let Response::Status(status) = client.call(&Request::Status)? else {
-        bail!("tracker at {} gave an unexpected answer to status", socket.display());
+        bail!(
+            "tracker at {} gave an unexpected answer to status",
+            socket.display()
+        );
     };
     Ok(Target::Live {
         client,

@@ -24,8 +24,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{BuildHasher, Hasher};
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const META_KEY: &[u8] = b"state";
 
@@ -71,6 +71,8 @@ pub struct Store {
     pub(crate) marks: sled::Tree,
     pub(crate) gaps: sled::Tree,
     pub(crate) info: sled::Tree,
+    /// Key of this store in `OPEN_DIRS`.
+    registered: PathBuf,
     /// Cached `meta`; the lock also orders writers against readers, because sled
     /// readers outside a transaction could otherwise see half a batch.
     state: RwLock<Meta>,
@@ -82,6 +84,42 @@ impl std::fmt::Debug for Store {
             .field("dir", &self.dir)
             .field("state", &*self.read_state())
             .finish_non_exhaustive()
+    }
+}
+
+/// Changelog dirs this process has opened: `true` while a `Store` is alive, `false`
+/// once dropped. sled's file lock cannot tell a second handle in this process from a
+/// handle that is still closing (its background threads hold the file a moment after
+/// the drop), so this map does: the first is refused at once, the second waited for.
+static OPEN_DIRS: Mutex<BTreeMap<PathBuf, bool>> = Mutex::new(BTreeMap::new());
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        let mut open_dirs = OPEN_DIRS.lock().unwrap_or_else(|e| e.into_inner());
+        open_dirs.insert(self.registered.clone(), false);
+    }
+}
+
+fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
+    sled::Config::new()
+        .path(dir.join("changelog.sled"))
+        .open()
+        .map_err(|e| open_error(dir, e))
+}
+
+/// Opens a db this process closed before, giving the closing handle's background
+/// threads up to about a second to let go of the lock.
+fn open_db_after_close(dir: &Path) -> Result<sled::Db, StoreError> {
+    let mut wait = Duration::from_millis(1);
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        match open_db(dir) {
+            Err(StoreError::Locked { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(Duration::from_millis(50));
+            }
+            other => return other,
+        }
     }
 }
 
@@ -112,12 +150,22 @@ type NetState = Option<(NetKind, FileType)>;
 impl Store {
     /// Opens or creates the changelog in `dir` (the sled db is `dir/changelog.sled`).
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        let db_path = dir.join("changelog.sled");
         let open_err = |source: sled::Error| open_error(dir, source);
-        let db = sled::Config::new()
-            .path(&db_path)
-            .open()
-            .map_err(open_err)?;
+        std::fs::create_dir_all(dir).map_err(|e| open_err(e.into()))?;
+        let key = dir.canonicalize().map_err(|e| open_err(e.into()))?;
+        let mut open_dirs = OPEN_DIRS.lock().unwrap_or_else(|e| e.into_inner());
+        let db = match open_dirs.get(&key) {
+            Some(true) => {
+                return Err(StoreError::Locked {
+                    path: dir.to_owned(),
+                });
+            }
+            Some(false) => open_db_after_close(dir),
+            None => open_db(dir),
+        }?;
+        // Until the `Store` exists, a failure below drops `db`: a later open must then
+        // wait for it like for any closed handle.
+        open_dirs.insert(key.clone(), false);
         let tree = |name: &str| db.open_tree(name).map_err(open_err);
         let store = Store {
             meta: tree("meta")?,
@@ -128,6 +176,7 @@ impl Store {
             gaps: tree("gaps")?,
             info: tree("info")?,
             dir: dir.to_owned(),
+            registered: key.clone(),
             db,
             state: RwLock::new(Meta {
                 instance: 0,
@@ -137,6 +186,9 @@ impl Store {
                 gap_count: 0,
             }),
         };
+        // From here on `Drop` marks the dir closed again, whatever happens next.
+        open_dirs.insert(key, true);
+        drop(open_dirs);
         let meta = match store.meta.get(META_KEY)? {
             Some(bytes) => decode::<Meta>(&bytes).map_err(|e| e.context("meta record"))?,
             None => {

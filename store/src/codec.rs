@@ -96,17 +96,34 @@ mod tests {
                 expected: FORMAT_VERSION
             })
         ));
-        assert!(matches!(decode::<u64>(&[]), Err(StoreError::Corrupt { .. })));
+        assert!(matches!(
+            decode::<u64>(&[]),
+            Err(StoreError::Corrupt { .. })
+        ));
         assert!(matches!(
             decode::<u64>(&[FORMAT_VERSION]),
             Err(StoreError::Corrupt { .. })
         ));
         let mut long = encode(&7u64);
         long.push(0);
-        assert!(matches!(decode::<u64>(&long), Err(StoreError::Corrupt { .. })));
+        assert!(matches!(
+            decode::<u64>(&long),
+            Err(StoreError::Corrupt { .. })
+        ));
         // A huge claimed length must fail cleanly, not allocate.
         assert!(matches!(
-            decode::<Vec<u8>>(&[FORMAT_VERSION, 0xfd, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f]),
+            decode::<Vec<u8>>(&[
+                FORMAT_VERSION,
+                0xfd,
+                0xff,
+                0xff,
+                0xff,
+                0xff,
+                0xff,
+                0xff,
+                0xff,
+                0x7f
+            ]),
             Err(StoreError::Corrupt { .. })
         ));
     }

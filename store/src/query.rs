@@ -18,10 +18,7 @@ struct Filter {
 
 impl Filter {
     fn new(prefixes: &[Vec<u8>], globs: &[String]) -> Result<Filter, StoreError> {
-        let mut norm: Vec<Vec<u8>> = prefixes
-            .iter()
-            .map(|p| trim_slashes(p).to_vec())
-            .collect();
+        let mut norm: Vec<Vec<u8>> = prefixes.iter().map(|p| trim_slashes(p).to_vec()).collect();
         // The root prefix keeps everything.
         if norm.iter().any(Vec::is_empty) {
             norm.clear();
@@ -87,8 +84,14 @@ struct Seen {
 }
 
 impl Store {
-    /// Answers a query; see `Query`. A position that cannot be honoured yields the
-    /// full net state flagged `fresh`, never a silently shorter answer.
+    /// Answers a query; see `Query`. A position that cannot be honoured (another
+    /// instance, or older than the retained log) yields the full net state flagged
+    /// `fresh`, never a silently shorter answer. A seq of the current instance beyond
+    /// the last record has nothing after it: the answer is empty, not fresh.
+    ///
+    /// Since a position, each path with a record after it appears once: `before` is
+    /// its net kind at the position, `kind` its net kind now; paths created and gone
+    /// again within the window are left out.
     pub fn query(&self, q: &Query) -> Result<ChangeSet, StoreError> {
         let filter = Filter::new(&q.prefixes, &q.globs)?;
         let state = self.read_state();

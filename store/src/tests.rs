@@ -74,7 +74,13 @@ fn fresh_store_and_reopen() {
     assert_ne!(t0.instance, 0);
     assert!(store.gaps().unwrap().is_empty());
     let t1 = create(&store, b"a", 1);
-    assert_eq!(t1, Token { instance: t0.instance, seq: 1 });
+    assert_eq!(
+        t1,
+        Token {
+            instance: t0.instance,
+            seq: 1
+        }
+    );
     store.flush().unwrap();
     drop(store);
     let store = Store::open(dir.path()).unwrap();
@@ -212,14 +218,20 @@ fn reclassified_records() {
 
     // An update equal to the current state changes nothing at all.
     let same = store
-        .apply(&batch(vec![], vec![set(b"e", NetKind::Replaced, FileType::Dir)]))
+        .apply(&batch(
+            vec![],
+            vec![set(b"e", NetKind::Replaced, FileType::Dir)],
+        ))
         .unwrap();
     assert_eq!(same, t);
 
     // A reclassification keeps the entry's origin: no process is known for it.
     create(&store, b"g", 7);
     store
-        .apply(&batch(vec![], vec![set(b"g", NetKind::Replaced, FileType::Dir)]))
+        .apply(&batch(
+            vec![],
+            vec![set(b"g", NetKind::Replaced, FileType::Dir)],
+        ))
         .unwrap();
     let g = store.net_entry(b"g").unwrap().unwrap();
     assert_eq!(g.origin, origin(7));
@@ -233,10 +245,16 @@ fn observations_without_net_update() {
     create(&store, b"a", 1);
     // An existing entry follows its last change ...
     let t = store
-        .apply(&batch(vec![obs(Action::Attrib, b"a", FileType::File, 2)], vec![]))
+        .apply(&batch(
+            vec![obs(Action::Attrib, b"a", FileType::File, 2)],
+            vec![],
+        ))
         .unwrap();
     let a = store.net_entry(b"a").unwrap().unwrap();
-    assert_eq!((a.kind, a.seq, a.origin), (NetKind::Added, t.seq, origin(2)));
+    assert_eq!(
+        (a.kind, a.seq, a.origin),
+        (NetKind::Added, t.seq, origin(2))
+    );
     // ... also when the update equals the current state.
     let t = store
         .apply(&batch(
@@ -248,7 +266,10 @@ fn observations_without_net_update() {
     assert_eq!((a.seq, a.origin), (t.seq, origin(3)));
     // A path without an entry stays without one, but is logged.
     store
-        .apply(&batch(vec![obs(Action::Written, b"tmp", FileType::File, 4)], vec![]))
+        .apply(&batch(
+            vec![obs(Action::Written, b"tmp", FileType::File, 4)],
+            vec![],
+        ))
         .unwrap();
     assert!(store.net_entry(b"tmp").unwrap().is_none());
     assert_eq!(store.history(b"tmp").unwrap().len(), 1);
@@ -316,15 +337,16 @@ fn since_queries() {
     // The current position: nothing; a future seq of this instance: nothing either.
     let now = store.token();
     assert!(store.query(&since(now)).unwrap().changes.is_empty());
-    let future = Token { seq: now.seq + 100, ..now };
+    let future = Token {
+        seq: now.seq + 100,
+        ..now
+    };
     let cs = store.query(&since(future)).unwrap();
     assert!(cs.changes.is_empty());
     assert_eq!(cs.fresh, None);
 
     // From the very beginning: everything, as the net state sees it.
-    let all = store
-        .query(&since(Token { seq: 0, ..now }))
-        .unwrap();
+    let all = store.query(&since(Token { seq: 0, ..now })).unwrap();
     assert_eq!(paths(&all), vec![&b"mod"[..], b"new"]);
     assert_eq!(all.changes[0].before, None);
 }
@@ -342,7 +364,11 @@ fn full_net_state_and_filters() {
         paths(&all),
         vec![&b"a"[..], b"a-b", b"a/x.pyc", b"a/y", b"ab", b"b/c/d.pyc"]
     );
-    assert!(all.changes.iter().all(|c| c.before.is_none() && c.kind == Some(NetKind::Added)));
+    assert!(
+        all.changes
+            .iter()
+            .all(|c| c.before.is_none() && c.kind == Some(NetKind::Added))
+    );
 
     let q = |prefixes: &[&[u8]], globs: &[&str], since: Option<Since>| {
         let cs = store
@@ -354,12 +380,23 @@ fn full_net_state_and_filters() {
             .unwrap();
         cs.changes.into_iter().map(|c| c.path).collect::<Vec<_>>()
     };
-    let start = Some(Since::Token(Token { seq: 0, ..store.token() }));
+    let start = Some(Since::Token(Token {
+        seq: 0,
+        ..store.token()
+    }));
     for s in [None, start] {
-        assert_eq!(q(&[b"a"], &[], s.clone()), vec![b"a".to_vec(), b"a/x.pyc".to_vec(), b"a/y".to_vec()]);
+        assert_eq!(
+            q(&[b"a"], &[], s.clone()),
+            vec![b"a".to_vec(), b"a/x.pyc".to_vec(), b"a/y".to_vec()]
+        );
         assert_eq!(
             q(&[b"a-b", b"a/"], &[], s.clone()),
-            vec![b"a".to_vec(), b"a-b".to_vec(), b"a/x.pyc".to_vec(), b"a/y".to_vec()]
+            vec![
+                b"a".to_vec(),
+                b"a-b".to_vec(),
+                b"a/x.pyc".to_vec(),
+                b"a/y".to_vec()
+            ]
         );
         assert_eq!(q(&[b"b/c"], &[], s.clone()), vec![b"b/c/d.pyc".to_vec()]);
         assert_eq!(q(&[b"b/c/d"], &[], s.clone()), Vec::<Vec<u8>>::new());
@@ -367,7 +404,10 @@ fn full_net_state_and_filters() {
             q(&[], &["*.pyc"], s.clone()),
             vec![b"a/x.pyc".to_vec(), b"b/c/d.pyc".to_vec()]
         );
-        assert_eq!(q(&[b"a"], &["*.pyc", "ab"], s.clone()), vec![b"a/x.pyc".to_vec()]);
+        assert_eq!(
+            q(&[b"a"], &["*.pyc", "ab"], s.clone()),
+            vec![b"a/x.pyc".to_vec()]
+        );
     }
     assert!(matches!(
         store.query(&Query {
@@ -400,7 +440,10 @@ fn marks() {
         since: Some(Since::Mark(name.into())),
         ..Query::default()
     };
-    assert_eq!(paths(&store.query(&q("start")).unwrap()), vec![&b"a"[..], b"b"]);
+    assert_eq!(
+        paths(&store.query(&q("start")).unwrap()),
+        vec![&b"a"[..], b"b"]
+    );
     assert_eq!(paths(&store.query(&q("mid")).unwrap()), vec![&b"b"[..]]);
     // Re-marking moves the name.
     assert_eq!(store.mark("start").unwrap(), store.token());
@@ -410,7 +453,10 @@ fn marks() {
     for bad in ["", "a b", "0123456789abcdef:3"] {
         assert!(matches!(store.mark(bad), Err(StoreError::BadMarkName(_))));
     }
-    assert!(matches!(store.mark(&"m".repeat(257)), Err(StoreError::BadMarkName(_))));
+    assert!(matches!(
+        store.mark(&"m".repeat(257)),
+        Err(StoreError::BadMarkName(_))
+    ));
     store.mark(&"m".repeat(256)).unwrap();
     // A mark name goes through parse_since unharmed.
     assert_eq!(parse_since("mid"), Since::Mark("mid".into()));
@@ -449,7 +495,11 @@ fn rebuild_changes_instance_and_answers_fresh() {
     assert_eq!(now.seq, old.seq + 3); // b cleared, m and n reclassified
 
     let all = store.query(&Query::default()).unwrap();
-    let kinds: Vec<_> = all.changes.iter().map(|c| (c.path.as_slice(), c.kind)).collect();
+    let kinds: Vec<_> = all
+        .changes
+        .iter()
+        .map(|c| (c.path.as_slice(), c.kind))
+        .collect();
     assert_eq!(
         kinds,
         vec![
@@ -459,7 +509,10 @@ fn rebuild_changes_instance_and_answers_fresh() {
         ]
     );
     assert_eq!(store.history(b"b").unwrap()[1].action, Action::Reclassified);
-    assert_eq!(store.history(b"m").unwrap()[1].before, Some(NetKind::Modified));
+    assert_eq!(
+        store.history(b"m").unwrap()[1].before,
+        Some(NetKind::Modified)
+    );
 
     // Positions of the old instance get the full state, flagged.
     for q in [
@@ -516,16 +569,23 @@ fn rebuild_changes_instance_and_answers_fresh() {
     );
 
     // A second rebuild with nothing to change still starts a new instance.
-    let gap2 = store.rebuild(
-        vec![
-            (b"a".to_vec(), NetKind::Added, FileType::File),
-            (b"m".to_vec(), NetKind::Metadata, FileType::File),
-            (b"n".to_vec(), NetKind::Removed, FileType::Whiteout),
-        ],
-        "restart",
-    )
-    .unwrap();
-    assert_eq!(store.token(), Token { instance: gap2.new_instance, seq: now.seq });
+    let gap2 = store
+        .rebuild(
+            vec![
+                (b"a".to_vec(), NetKind::Added, FileType::File),
+                (b"m".to_vec(), NetKind::Metadata, FileType::File),
+                (b"n".to_vec(), NetKind::Removed, FileType::Whiteout),
+            ],
+            "restart",
+        )
+        .unwrap();
+    assert_eq!(
+        store.token(),
+        Token {
+            instance: gap2.new_instance,
+            seq: now.seq
+        }
+    );
     assert_eq!(store.gaps().unwrap(), vec![gap, gap2]);
 }
 
@@ -549,7 +609,13 @@ fn expired_positions_are_answered_fresh() {
     drop(store);
     let store = Store::open(dir.path()).unwrap();
     let cs = store.query(&since(Token { seq: 2, ..token })).unwrap();
-    assert_eq!(cs.fresh, Some(FreshReason::Expired { asked: 2, oldest: 3 }));
+    assert_eq!(
+        cs.fresh,
+        Some(FreshReason::Expired {
+            asked: 2,
+            oldest: 3
+        })
+    );
     assert_eq!(cs.changes.len(), 5);
     let cs = store.query(&since(Token { seq: 3, ..token })).unwrap();
     assert_eq!(cs.fresh, None);
@@ -583,7 +649,10 @@ fn byte_exact_paths() {
 
     for bad in [&b""[..], b"a\0b"] {
         assert!(matches!(
-            store.apply(&batch(vec![obs(Action::Created, bad, FileType::File, 1)], vec![])),
+            store.apply(&batch(
+                vec![obs(Action::Created, bad, FileType::File, 1)],
+                vec![]
+            )),
             Err(StoreError::BadPath { .. })
         ));
         assert!(matches!(
@@ -625,7 +694,10 @@ fn stats_flush_info() {
 
     assert_eq!(store.info("upper").unwrap(), None);
     store.set_info("upper", b"/tmp/spfs-runtime/upper").unwrap();
-    assert_eq!(store.info("upper").unwrap().as_deref(), Some(&b"/tmp/spfs-runtime/upper"[..]));
+    assert_eq!(
+        store.info("upper").unwrap().as_deref(),
+        Some(&b"/tmp/spfs-runtime/upper"[..])
+    );
     store.set_info("upper", b"\xff").unwrap();
     assert_eq!(store.info("upper").unwrap().as_deref(), Some(&b"\xff"[..]));
 }
@@ -634,23 +706,41 @@ fn stats_flush_info() {
 fn corrupt_records_are_errors() {
     let (_d, store) = open();
     create(&store, b"a", 1);
-    let t0 = Token { seq: 0, ..store.token() };
+    let t0 = Token {
+        seq: 0,
+        ..store.token()
+    };
     // Garbage in the log.
-    store.log.insert(u64_key(1), &b"\x01\xff\xff\xff"[..]).unwrap();
+    store
+        .log
+        .insert(u64_key(1), &b"\x01\xff\xff\xff"[..])
+        .unwrap();
     let err = store.query(&since(t0)).unwrap_err();
     assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
     assert!(err.to_string().contains("log record"), "{err}");
-    assert!(matches!(store.history(b"a"), Err(StoreError::Corrupt { .. })));
+    assert!(matches!(
+        store.history(b"a"),
+        Err(StoreError::Corrupt { .. })
+    ));
     // A record from a future format.
     store.log.insert(u64_key(1), &b"\x07abc"[..]).unwrap();
     assert!(matches!(
         store.query(&since(t0)),
-        Err(StoreError::Format { found: 7, expected: 1 })
+        Err(StoreError::Format {
+            found: 7,
+            expected: 1
+        })
     ));
     // Garbage in the net state.
     store.net.insert(b"a", &b""[..]).unwrap();
-    assert!(matches!(store.query(&Query::default()), Err(StoreError::Corrupt { .. })));
-    assert!(matches!(store.net_entry(b"a"), Err(StoreError::Corrupt { .. })));
+    assert!(matches!(
+        store.query(&Query::default()),
+        Err(StoreError::Corrupt { .. })
+    ));
+    assert!(matches!(
+        store.net_entry(b"a"),
+        Err(StoreError::Corrupt { .. })
+    ));
     assert!(matches!(
         store.apply(&batch(vec![], vec![clear(b"a")])),
         Err(StoreError::Corrupt { .. })
@@ -705,12 +795,21 @@ fn lock_child() {
 fn second_process_is_locked() {
     let (dir, _store) = open();
     let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "tests::lock_child", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "tests::lock_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(LOCK_CHILD_ENV, dir.path())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("CHILD-SAW-LOCKED"), "{stdout}");
 }
 
@@ -735,7 +834,10 @@ fn readers_see_whole_batches() {
             }
         })
     };
-    let start = Token { seq: 0, ..store.token() };
+    let start = Token {
+        seq: 0,
+        ..store.token()
+    };
     for _ in 0..50 {
         let cs = store.query(&since(start)).unwrap();
         // Two records per batch: a whole-batch view ends on an even seq, and every
@@ -746,4 +848,16 @@ fn readers_see_whole_batches() {
     }
     writer.join().unwrap();
     assert_eq!(store.token().seq, 400);
+}
+
+#[test]
+fn reopen_right_after_drop() {
+    // sled's background threads keep the db file (and its lock) a moment after the
+    // handle is dropped; `open` must wait for them instead of reporting Locked.
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..50u32 {
+        let s = Store::open(dir.path()).unwrap();
+        create(&s, format!("p{i}").as_bytes(), i);
+        assert_eq!(s.token().seq, u64::from(i) + 1);
+    }
 }

@@ -100,7 +100,10 @@ mod tests {
                 "{s:?}"
             );
         }
-        assert_eq!(parse_since("build-start"), Since::Mark("build-start".into()));
+        assert_eq!(
+            parse_since("build-start"),
+            Since::Mark("build-start".into())
+        );
     }
 
     #[test]
@@ -115,7 +118,10 @@ mod tests {
             "a\u{a0}b".into(),
             "0123456789abcdef:1".into(),
         ] {
-            assert!(matches!(check_mark_name(&bad), Err(StoreError::BadMarkName(_))));
+            assert!(matches!(
+                check_mark_name(&bad),
+                Err(StoreError::BadMarkName(_))
+            ));
         }
     }
 }

@@ -5,7 +5,16 @@ use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
 use store::*;
 
-const PATHS: &[&[u8]] = &[b"a", b"a/b", b"a/b/c", b"ab", b"b", b"c\n", b"\xff\xfe", b"\xff/x"];
+const PATHS: &[&[u8]] = &[
+    b"a",
+    b"a/b",
+    b"a/b/c",
+    b"ab",
+    b"b",
+    b"c\n",
+    b"\xff\xfe",
+    b"\xff/x",
+];
 const KINDS: &[NetKind] = &[
     NetKind::Added,
     NetKind::Modified,
@@ -40,7 +49,10 @@ fn path() -> impl Strategy<Value = Vec<u8>> {
 fn state() -> impl Strategy<Value = Option<(NetKind, FileType)>> {
     proptest::option::weighted(
         0.7,
-        (proptest::sample::select(KINDS), proptest::sample::select(TYPES)),
+        (
+            proptest::sample::select(KINDS),
+            proptest::sample::select(TYPES),
+        ),
     )
 }
 
@@ -263,7 +275,11 @@ fn check(store: &Store, model: &Model) -> Result<(), TestCaseError> {
     }
     prop_assert_eq!(
         store.marks().unwrap(),
-        model.marks.iter().map(|(n, t)| (n.clone(), *t)).collect::<Vec<_>>()
+        model
+            .marks
+            .iter()
+            .map(|(n, t)| (n.clone(), *t))
+            .collect::<Vec<_>>()
     );
     for (name, t) in &model.marks {
         let by_mark = store
@@ -287,7 +303,12 @@ fn check(store: &Store, model: &Model) -> Result<(), TestCaseError> {
                 r.time_ns = 0;
             }
         }
-        let want: Vec<LogRecord> = model.records.iter().filter(|r| r.path == *p).cloned().collect();
+        let want: Vec<LogRecord> = model
+            .records
+            .iter()
+            .filter(|r| r.path == *p)
+            .cloned()
+            .collect();
         prop_assert_eq!(hist, want);
         prop_assert_eq!(store.net_entry(p).unwrap(), model.net.get(*p).cloned());
     }

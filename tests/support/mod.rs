@@ -7,6 +7,7 @@
 
 pub mod fixture;
 pub mod ops;
+pub mod tracking;
 pub mod truth;
 
 // Re-exports: a given test file uses some of them only.

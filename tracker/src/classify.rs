@@ -4,11 +4,19 @@
 //! lower layers is read from the filesystem. Doing it this way makes the net state
 //! equal what a walk of the upper dir says, whatever order or mix of events led there
 //! (copy-ups, whiteouts, rename-exchanges inside overlayfs, direct writes by spfs).
+//!
+//! Lookups go one component at a time from directory descriptors, never following
+//! symlinks: paths may be longer than PATH_MAX once the upper dir is prefixed, and a
+//! symlink in the upper dir must not lead the tracker out of it.
 
-use std::fs::{self, File, Metadata};
+use nix::dir::Dir;
+use nix::fcntl::{AtFlags, OFlag, openat, readlinkat};
+use nix::sys::stat::{FileStat, Mode, SFlag, fstatat};
+use std::ffi::OsStr;
+use std::fs::File;
 use std::io::{self, Read};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use store::{FileType, NetKind};
 
@@ -19,65 +27,69 @@ const OVERLAY_XATTR_PREFIX: &[u8] = b"trusted.overlay.";
 
 pub type Net = Option<(NetKind, FileType)>;
 
-/// Where the lower layers stand for a path.
-enum Lower {
-    /// An upper ancestor (opaque dir, whiteout, non-dir) hides the lower layers.
+/// An entry named by its parent dir and its name, with what `lstat` said of it.
+struct Entry<'a> {
+    parent: OwnedFd,
+    name: &'a OsStr,
+    stat: FileStat,
+}
+
+enum Lower<'a> {
+    /// An upper ancestor (opaque dir) hides the lower layers.
     Hidden,
     Absent,
-    Present(PathBuf, Metadata),
+    Present(Entry<'a>),
 }
 
 pub struct Classifier {
-    upper: PathBuf,
+    upper_path: PathBuf,
+    upper: OwnedFd,
     /// Top-most first, as in overlayfs' `lowerdir=`.
-    lowers: Vec<PathBuf>,
+    lowers: Vec<OwnedFd>,
 }
 
 impl Classifier {
-    pub fn new(upper: PathBuf, lowers: Vec<PathBuf>) -> Self {
-        Self { upper, lowers }
+    pub fn new(upper: &Path, lowers: &[PathBuf]) -> io::Result<Self> {
+        let open = |p: &Path| -> io::Result<OwnedFd> { Ok(File::open(p)?.into()) };
+        Ok(Self {
+            upper_path: upper.to_path_buf(),
+            upper: open(upper)?,
+            lowers: lowers.iter().map(|p| open(p)).collect::<io::Result<_>>()?,
+        })
     }
 
     pub fn upper(&self) -> &Path {
-        &self.upper
+        &self.upper_path
     }
 
     /// The net state of `rel` (relative to the upper dir).
     pub fn classify(&self, rel: &[u8]) -> io::Result<Net> {
-        let rel = Path::new(std::ffi::OsStr::from_bytes(rel));
-        let mut hidden = false;
-        let mut dir = self.upper.clone();
-        let mut components = rel.components().peekable();
-        while let Some(c) = components.next() {
-            if components.peek().is_none() {
-                break;
-            }
-            dir.push(c);
-            let meta = match fs::symlink_metadata(&dir) {
-                Ok(m) => m,
-                Err(e) if is_gone(&e) => return Ok(None),
-                Err(e) => return Err(e),
-            };
-            if !meta.is_dir() {
-                // An ancestor that is not a dir: the path does not exist in the upper dir.
-                return Ok(None);
-            }
-            if !hidden && is_opaque(&dir) {
-                hidden = true;
-            }
-        }
-        let path = self.upper.join(rel);
-        let meta = match fs::symlink_metadata(&path) {
-            Ok(m) => m,
-            Err(e) if is_gone(&e) => return Ok(None),
-            Err(e) => return Err(e),
+        let Some((dirs, name)) = split(rel) else {
+            return Ok(None);
         };
-        let lower = if hidden { Lower::Hidden } else { self.lower(rel)? };
-        compare(&path, &meta, &lower)
+        let mut parent = dup(self.upper.as_fd())?;
+        let mut hidden = false;
+        for c in &dirs {
+            match open_dir(parent.as_fd(), c)? {
+                Some(fd) => parent = fd,
+                None => return Ok(None),
+            }
+            hidden = hidden || is_opaque(parent.as_fd());
+        }
+        let Some(stat) = lstat_at(parent.as_fd(), name)? else {
+            return Ok(None);
+        };
+        let upper = Entry { parent, name, stat };
+        let lower = if hidden {
+            Lower::Hidden
+        } else {
+            self.lower(&dirs, name)?
+        };
+        compare(&upper, &lower)
     }
 
     /// Every changed path at and below `rel` (a dir, or the upper dir itself when
-    /// empty), depth first. Used for rescans and for dirs that move into place.
+    /// empty). Used for rescans and for dirs that move into place.
     pub fn walk(&self, rel: &[u8], out: &mut Vec<(Vec<u8>, NetKind, FileType)>) -> io::Result<()> {
         let mut stack = vec![rel.to_vec()];
         while let Some(dir_rel) = stack.pop() {
@@ -86,50 +98,76 @@ impl Classifier {
                     out.push((dir_rel.clone(), kind, ft));
                 }
             }
-            let dir = self.upper.join(std::ffi::OsStr::from_bytes(&dir_rel));
-            let meta = match fs::symlink_metadata(&dir) {
-                Ok(m) => m,
-                Err(e) if is_gone(&e) => continue,
-                Err(e) => return Err(e),
-            };
-            if !meta.is_dir() {
+            let Some(fd) = self.open_upper_dir(&dir_rel)? else {
                 continue;
-            }
-            let entries = match fs::read_dir(&dir) {
-                Ok(it) => it,
-                Err(e) if is_gone(&e) => continue,
-                Err(e) => return Err(e),
             };
-            for entry in entries {
-                let entry = match entry {
-                    Ok(e) => e,
-                    Err(e) if is_gone(&e) => continue,
-                    Err(e) => return Err(e),
+            let mut dir = match Dir::openat(
+                fd.as_fd(),
+                ".",
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            ) {
+                Ok(d) => d,
+                Err(e) if is_gone(e.into()) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            for entry in dir.iter() {
+                let entry = entry.map_err(io::Error::from)?;
+                let name = entry.file_name().to_bytes();
+                if name == b"." || name == b".." {
+                    continue;
+                }
+                let child = join_rel(&dir_rel, name);
+                let is_dir = match entry.file_type() {
+                    Some(t) => t == nix::dir::Type::Directory,
+                    None => lstat_at(fd.as_fd(), OsStr::from_bytes(name))?
+                        .is_some_and(|s| is_type(&s, SFlag::S_IFDIR)),
                 };
-                let child = join_rel(&dir_rel, entry.file_name().as_bytes());
-                match entry.file_type() {
-                    Ok(t) if t.is_dir() => stack.push(child),
-                    Ok(_) => {
-                        if let Some((kind, ft)) = self.classify(&child)? {
-                            out.push((child, kind, ft));
-                        }
-                    }
-                    Err(e) if is_gone(&e) => continue,
-                    Err(e) => return Err(e),
+                if is_dir {
+                    stack.push(child);
+                } else if let Some((kind, ft)) = self.classify(&child)? {
+                    out.push((child, kind, ft));
                 }
             }
         }
         Ok(())
     }
 
-    fn lower(&self, rel: &Path) -> io::Result<Lower> {
-        for layer in &self.lowers {
-            let p = layer.join(rel);
-            match fs::symlink_metadata(&p) {
-                Ok(m) if is_whiteout(&m) => return Ok(Lower::Absent),
-                Ok(m) => return Ok(Lower::Present(p, m)),
-                Err(e) if is_gone(&e) => continue,
-                Err(e) => return Err(e),
+    fn open_upper_dir(&self, rel: &[u8]) -> io::Result<Option<OwnedFd>> {
+        let mut fd = dup(self.upper.as_fd())?;
+        for c in rel.split(|&b| b == b'/').filter(|c| !c.is_empty()) {
+            match open_dir(fd.as_fd(), OsStr::from_bytes(c))? {
+                Some(next) => fd = next,
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(fd))
+    }
+
+    /// The entry overlayfs would show from the lower layers at `dirs/name`.
+    fn lower<'a>(&self, dirs: &[&OsStr], name: &'a OsStr) -> io::Result<Lower<'a>> {
+        'layers: for layer in &self.lowers {
+            let mut parent = dup(layer.as_fd())?;
+            let mut last_layer = false;
+            for c in dirs {
+                match lstat_at(parent.as_fd(), c)? {
+                    None => continue 'layers,
+                    Some(s) if is_whiteout(&s) || !is_type(&s, SFlag::S_IFDIR) => {
+                        return Ok(Lower::Absent);
+                    }
+                    Some(_) => {}
+                }
+                match open_dir(parent.as_fd(), c)? {
+                    Some(fd) => parent = fd,
+                    None => continue 'layers,
+                }
+                last_layer = last_layer || is_opaque(parent.as_fd());
+            }
+            match lstat_at(parent.as_fd(), name)? {
+                Some(s) if is_whiteout(&s) => return Ok(Lower::Absent),
+                Some(stat) => return Ok(Lower::Present(Entry { parent, name, stat })),
+                None if last_layer => return Ok(Lower::Absent),
+                None => {}
             }
         }
         Ok(Lower::Absent)
@@ -147,45 +185,82 @@ pub fn join_rel(dir: &[u8], name: &[u8]) -> Vec<u8> {
     p
 }
 
-fn is_gone(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR) | Some(libc::ESTALE))
+/// Splits `a/b/c` into its dirs and its last name; `None` for an empty path.
+fn split(rel: &[u8]) -> Option<(Vec<&OsStr>, &OsStr)> {
+    let mut parts: Vec<&OsStr> = rel
+        .split(|&b| b == b'/')
+        .filter(|c| !c.is_empty())
+        .map(OsStr::from_bytes)
+        .collect();
+    let name = parts.pop()?;
+    Some((parts, name))
 }
 
-fn is_whiteout(m: &Metadata) -> bool {
-    m.file_type().is_char_device() && m.rdev() == 0
+fn is_gone(e: io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOENT) | Some(libc::ENOTDIR) | Some(libc::ESTALE)
+    )
 }
 
-fn is_opaque(dir: &Path) -> bool {
-    matches!(xattr::get(dir, OPAQUE_XATTR), Ok(Some(v)) if v == b"y")
+fn dup(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    fd.try_clone_to_owned()
 }
 
-pub fn file_type(m: &Metadata) -> FileType {
-    let t = m.file_type();
-    if t.is_dir() {
-        FileType::Dir
-    } else if t.is_file() {
-        FileType::File
-    } else if t.is_symlink() {
-        FileType::Symlink
-    } else if is_whiteout(m) {
-        FileType::Whiteout
-    } else if t.is_char_device() {
-        FileType::CharDevice
-    } else if t.is_block_device() {
-        FileType::BlockDevice
-    } else if t.is_fifo() {
-        FileType::Fifo
-    } else if t.is_socket() {
-        FileType::Socket
-    } else {
-        FileType::Unknown
+/// Opens a subdir without following symlinks; `None` when it is not (or no longer) a dir.
+fn open_dir(parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<Option<OwnedFd>> {
+    let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    match openat(parent, name, flags, Mode::empty()) {
+        Ok(fd) => Ok(Some(fd)),
+        Err(e) if is_gone(e.into()) || e == nix::errno::Errno::ELOOP => Ok(None),
+        Err(e) => Err(e.into()),
     }
 }
 
-fn compare(path: &Path, meta: &Metadata, lower: &Lower) -> io::Result<Net> {
-    let ft = file_type(meta);
-    let (lower_path, lower_meta) = match lower {
-        Lower::Present(p, m) => (p, m),
+fn lstat_at(parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<Option<FileStat>> {
+    match fstatat(parent, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if is_gone(e.into()) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn is_type(s: &FileStat, t: SFlag) -> bool {
+    (s.st_mode & SFlag::S_IFMT.bits()) == t.bits()
+}
+
+fn is_whiteout(s: &FileStat) -> bool {
+    is_type(s, SFlag::S_IFCHR) && s.st_rdev == 0
+}
+
+/// A path that reaches the object behind `fd` itself, whatever its real path's length.
+fn proc_path(fd: BorrowedFd<'_>) -> PathBuf {
+    PathBuf::from(format!("/proc/thread-self/fd/{}", fd.as_raw_fd()))
+}
+
+fn is_opaque(dir: BorrowedFd<'_>) -> bool {
+    matches!(xattr::get_deref(proc_path(dir), OPAQUE_XATTR), Ok(Some(v)) if v == b"y")
+}
+
+pub fn file_type(s: &FileStat) -> FileType {
+    let t = s.st_mode & SFlag::S_IFMT.bits();
+    match t {
+        _ if t == SFlag::S_IFDIR.bits() => FileType::Dir,
+        _ if t == SFlag::S_IFREG.bits() => FileType::File,
+        _ if t == SFlag::S_IFLNK.bits() => FileType::Symlink,
+        _ if is_whiteout(s) => FileType::Whiteout,
+        _ if t == SFlag::S_IFCHR.bits() => FileType::CharDevice,
+        _ if t == SFlag::S_IFBLK.bits() => FileType::BlockDevice,
+        _ if t == SFlag::S_IFIFO.bits() => FileType::Fifo,
+        _ if t == SFlag::S_IFSOCK.bits() => FileType::Socket,
+        _ => FileType::Unknown,
+    }
+}
+
+fn compare(upper: &Entry<'_>, lower: &Lower<'_>) -> io::Result<Net> {
+    let ft = file_type(&upper.stat);
+    let lower = match lower {
+        Lower::Present(e) => e,
         Lower::Hidden | Lower::Absent => {
             return Ok(match ft {
                 FileType::Whiteout => None,
@@ -196,42 +271,56 @@ fn compare(path: &Path, meta: &Metadata, lower: &Lower) -> io::Result<Net> {
     if ft == FileType::Whiteout {
         return Ok(Some((NetKind::Removed, ft)));
     }
-    if ft == FileType::Dir && is_opaque(path) {
+    if ft == FileType::Dir {
+        if let Some(fd) = open_dir(upper.parent.as_fd(), upper.name)? {
+            if is_opaque(fd.as_fd()) {
+                return Ok(Some((NetKind::Replaced, ft)));
+            }
+        }
+    }
+    if ft != file_type(&lower.stat) {
         return Ok(Some((NetKind::Replaced, ft)));
     }
-    if ft != file_type(lower_meta) {
-        return Ok(Some((NetKind::Replaced, ft)));
-    }
+    let (us, ls) = (&upper.stat, &lower.stat);
     let content_differs = match ft {
         FileType::Dir => false,
-        FileType::File => {
-            meta.len() != lower_meta.len() || !same_bytes(path, lower_path)?
+        FileType::File => us.st_size != ls.st_size || !same_bytes(upper, lower)?,
+        FileType::Symlink => {
+            readlinkat(upper.parent.as_fd(), upper.name)?
+                != readlinkat(lower.parent.as_fd(), lower.name)?
         }
-        FileType::Symlink => fs::read_link(path)? != fs::read_link(lower_path)?,
-        _ => meta.rdev() != lower_meta.rdev(),
+        _ => us.st_rdev != ls.st_rdev,
     };
     if content_differs {
         return Ok(Some((NetKind::Modified, ft)));
     }
-    let owner_differs = meta.uid() != lower_meta.uid() || meta.gid() != lower_meta.gid();
+    let owner_differs = us.st_uid != ls.st_uid || us.st_gid != ls.st_gid;
     let meta_differs = match ft {
         FileType::Symlink => owner_differs,
-        FileType::Dir => {
-            owner_differs || meta.mode() != lower_meta.mode() || xattrs_differ(path, lower_path)?
-        }
+        FileType::Dir => owner_differs || us.st_mode != ls.st_mode || xattrs_differ(upper, lower)?,
         _ => {
             owner_differs
-                || meta.mode() != lower_meta.mode()
-                || meta.mtime() != lower_meta.mtime()
-                || meta.mtime_nsec() != lower_meta.mtime_nsec()
-                || xattrs_differ(path, lower_path)?
+                || us.st_mode != ls.st_mode
+                || us.st_mtime != ls.st_mtime
+                || us.st_mtime_nsec != ls.st_mtime_nsec
+                || xattrs_differ(upper, lower)?
         }
     };
     Ok(meta_differs.then_some((NetKind::Metadata, ft)))
 }
 
-fn same_bytes(a: &Path, b: &Path) -> io::Result<bool> {
-    let (mut fa, mut fb) = (File::open(a)?, File::open(b)?);
+fn open_file(e: &Entry<'_>) -> io::Result<File> {
+    let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK;
+    Ok(File::from(openat(
+        e.parent.as_fd(),
+        e.name,
+        flags,
+        Mode::empty(),
+    )?))
+}
+
+fn same_bytes(a: &Entry<'_>, b: &Entry<'_>) -> io::Result<bool> {
+    let (mut fa, mut fb) = (open_file(a)?, open_file(b)?);
     let mut ba = vec![0u8; 64 * 1024];
     let mut bb = vec![0u8; 64 * 1024];
     loop {
@@ -259,24 +348,29 @@ fn read_full(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
     Ok(filled)
 }
 
-fn user_xattrs(path: &Path) -> io::Result<Vec<(Vec<u8>, Option<Vec<u8>>)>> {
+type Xattrs = Vec<(Vec<u8>, Option<Vec<u8>>)>;
+
+fn user_xattrs(e: &Entry<'_>) -> io::Result<Xattrs> {
+    let flags = OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let fd = openat(e.parent.as_fd(), e.name, flags, Mode::empty())?;
+    let path = proc_path(fd.as_fd());
     let mut out = Vec::new();
-    let names = match xattr::list(path) {
+    let names = match xattr::list_deref(&path) {
         Ok(n) => n,
-        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return Ok(out),
-        Err(e) => return Err(e),
+        Err(err) if err.raw_os_error() == Some(libc::EOPNOTSUPP) => return Ok(out),
+        Err(err) => return Err(err),
     };
     for name in names {
-        let bytes = name.as_bytes();
-        if bytes.starts_with(OVERLAY_XATTR_PREFIX) {
+        if name.as_bytes().starts_with(OVERLAY_XATTR_PREFIX) {
             continue;
         }
-        out.push((bytes.to_vec(), xattr::get(path, &name)?));
+        let value = xattr::get_deref(&path, &name)?;
+        out.push((name.as_bytes().to_vec(), value));
     }
     out.sort();
     Ok(out)
 }
 
-fn xattrs_differ(a: &Path, b: &Path) -> io::Result<bool> {
+fn xattrs_differ(a: &Entry<'_>, b: &Entry<'_>) -> io::Result<bool> {
     Ok(user_xattrs(a)? != user_xattrs(b)?)
 }

@@ -79,7 +79,11 @@ pub struct Server {
 
 impl Server {
     /// Serves `tracker` on a Unix socket at `path`, answering root and `owner_uid`.
-    pub fn start(tracker: Arc<Tracker>, path: &Path, owner_uid: u32) -> Result<Server, TrackerError> {
+    pub fn start(
+        tracker: Arc<Tracker>,
+        path: &Path,
+        owner_uid: u32,
+    ) -> Result<Server, TrackerError> {
         let _ = std::fs::remove_file(path);
         let std_listener = std::os::unix::net::UnixListener::bind(path)
             .map_err(TrackerError::io("cannot listen on", path))?;
@@ -91,7 +95,10 @@ impl Server {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(TrackerError::io("cannot start the socket runtime for", path))?;
+            .map_err(TrackerError::io(
+                "cannot start the socket runtime for",
+                path,
+            ))?;
         let thread = std::thread::Builder::new()
             .name("spfs-changes-control".into())
             .spawn(move || {
@@ -225,7 +232,8 @@ pub struct Client {
 
 impl Client {
     pub fn connect(path: &Path) -> Result<Client, TrackerError> {
-        let stream = UnixStream::connect(path).map_err(TrackerError::io("cannot connect to tracker at", path))?;
+        let stream = UnixStream::connect(path)
+            .map_err(TrackerError::io("cannot connect to tracker at", path))?;
         Ok(Client { stream })
     }
 
@@ -237,7 +245,9 @@ impl Client {
         self.stream.read_exact(&mut len).map_err(proto)?;
         let len = u32::from_be_bytes(len) as usize;
         if len > MAX_RESPONSE {
-            return Err(TrackerError::Protocol(format!("answer of {len} bytes is too large")));
+            return Err(TrackerError::Protocol(format!(
+                "answer of {len} bytes is too large"
+            )));
         }
         let mut payload = vec![0u8; len];
         self.stream.read_exact(&mut payload).map_err(proto)?;
@@ -271,10 +281,17 @@ mod tests {
             globs: vec!["*.so".into()],
         });
         let frame = encode(&req);
-        assert_eq!(u32::from_be_bytes(frame[..4].try_into().expect("4 bytes")) as usize, frame.len() - 4);
+        assert_eq!(
+            u32::from_be_bytes(frame[..4].try_into().expect("4 bytes")) as usize,
+            frame.len() - 4
+        );
         assert_eq!(decode::<Request>(&frame[4..]), Ok(req));
         assert!(decode::<Request>(&[]).is_err());
-        assert!(decode::<Request>(&[9, 1, 2]).unwrap_err().contains("version 9"));
+        assert!(
+            decode::<Request>(&[9, 1, 2])
+                .unwrap_err()
+                .contains("version 9")
+        );
         assert!(decode::<Request>(&[PROTOCOL_VERSION, 0xff, 0xff, 0xff]).is_err());
     }
 }

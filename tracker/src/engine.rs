@@ -1,10 +1,10 @@
 //! The watcher loop and the `Tracker` handle that owns it.
 
+use crate::TrackerError;
 use crate::classify::{Classifier, join_rel};
 use crate::fid::{self, DirEntryRef, Handle};
 use crate::resolve::{Place, Resolver};
 use crate::sys::{self, FanotifyGroup};
-use crate::TrackerError;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io;
@@ -64,6 +64,8 @@ pub struct Status {
     pub records: u64,
     pub overflows: u64,
     pub rescans: u64,
+    /// Changed paths that could not be inspected (their recorded state was kept).
+    pub errors: u64,
     pub gaps: u64,
     pub net_paths: u64,
     pub db_bytes: u64,
@@ -92,6 +94,7 @@ struct Counters {
     records: AtomicU64,
     overflows: AtomicU64,
     rescans: AtomicU64,
+    errors: AtomicU64,
     last_batch_us: AtomicU64,
 }
 
@@ -128,8 +131,10 @@ impl Tracker {
             std::fs::metadata(lower).map_err(TrackerError::io("lower dir", lower))?;
         }
         let degraded = check_placement(&config)?;
-        std::fs::create_dir_all(&config.state_dir)
-            .map_err(TrackerError::io("cannot create state dir", &config.state_dir))?;
+        std::fs::create_dir_all(&config.state_dir).map_err(TrackerError::io(
+            "cannot create state dir",
+            &config.state_dir,
+        ))?;
         let store = Arc::new(Store::open(&config.state_dir)?);
 
         let group = FanotifyGroup::new().map_err(|e| match e.raw_os_error() {
@@ -146,9 +151,7 @@ impl Tracker {
                 Some(libc::ENODEV) | Some(libc::EOPNOTSUPP) | Some(libc::EXDEV) => {
                     TrackerError::Unwatchable {
                         path: layout.upper.clone(),
-                        why: format!(
-                            "its filesystem cannot report file handles to fanotify ({e})"
-                        ),
+                        why: format!("its filesystem cannot report file handles to fanotify ({e})"),
                     }
                 }
                 _ => TrackerError::KernelFeature {
@@ -156,11 +159,14 @@ impl Tracker {
                     source: e,
                 },
             })?;
-        let sync_handle = sys::handle_of(&config.sync_dir)
-            .map_err(TrackerError::io("cannot get a file handle of", &config.sync_dir))?;
+        let sync_handle = sys::handle_of(&config.sync_dir).map_err(TrackerError::io(
+            "cannot get a file handle of",
+            &config.sync_dir,
+        ))?;
         let resolver = Resolver::new(&layout.upper, &config.sync_dir)
             .map_err(TrackerError::io("cannot resolve", &layout.upper))?;
-        let classifier = Classifier::new(layout.upper.clone(), layout.lowers.clone());
+        let classifier = Classifier::new(&layout.upper, &layout.lowers)
+            .map_err(TrackerError::io("cannot open the layers of", &layout.upper))?;
 
         let shared = Arc::new(Shared {
             store,
@@ -184,7 +190,6 @@ impl Tracker {
             resolver,
             classifier,
             shared: shared.clone(),
-            own_pid: std::process::id() as i32,
             sync_handle,
             batch_window: config.batch_window,
         };
@@ -201,7 +206,10 @@ impl Tracker {
         let thread = std::thread::Builder::new()
             .name("spfs-changes-watch".into())
             .spawn(move || watcher.run())
-            .map_err(TrackerError::io("cannot start watcher thread for", &layout.upper))?;
+            .map_err(TrackerError::io(
+                "cannot start watcher thread for",
+                &layout.upper,
+            ))?;
         let tracker = Tracker {
             shared,
             config,
@@ -228,7 +236,8 @@ impl Tracker {
     pub fn sync(&self) -> Result<Token, TrackerError> {
         let n = self.shared.next_cookie.fetch_add(1, Ordering::SeqCst) + 1;
         let cookie = self.config.sync_dir.join(format!("cookie-{n}"));
-        std::fs::File::create(&cookie).map_err(TrackerError::io("cannot write sync cookie", &cookie))?;
+        std::fs::File::create(&cookie)
+            .map_err(TrackerError::io("cannot write sync cookie", &cookie))?;
         let _ = std::fs::remove_file(&cookie);
         let deadline = Instant::now() + SYNC_TIMEOUT;
         let mut state = self.shared.sync.lock().map_err(|_| poisoned())?;
@@ -278,6 +287,7 @@ impl Tracker {
             records: c.records.load(Ordering::Relaxed),
             overflows: c.overflows.load(Ordering::Relaxed),
             rescans: c.rescans.load(Ordering::Relaxed),
+            errors: c.errors.load(Ordering::Relaxed),
             gaps: stats.gaps,
             net_paths: stats.net_paths,
             db_bytes: stats.db_bytes,
@@ -342,7 +352,9 @@ fn check_placement(config: &Config) -> Result<Vec<String>, TrackerError> {
     let mut degraded = Vec::new();
     if let Some(parent) = config.layout.upper.parent() {
         if dev(parent, "parent of the upper dir")? == upper_dev
-            && parent.parent().is_some_and(|gp| dev(gp, "filesystem root").ok() == Some(upper_dev))
+            && parent
+                .parent()
+                .is_some_and(|gp| dev(gp, "filesystem root").ok() == Some(upper_dev))
         {
             degraded.push(format!(
                 "the upper dir shares its filesystem with other data; events from all of it are read and filtered (mount a dedicated tmpfs at {})",
@@ -359,7 +371,6 @@ struct Watcher {
     resolver: Resolver,
     classifier: Classifier,
     shared: Arc<Shared>,
-    own_pid: i32,
     sync_handle: Handle,
     batch_window: Duration,
 }
@@ -462,9 +473,6 @@ impl Watcher {
                     continue;
                 }
             }
-            if event.pid == self.own_pid {
-                continue;
-            }
             let origin = (event.pid > 0).then(|| Origin {
                 pid: event.pid as u32,
                 command: commands
@@ -474,7 +482,10 @@ impl Watcher {
             });
             self.handle_event(&event, origin, now_ns, &mut p)?;
         }
-        self.shared.counters.events.fetch_add(count, Ordering::Relaxed);
+        self.shared
+            .counters
+            .events
+            .fetch_add(count, Ordering::Relaxed);
         self.apply(p)?;
         self.shared.counters.batches.fetch_add(1, Ordering::Relaxed);
         self.shared
@@ -506,7 +517,11 @@ impl Watcher {
                 time_ns,
             });
         };
-        let dir_type = if ondir { FileType::Dir } else { FileType::Unknown };
+        let dir_type = if ondir {
+            FileType::Dir
+        } else {
+            FileType::Unknown
+        };
         if event.mask & sys::FAN_RENAME != 0 {
             let old = self.entry_path(event.old)?;
             let new = self.entry_path(event.new)?;
@@ -537,11 +552,10 @@ impl Watcher {
         let path = match event.entry {
             Some(_) => self.entry_path(event.entry)?,
             None => match event.object {
-                Some(h) => match self
-                    .resolver
-                    .object(h)
-                    .map_err(TrackerError::io("cannot resolve a handle under", self.classifier.upper()))?
-                {
+                Some(h) => match self.resolver.object(h).map_err(TrackerError::io(
+                    "cannot resolve a handle under",
+                    self.classifier.upper(),
+                ))? {
                     Some(Place::Upper(rel)) if !rel.is_empty() => Some(rel),
                     _ => None,
                 },
@@ -552,7 +566,8 @@ impl Watcher {
         if event.mask & sys::FAN_CREATE != 0 {
             observe(p, Action::Created, &path, dir_type);
             if let (true, Some(obj)) = (ondir, event.object) {
-                self.resolver.remember(obj.to_owned(), Place::Upper(path.clone()));
+                self.resolver
+                    .remember(obj.to_owned(), Place::Upper(path.clone()));
             }
         }
         if event.mask & sys::FAN_DELETE != 0 {
@@ -574,12 +589,15 @@ impl Watcher {
 
     /// The upper-relative path of a (dir, name) pair; `None` outside the upper dir, for
     /// the upper dir itself, or when the dir is already gone.
-    fn entry_path(&mut self, entry: Option<DirEntryRef<'_>>) -> Result<Option<Vec<u8>>, TrackerError> {
+    fn entry_path(
+        &mut self,
+        entry: Option<DirEntryRef<'_>>,
+    ) -> Result<Option<Vec<u8>>, TrackerError> {
         let Some(entry) = entry else { return Ok(None) };
-        let place = self
-            .resolver
-            .dir(entry.dir)
-            .map_err(TrackerError::io("cannot resolve a dir handle under", self.classifier.upper()))?;
+        let place = self.resolver.dir(entry.dir).map_err(TrackerError::io(
+            "cannot resolve a dir handle under",
+            self.classifier.upper(),
+        ))?;
         Ok(match place {
             Some(Place::Upper(dir)) => {
                 if entry.name == b"." || entry.name.is_empty() {
@@ -602,13 +620,22 @@ impl Watcher {
         }
         for dir in &p.walks {
             let mut found = Vec::new();
-            self.classify_io(|c| c.walk(dir, &mut found))?;
+            if let Err(e) = self.classifier.walk(dir, &mut found) {
+                self.inspect_failed(dir, &e);
+            }
             p.dirty.extend(found.into_iter().map(|(path, _, _)| path));
         }
         let mut net = Vec::with_capacity(p.dirty.len());
         let mut states = HashMap::new();
         for path in &p.dirty {
-            let state = self.classify_io(|c| c.classify(path))?;
+            let state = match self.classifier.classify(path) {
+                Ok(s) => s,
+                Err(e) => {
+                    // Leave the recorded state alone rather than guess; counted in status.
+                    self.inspect_failed(path, &e);
+                    continue;
+                }
+            };
             states.insert(path.clone(), state);
             net.push(NetUpdate {
                 path: path.clone(),
@@ -625,7 +652,11 @@ impl Watcher {
                 Some((NetKind::Replaced, FileType::Dir)) => Action::Created,
                 _ => continue,
             };
-            let file_type = states.get(&path).copied().flatten().map_or(FileType::Unknown, |s| s.1);
+            let file_type = states
+                .get(&path)
+                .copied()
+                .flatten()
+                .map_or(FileType::Unknown, |s| s.1);
             p.observations.push(Observation {
                 action,
                 path,
@@ -651,9 +682,15 @@ impl Watcher {
                 net,
             })?;
         }
-        self.shared.counters.records.fetch_add(records, Ordering::Relaxed);
+        self.shared
+            .counters
+            .records
+            .fetch_add(records, Ordering::Relaxed);
         if p.overflow {
-            self.shared.counters.overflows.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .counters
+                .overflows
+                .fetch_add(1, Ordering::Relaxed);
             self.rescan("fanotify queue overflow: events were lost")?;
         }
         if p.cookie > 0 {
@@ -672,17 +709,32 @@ impl Watcher {
         self.classify_io(|c| c.walk(b"", &mut entries))?;
         let gap = self.shared.store.rebuild(entries, reason)?;
         self.shared.counters.rescans.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(reason, instance = gap.new_instance, "history gap; net state rebuilt from the upper dir");
+        tracing::warn!(
+            reason,
+            instance = gap.new_instance,
+            "history gap; net state rebuilt from the upper dir"
+        );
         Ok(())
     }
 
-    fn classify_io<T>(&self, f: impl FnOnce(&Classifier) -> io::Result<T>) -> Result<T, TrackerError> {
+    fn inspect_failed(&self, path: &[u8], e: &io::Error) {
+        self.shared.counters.errors.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(path = %String::from_utf8_lossy(path), error = %e, "cannot inspect a changed path");
+    }
+
+    fn classify_io<T>(
+        &self,
+        f: impl FnOnce(&Classifier) -> io::Result<T>,
+    ) -> Result<T, TrackerError> {
         f(&self.classifier).map_err(TrackerError::io("cannot inspect", self.classifier.upper()))
     }
 }
 
 fn cookie_number(name: &[u8]) -> Option<u64> {
-    std::str::from_utf8(name.strip_prefix(b"cookie-")?).ok()?.parse().ok()
+    std::str::from_utf8(name.strip_prefix(b"cookie-")?)
+        .ok()?
+        .parse()
+        .ok()
 }
 
 fn now_ns() -> u64 {

@@ -32,8 +32,13 @@ pub enum ParseError {
     Truncated { needed: usize, available: usize },
     #[error("fanotify metadata version {0} is not supported (expected {METADATA_VERSION})")]
     Version(u8),
-    #[error("fanotify record has inconsistent lengths (event {event_len}, metadata {metadata_len})")]
-    BadLength { event_len: usize, metadata_len: usize },
+    #[error(
+        "fanotify record has inconsistent lengths (event {event_len}, metadata {metadata_len})"
+    )]
+    BadLength {
+        event_len: usize,
+        metadata_len: usize,
+    },
     #[error("fanotify info record of type {info_type} is malformed: {why}")]
     BadInfo { info_type: u8, why: &'static str },
 }
@@ -294,20 +299,32 @@ pub(crate) mod tests {
             event(
                 0x100,
                 42,
-                &[info(INFO_DFID_NAME, b"dirhandle", Some(b"file")), info(INFO_FID, b"obj", None)],
+                &[
+                    info(INFO_DFID_NAME, b"dirhandle", Some(b"file")),
+                    info(INFO_FID, b"obj", None),
+                ],
             ),
-            event(0x1000_0000, 7, &[
-                info(INFO_OLD_DFID_NAME, b"d1", Some(b"a")),
-                info(INFO_NEW_DFID_NAME, b"d2", Some(b"b\nc")),
-            ]),
+            event(
+                0x1000_0000,
+                7,
+                &[
+                    info(INFO_OLD_DFID_NAME, b"d1", Some(b"a")),
+                    info(INFO_NEW_DFID_NAME, b"d2", Some(b"b\nc")),
+                ],
+            ),
         ]
         .concat();
-        let events: Vec<_> = events(&buf).collect::<Result<_, _>>().expect("well-formed buffer");
+        let events: Vec<_> = events(&buf)
+            .collect::<Result<_, _>>()
+            .expect("well-formed buffer");
         assert_eq!(events.len(), 2);
         let e = &events[0];
         assert_eq!((e.mask, e.pid, e.fd), (0x100, 42, -1));
         let entry = e.entry.expect("dfid_name present");
-        assert_eq!((entry.dir.bytes, entry.name), (&b"dirhandle"[..], &b"file"[..]));
+        assert_eq!(
+            (entry.dir.bytes, entry.name),
+            (&b"dirhandle"[..], &b"file"[..])
+        );
         assert_eq!(e.object.expect("fid present").bytes, b"obj");
         let r = &events[1];
         assert_eq!(r.old.expect("old").name, b"a");
@@ -324,14 +341,23 @@ pub(crate) mod tests {
         }
         let mut bad_version = good.clone();
         bad_version[4] = 2;
-        assert_eq!(parse_event(&bad_version).unwrap_err(), ParseError::Version(2));
+        assert_eq!(
+            parse_event(&bad_version).unwrap_err(),
+            ParseError::Version(2)
+        );
         let mut no_nul = event(2, 1, &[info(INFO_DFID_NAME, b"hh", Some(b"nam"))]);
         let n = no_nul.len();
         no_nul[n - 1] = b'x';
-        assert!(matches!(parse_event(&no_nul), Err(ParseError::BadInfo { .. })));
+        assert!(matches!(
+            parse_event(&no_nul),
+            Err(ParseError::BadInfo { .. })
+        ));
         let mut huge_handle = good.clone();
         huge_handle[METADATA_LEN + 12..METADATA_LEN + 16].copy_from_slice(&1000u32.to_ne_bytes());
-        assert!(matches!(parse_event(&huge_handle), Err(ParseError::BadInfo { .. })));
+        assert!(matches!(
+            parse_event(&huge_handle),
+            Err(ParseError::BadInfo { .. })
+        ));
     }
 
     #[test]

@@ -82,10 +82,53 @@ impl Resolver {
             }
             Err(e) => return Err(e),
         };
-        let Some(path) = sys::path_of(fd.as_fd())? else {
-            return Ok(None);
-        };
-        Ok(Some(self.place_of(path.as_os_str().as_bytes())))
+        match sys::path_of(fd.as_fd()) {
+            Ok(Some(path)) => Ok(Some(self.place_of(path.as_os_str().as_bytes()))),
+            Ok(None) => Ok(None),
+            Err(e) if e.raw_os_error() == Some(libc::ENAMETOOLONG) => self.climb(fd),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Finds a dir's path below the upper dir by walking `..` up to it and looking each
+    /// name up in its parent: for paths longer than the kernel will spell out.
+    fn climb(&self, fd: OwnedFd) -> io::Result<Option<Place>> {
+        use nix::fcntl::{OFlag, openat};
+        use nix::sys::stat::{Mode, fstat};
+        let upper = fstat(self.mount_fd.as_fd())?;
+        let mut names: Vec<Vec<u8>> = Vec::new();
+        let mut current = fd;
+        loop {
+            let here = fstat(current.as_fd())?;
+            if (here.st_dev, here.st_ino) == (upper.st_dev, upper.st_ino) {
+                names.reverse();
+                return Ok(Some(Place::Upper(names.join(&b'/'))));
+            }
+            let parent = openat(
+                current.as_fd(),
+                "..",
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )?;
+            let above = fstat(parent.as_fd())?;
+            if (above.st_dev, above.st_ino) == (here.st_dev, here.st_ino) {
+                // Reached the filesystem root without meeting the upper dir.
+                return Ok(Some(Place::Outside));
+            }
+            let mut dir = nix::dir::Dir::from_fd(parent.try_clone()?)?;
+            let name = dir
+                .iter()
+                .filter_map(Result::ok)
+                .find(|e| {
+                    e.ino() == here.st_ino && !matches!(e.file_name().to_bytes(), b"." | b"..")
+                })
+                .map(|e| e.file_name().to_bytes().to_vec());
+            let Some(name) = name else {
+                return Ok(None);
+            };
+            names.push(name);
+            current = parent;
+        }
     }
 
     /// Records where a dir is, when an event already told us (a created dir).
@@ -123,7 +166,10 @@ fn strip_dir<'a>(path: &'a [u8], dir: &[u8]) -> Option<&'a [u8]> {
 }
 
 fn gone(p: &Path) -> io::Error {
-    io::Error::new(io::ErrorKind::NotFound, format!("{} was removed", p.display()))
+    io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("{} was removed", p.display()),
+    )
 }
 
 #[cfg(test)]

@@ -111,7 +111,10 @@ pub fn handle_of(path: &Path) -> io::Result<Handle> {
 /// descriptor on the same filesystem; the result is reached through its mount.
 pub fn open_by_handle(mount_fd: BorrowedFd<'_>, handle: HandleRef<'_>) -> io::Result<OwnedFd> {
     if handle.bytes.len() > MAX_HANDLE_BYTES {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "handle too large"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "handle too large",
+        ));
     }
     let mut buf = HandleBuf::new();
     buf.fill(handle);
@@ -214,14 +217,19 @@ mod tests {
         let handle = match handle_of(&sub) {
             Ok(h) => h,
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                eprintln!("skipped: filesystem of {} has no file handles", sub.display());
+                eprintln!(
+                    "skipped: filesystem of {} has no file handles",
+                    sub.display()
+                );
                 return;
             }
             Err(e) => panic!("name_to_handle_at: {e}"),
         };
         let root = std::fs::File::open(dir.path()).expect("open temp dir");
         let fd = open_by_handle(root.as_fd(), handle.as_ref()).expect("open_by_handle_at");
-        let path = path_of(fd.as_fd()).expect("readlink").expect("still linked");
+        let path = path_of(fd.as_fd())
+            .expect("readlink")
+            .expect("still linked");
         assert_eq!(path, sub.canonicalize().expect("canonical"));
         std::fs::remove_dir(&sub).expect("rmdir");
         // A removed dir has no path any more, whether the handle goes stale or not.
