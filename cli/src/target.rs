@@ -19,7 +19,8 @@ pub enum Target {
         mount: PathBuf,
     },
     Kept {
-        store: Store,
+        /// Boxed: sled's handle is large next to a socket.
+        store: Box<Store>,
         mount: PathBuf,
         state: PathBuf,
     },
@@ -53,12 +54,12 @@ pub fn open(args: &TargetArgs) -> anyhow::Result<Target> {
         bail!("no changelog at {}: not a directory", state.display());
     }
     let socket = state.join(SOCKET_NAME);
-    if socket.exists() {
-        if let Ok(target) = live(&socket) {
-            return Ok(target);
-        }
+    if socket.exists()
+        && let Ok(target) = live(&socket)
+    {
+        return Ok(target);
     }
-    let store = Store::open(&state)?;
+    let store = Box::new(Store::open(&state)?);
     let mount = store
         .info("mount")?
         .map(|b| PathBuf::from(std::ffi::OsString::from_vec(b)))

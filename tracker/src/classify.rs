@@ -93,10 +93,10 @@ impl Classifier {
     pub fn walk(&self, rel: &[u8], out: &mut Vec<(Vec<u8>, NetKind, FileType)>) -> io::Result<()> {
         let mut stack = vec![rel.to_vec()];
         while let Some(dir_rel) = stack.pop() {
-            if !dir_rel.is_empty() {
-                if let Some((kind, ft)) = self.classify(&dir_rel)? {
-                    out.push((dir_rel.clone(), kind, ft));
-                }
+            if !dir_rel.is_empty()
+                && let Some((kind, ft)) = self.classify(&dir_rel)?
+            {
+                out.push((dir_rel.clone(), kind, ft));
             }
             let Some(fd) = self.open_upper_dir(&dir_rel)? else {
                 continue;
@@ -271,12 +271,11 @@ fn compare(upper: &Entry<'_>, lower: &Lower<'_>) -> io::Result<Net> {
     if ft == FileType::Whiteout {
         return Ok(Some((NetKind::Removed, ft)));
     }
-    if ft == FileType::Dir {
-        if let Some(fd) = open_dir(upper.parent.as_fd(), upper.name)? {
-            if is_opaque(fd.as_fd()) {
-                return Ok(Some((NetKind::Replaced, ft)));
-            }
-        }
+    if ft == FileType::Dir
+        && let Some(fd) = open_dir(upper.parent.as_fd(), upper.name)?
+        && is_opaque(fd.as_fd())
+    {
+        return Ok(Some((NetKind::Replaced, ft)));
     }
     if ft != file_type(&lower.stat) {
         return Ok(Some((NetKind::Replaced, ft)));

@@ -350,17 +350,16 @@ fn check_placement(config: &Config) -> Result<Vec<String>, TrackerError> {
         }
     }
     let mut degraded = Vec::new();
-    if let Some(parent) = config.layout.upper.parent() {
-        if dev(parent, "parent of the upper dir")? == upper_dev
-            && parent
-                .parent()
-                .is_some_and(|gp| dev(gp, "filesystem root").ok() == Some(upper_dev))
-        {
-            degraded.push(format!(
+    if let Some(parent) = config.layout.upper.parent()
+        && dev(parent, "parent of the upper dir")? == upper_dev
+        && parent
+            .parent()
+            .is_some_and(|gp| dev(gp, "filesystem root").ok() == Some(upper_dev))
+    {
+        degraded.push(format!(
                 "the upper dir shares its filesystem with other data; events from all of it are read and filtered (mount a dedicated tmpfs at {})",
                 parent.display()
             ));
-        }
     }
     Ok(degraded)
 }
@@ -463,15 +462,15 @@ impl Watcher {
                 p.overflow = true;
                 continue;
             }
-            if let Some(entry) = event.entry {
-                if entry.dir == self.sync_handle.as_ref() {
-                    if event.mask & sys::FAN_CREATE != 0 {
-                        if let Some(n) = cookie_number(entry.name) {
-                            p.cookie = p.cookie.max(n);
-                        }
-                    }
-                    continue;
+            if let Some(entry) = event.entry
+                && entry.dir == self.sync_handle.as_ref()
+            {
+                if event.mask & sys::FAN_CREATE != 0
+                    && let Some(n) = cookie_number(entry.name)
+                {
+                    p.cookie = p.cookie.max(n);
                 }
+                continue;
             }
             let origin = (event.pid > 0).then(|| Origin {
                 pid: event.pid as u32,
@@ -665,8 +664,15 @@ impl Watcher {
                 time_ns,
             });
         }
-        // Fill in types the events did not carry from what the filesystem showed.
         for o in &mut p.observations {
+            // Overlayfs deletes a lower entry by linking or moving a (shared) whiteout
+            // into place: what the events call a creation is a deletion.
+            if matches!(o.action, Action::Created | Action::RenamedTo)
+                && matches!(states.get(&o.path), Some(Some((_, FileType::Whiteout))))
+            {
+                o.action = Action::Deleted;
+            }
+            // Fill in types the events did not carry from what the filesystem showed.
             if o.file_type == FileType::Unknown {
                 if let Some(Some((_, ft))) = states.get(&o.path) {
                     o.file_type = *ft;

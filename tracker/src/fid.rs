@@ -391,9 +391,8 @@ pub(crate) mod tests {
                 if let Some(b) = buf.get_mut(at) { *b = byte; }
             }
             for e in events(&buf) {
-                if let Ok(e) = e {
-                    if let Some(entry) = e.entry { prop_assert!(!entry.name.contains(&0)); }
-                }
+                if let Ok(e) = e
+                    && let Some(entry) = e.entry { prop_assert!(!entry.name.contains(&0)); }
             }
         }
     }

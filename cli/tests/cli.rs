@@ -1,0 +1,276 @@
+//! The `spfs-changes` binary end to end: `run` mounts a real runtime in its own
+//! private mount namespace, so these tests need no namespace of their own, except the
+//! one that occupies a mount point.
+
+#[path = "../../tests/support/mod.rs"]
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use support::{in_private_mount_ns, need_root};
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_spfs-changes"))
+}
+
+/// The binary with its dir first on PATH, so scripts inside `run` can call it.
+fn cmd(args: &[&str]) -> Command {
+    let mut c = Command::new(bin());
+    c.args(args);
+    let dir = bin().parent().expect("binary has a dir").to_path_buf();
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut dirs = vec![dir];
+    dirs.extend(std::env::split_paths(&path));
+    c.env("PATH", std::env::join_paths(dirs).expect("joinable PATH"));
+    c.env_remove("SPFS_CHANGES_SOCKET")
+        .env_remove("SPFS_CHANGES_STATE");
+    c
+}
+
+fn output(mut c: impl std::borrow::BorrowMut<Command>) -> Output {
+    let c = c.borrow_mut();
+    c.output().expect("spawn spfs-changes")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A failing command: exit 1, exactly one line on stderr naming the problem, no panic.
+fn assert_one_line_error(out: &Output, needle: &str) {
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    assert_eq!(err.lines().count(), 1, "one line expected: {err:?}");
+    assert!(
+        err.contains(needle),
+        "error {err:?} does not mention {needle:?}"
+    );
+}
+
+#[test]
+fn run_prints_changes_and_serves_changes_json_inside() {
+    if !need_root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let state = tmp.path().join("state");
+    let json_out = tmp.path().join("inside.json");
+    let script = format!(
+        "echo hi > /spfs/a; mkdir /spfs/d; spfs-changes changes --json > {}",
+        json_out.display()
+    );
+    let out = output(cmd(&[
+        "run",
+        "--state",
+        state.to_str().expect("utf-8 temp path"),
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]));
+    assert!(out.status.success(), "run failed: {}", text(&out.stderr));
+    let printed = text(&out.stdout);
+    assert_eq!(
+        printed.lines().collect::<Vec<_>>(),
+        ["+/spfs/a", "+/spfs/d"],
+        "run printed {printed:?}"
+    );
+
+    let inside: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json_out).expect("changes --json wrote its answer"))
+            .expect("valid JSON");
+    let kinds: Vec<(String, String, String)> = inside["changes"]
+        .as_array()
+        .expect("changes array")
+        .iter()
+        .map(|c| {
+            (
+                c["path"].as_str().unwrap_or("").into(),
+                c["kind"].as_str().unwrap_or("").into(),
+                c["type"].as_str().unwrap_or("").into(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("/spfs/a".into(), "added".into(), "file".into()),
+            ("/spfs/d".into(), "added".into(), "dir".into())
+        ]
+    );
+    assert!(inside["fresh"].is_null());
+
+    // Afterwards, the kept changelog answers the same without a tracker.
+    let kept = output(cmd(&[
+        "changes",
+        "--state",
+        state.to_str().expect("utf-8"),
+        "--jsonl",
+    ]));
+    assert!(kept.status.success(), "{}", text(&kept.stderr));
+    let lines: Vec<serde_json::Value> = text(&kept.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 3, "two changes and a trailer: {lines:?}");
+    assert_eq!(lines[0]["path"], "/spfs/a");
+    assert_eq!(lines[1]["path"], "/spfs/d");
+    assert!(lines[2]["token"].as_str().is_some_and(|t| t.contains(':')));
+}
+
+#[test]
+fn marks_and_since_inside_a_run() {
+    if !need_root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let state = tmp.path().join("state");
+    let lower = tmp.path().join("lower");
+    std::fs::create_dir_all(lower.join("lib")).expect("mkdir");
+    std::fs::write(lower.join("lib/old.so"), "old").expect("write");
+    let mnt = tmp.path().join("mnt");
+    let since_out = tmp.path().join("since.txt");
+    let script = format!(
+        "echo pre > $M/pre && spfs-changes mark build-start >/dev/null && echo new > $M/lib/new.so && rm $M/lib/old.so && printf 'x' > \"$M/$(printf 'odd\\nname')\" && spfs-changes changes --since build-start > {}",
+        since_out.display()
+    );
+    let out = output(
+        cmd(&[
+            "run",
+            "--state",
+            state.to_str().expect("utf-8"),
+            "--lower",
+            lower.to_str().expect("utf-8"),
+            "--mount",
+            mnt.to_str().expect("utf-8"),
+            "--runtime-dir",
+            tmp.path().join("rt").to_str().expect("utf-8"),
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .env("M", &mnt),
+    );
+    assert!(out.status.success(), "run failed: {}", text(&out.stderr));
+    let m = mnt.display();
+    let since = text(&std::fs::read(&since_out).expect("since output"));
+    let mut got: Vec<&str> = since.lines().collect();
+    got.sort();
+    let mut want = [
+        format!("+{m}/lib/new.so"),
+        format!("+{m}/odd\\nname"),
+        format!("-{m}/lib/old.so"),
+    ];
+    want.sort();
+    assert_eq!(got, want, "changes since the mark");
+    let all = text(&out.stdout);
+    assert!(
+        all.contains(&format!("+{m}/pre")),
+        "run's own listing has everything: {all}"
+    );
+    // A prefix filter on the kept changelog.
+    let lib = output(cmd(&[
+        "changes",
+        "--state",
+        state.to_str().expect("utf-8"),
+        &format!("{m}/lib"),
+    ]));
+    assert_eq!(
+        text(&lib.stdout).lines().count(),
+        2,
+        "{}",
+        text(&lib.stdout)
+    );
+}
+
+#[test]
+fn errors_are_one_clear_line() {
+    if !need_root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let missing = tmp.path().join("no-such-layer");
+    let out = output(cmd(&[
+        "run",
+        "--lower",
+        missing.to_str().expect("utf-8"),
+        "--",
+        "true",
+    ]));
+    assert_one_line_error(&out, "no-such-layer");
+
+    let out = output(cmd(&[
+        "changes",
+        "--state",
+        missing.to_str().expect("utf-8"),
+    ]));
+    assert_one_line_error(&out, "no changelog");
+
+    // Not root.
+    use std::os::unix::process::CommandExt;
+    let out = output(cmd(&["run", "--", "true"]).uid(65534).gid(65534));
+    assert_one_line_error(&out, "needs root");
+
+    // A corrupt db.
+    let corrupt = tmp.path().join("corrupt");
+    let db = corrupt.join("changelog.sled");
+    std::fs::create_dir_all(&db).expect("mkdir");
+    std::fs::write(db.join("conf"), b"\xff\xfe garbage").expect("write");
+    std::fs::write(db.join("db"), vec![0xa5u8; 4096]).expect("write");
+    let out = output(cmd(&[
+        "changes",
+        "--state",
+        corrupt.to_str().expect("utf-8"),
+    ]));
+    assert_one_line_error(&out, "changelog");
+}
+
+#[test]
+fn a_locked_db_is_reported() {
+    if !need_root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let _held = store::Store::open(tmp.path()).expect("open a changelog");
+    let out = output(cmd(&[
+        "changes",
+        "--state",
+        tmp.path().to_str().expect("utf-8"),
+    ]));
+    assert_one_line_error(&out, "in use");
+}
+
+#[test]
+fn an_occupied_mount_point_is_refused() {
+    if !need_root() {
+        return;
+    }
+    in_private_mount_ns(|| {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let mnt = tmp.path().join("busy");
+        std::fs::create_dir(&mnt).expect("mkdir");
+        nix::mount::mount(
+            Some("tmpfs"),
+            &mnt,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .expect("mount tmpfs");
+        let out = output(cmd(&[
+            "run",
+            "--state",
+            tmp.path().join("state").to_str().expect("utf-8"),
+            "--mount",
+            mnt.to_str().expect("utf-8"),
+            "--runtime-dir",
+            tmp.path().join("rt").to_str().expect("utf-8"),
+            "--",
+            "true",
+        ]));
+        assert_one_line_error(&out, "in use");
+        assert!(Path::new(&mnt).exists());
+    });
+}
