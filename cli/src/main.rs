@@ -5,6 +5,7 @@
 mod output;
 mod run;
 mod target;
+mod track;
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -25,6 +26,8 @@ struct Cli {
 enum Command {
     /// Run a command in a fresh tracked overlay runtime, then print what it changed.
     Run(run::RunArgs),
+    /// Attach a background tracker to an existing runtime (spfs's included).
+    Track(track::TrackArgs),
     /// Print what changed (since a mark or token), `spfs diff` style or as JSON.
     Changes(ChangesArgs),
     /// Name the current position in the changelog (e.g. `build-start`).
@@ -94,6 +97,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Track(args) => track::track(args),
         Command::Changes(args) => changes(args),
         Command::Mark(args) => mark(args),
         Command::Status(args) => status(args),
@@ -109,7 +113,7 @@ fn main() -> ExitCode {
 }
 
 /// Joins an error and its causes on one line.
-fn one_line(e: &anyhow::Error) -> String {
+pub fn one_line(e: &anyhow::Error) -> String {
     let mut parts: Vec<String> = Vec::new();
     for cause in e.chain() {
         let s = cause.to_string();

@@ -11,6 +11,8 @@ use tracker::control::{Client, Request, Response};
 
 /// Where `run` keeps each runtime's changelog, and `latest` links the newest.
 pub const RUNS_DIR: &str = "/var/lib/spfs-changes/runs";
+/// Where `track` keeps each attached runtime's changelog, by runtime key.
+pub const RUNTIMES_DIR: &str = "/var/lib/spfs-changes/runtimes";
 pub const SOCKET_NAME: &str = "control.sock";
 
 pub enum Target {
@@ -40,15 +42,21 @@ pub fn open(args: &TargetArgs) -> anyhow::Result<Target> {
         .or_else(|| std::env::var_os("SPFS_CHANGES_STATE").map(PathBuf::from))
     {
         Some(s) => s,
-        None => {
-            let latest = Path::new(RUNS_DIR).join("latest");
-            std::fs::read_link(&latest).with_context(|| {
-                format!(
-                    "no runtime given (--state, --socket) and no earlier run at {}",
-                    latest.display()
-                )
-            })?
-        }
+        None => match tracker::runtime::key_of_current()
+            .map(|key| Path::new(RUNTIMES_DIR).join(key))
+            .filter(|dir| dir.is_dir())
+        {
+            Some(dir) => dir,
+            None => {
+                let latest = Path::new(RUNS_DIR).join("latest");
+                std::fs::read_link(&latest).with_context(|| {
+                    format!(
+                        "no runtime given (--state, --socket), no tracker for this runtime and no earlier run at {}",
+                        latest.display()
+                    )
+                })?
+            }
+        },
     };
     if !state.is_dir() {
         bail!("no changelog at {}: not a directory", state.display());

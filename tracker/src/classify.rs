@@ -58,6 +58,18 @@ impl Classifier {
         })
     }
 
+    /// The same upper dir over other lower layers (after a remount that changed them).
+    pub fn relayered(&self, lowers: &[PathBuf]) -> io::Result<Self> {
+        Ok(Self {
+            upper_path: self.upper_path.clone(),
+            upper: dup(self.upper.as_fd())?,
+            lowers: lowers
+                .iter()
+                .map(|p| Ok(File::open(p)?.into()))
+                .collect::<io::Result<_>>()?,
+        })
+    }
+
     pub fn upper(&self) -> &Path {
         &self.upper_path
     }

@@ -87,6 +87,9 @@ impl Server {
         let _ = std::fs::remove_file(path);
         let std_listener = std::os::unix::net::UnixListener::bind(path)
             .map_err(TrackerError::io("cannot listen on", path))?;
+        // Anyone may connect; who may be answered is decided by peer credentials.
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o666))
+            .map_err(TrackerError::io("cannot open up", path))?;
         std_listener
             .set_nonblocking(true)
             .map_err(TrackerError::io("cannot listen on", path))?;

@@ -5,9 +5,13 @@ use crate::classify::{Classifier, join_rel};
 use crate::fid::{self, DirEntryRef, Handle};
 use crate::resolve::{Place, Resolver};
 use crate::sys::{self, FanotifyGroup};
+use nix::fcntl::{OFlag, openat};
+use nix::sys::stat::Mode;
+use nix::unistd::{UnlinkatFlags, unlinkat};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -104,12 +108,15 @@ struct Shared {
     next_cookie: AtomicU64,
     sync: Mutex<SyncState>,
     synced: Condvar,
+    /// New lower layers to classify against, set by `relayer`.
+    relayer: Mutex<Option<Vec<PathBuf>>>,
     counters: Counters,
 }
 
 /// A running tracker. Dropping it stops the watcher thread; `stop` also reports errors.
 pub struct Tracker {
     shared: Arc<Shared>,
+    sync_fd: OwnedFd,
     config: Config,
     degraded: Vec<String>,
     thread: Option<JoinHandle<()>>,
@@ -159,6 +166,9 @@ impl Tracker {
                     source: e,
                 },
             })?;
+        let sync_fd: OwnedFd = std::fs::File::open(&config.sync_dir)
+            .map_err(TrackerError::io("cannot open sync dir", &config.sync_dir))?
+            .into();
         let sync_handle = sys::handle_of(&config.sync_dir).map_err(TrackerError::io(
             "cannot get a file handle of",
             &config.sync_dir,
@@ -174,6 +184,7 @@ impl Tracker {
             next_cookie: AtomicU64::new(0),
             sync: Mutex::new(SyncState::default()),
             synced: Condvar::new(),
+            relayer: Mutex::new(None),
             counters: Counters::default(),
         });
         for (key, value) in [
@@ -212,6 +223,7 @@ impl Tracker {
             ))?;
         let tracker = Tracker {
             shared,
+            sync_fd,
             config,
             degraded,
             thread: Some(thread),
@@ -235,10 +247,25 @@ impl Tracker {
     /// queued before the cookie has been processed by then.
     pub fn sync(&self) -> Result<Token, TrackerError> {
         let n = self.shared.next_cookie.fetch_add(1, Ordering::SeqCst) + 1;
-        let cookie = self.config.sync_dir.join(format!("cookie-{n}"));
-        std::fs::File::create(&cookie)
-            .map_err(TrackerError::io("cannot write sync cookie", &cookie))?;
-        let _ = std::fs::remove_file(&cookie);
+        let name = format!("cookie-{n}");
+        // Through a descriptor: the sync dir's path may only be reachable through a
+        // runtime process's /proc/<pid>/root, which can go away.
+        let flags = OFlag::O_CREAT | OFlag::O_WRONLY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW;
+        let cookie_error = |e: nix::errno::Errno| TrackerError::Io {
+            what: "cannot write sync cookie in",
+            path: self.config.sync_dir.clone(),
+            source: e.into(),
+        };
+        drop(
+            openat(
+                &self.sync_fd,
+                name.as_str(),
+                flags,
+                Mode::from_bits_truncate(0o600),
+            )
+            .map_err(cookie_error)?,
+        );
+        let _ = unlinkat(&self.sync_fd, name.as_str(), UnlinkatFlags::NoRemoveDir);
         let deadline = Instant::now() + SYNC_TIMEOUT;
         let mut state = self.shared.sync.lock().map_err(|_| poisoned())?;
         loop {
@@ -272,6 +299,13 @@ impl Tracker {
     pub fn mark(&self, name: &str) -> Result<Token, TrackerError> {
         self.sync()?;
         Ok(self.shared.store.mark(name)?)
+    }
+
+    /// The overlay was mounted again over other lower layers (spfs does so after a
+    /// commit): classify against them from now on, after a rescan.
+    pub fn relayer(&self, lowers: Vec<PathBuf>) -> Result<(), TrackerError> {
+        *self.shared.relayer.lock().map_err(|_| poisoned())? = Some(lowers);
+        self.sync().map(|_| ())
     }
 
     pub fn status(&self) -> Result<Status, TrackerError> {
@@ -398,6 +432,9 @@ impl Watcher {
             if self.shared.stop.load(Ordering::SeqCst) {
                 break Ok(());
             }
+            if let Err(e) = self.take_relayer() {
+                break Err(e.to_string());
+            }
             match self.group.wait(Duration::from_millis(100)) {
                 Ok(false) => continue,
                 Ok(true) => {}
@@ -423,6 +460,24 @@ impl Watcher {
         }
     }
 
+    fn take_relayer(&mut self) -> Result<(), TrackerError> {
+        let lowers = match self.shared.relayer.lock() {
+            Ok(mut pending) => pending.take(),
+            Err(_) => return Err(poisoned()),
+        };
+        if let Some(lowers) = lowers {
+            self.classifier = self
+                .classifier
+                .relayered(&lowers)
+                .map_err(TrackerError::io(
+                    "cannot open the new lower layers of",
+                    self.classifier.upper(),
+                ))?;
+            self.rescan("the overlay was mounted again over other lower layers")?;
+        }
+        Ok(())
+    }
+
     /// Reads events for up to `batch_window` after the first ones arrive, so bursts are
     /// processed (and written to the db) together.
     fn fill(&self, buf: &mut [u8]) -> io::Result<usize> {
@@ -443,6 +498,8 @@ impl Watcher {
 
     fn process(&mut self, buf: &[u8]) -> Result<(), TrackerError> {
         let started = Instant::now();
+        // Before this batch's cookies are acknowledged.
+        self.take_relayer()?;
         let mut p = Pending::default();
         let mut commands: HashMap<i32, Vec<u8>> = HashMap::new();
         let now_ns = now_ns();

@@ -24,6 +24,8 @@ pub enum TrackerError {
     SyncTimeout(std::time::Duration),
     #[error("the tracker stopped: {0}")]
     Stopped(String),
+    #[error("cannot attach: {0}")]
+    Attach(String),
     #[error("control socket: {0}")]
     Protocol(String),
 }

@@ -346,8 +346,9 @@ pub(crate) mod tests {
             ParseError::Version(2)
         );
         let mut no_nul = event(2, 1, &[info(INFO_DFID_NAME, b"hh", Some(b"nam"))]);
-        let n = no_nul.len();
-        no_nul[n - 1] = b'x';
+        // Overwrite the name, its NUL and the padding.
+        let name_at = METADATA_LEN + INFO_HEADER_LEN + FSID_LEN + HANDLE_HEADER_LEN + 2;
+        no_nul[name_at..].fill(b'x');
         assert!(matches!(
             parse_event(&no_nul),
             Err(ParseError::BadInfo { .. })

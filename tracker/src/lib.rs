@@ -8,7 +8,9 @@ pub mod control;
 mod engine;
 mod error;
 pub mod fid;
+pub mod mountinfo;
 pub mod resolve;
+pub mod runtime;
 pub mod sys;
 
 pub use engine::{Config, Layout, Status, Tracker};

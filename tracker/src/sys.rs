@@ -186,6 +186,35 @@ impl HandleBuf {
     }
 }
 
+/// Forks this process, which must have a single thread; `Ok(None)` in the child.
+pub fn fork_single_threaded() -> io::Result<Option<u32>> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let threads = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .map(str::trim);
+    if threads != Some("1") {
+        return Err(io::Error::other(format!(
+            "cannot fork a process with {} threads",
+            threads.unwrap_or("an unknown number of")
+        )));
+    }
+    // SAFETY: the process has exactly one thread (checked above), so the child cannot
+    // inherit a lock or allocator state held by another thread.
+    match unsafe { nix::unistd::fork() }? {
+        nix::unistd::ForkResult::Parent { child } => Ok(Some(child.as_raw() as u32)),
+        nix::unistd::ForkResult::Child => Ok(None),
+    }
+}
+
+/// Moves this (single-threaded) process into PID 1's mount namespace and `/`, so it
+/// neither counts as a process of a runtime's namespace nor pins its mounts.
+pub fn leave_for_init_mount_ns() -> io::Result<()> {
+    let ns = std::fs::File::open("/proc/1/ns/mnt")?;
+    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNS)?;
+    std::env::set_current_dir("/")
+}
+
 /// The command line of a process, NULs turned into spaces, or empty when it is gone.
 pub fn command_of(pid: u32) -> Vec<u8> {
     let mut cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();

@@ -1,0 +1,208 @@
+//! `spfs-changes track`: a background tracker attached to an existing runtime.
+
+use crate::target::{RUNTIMES_DIR, SOCKET_NAME};
+use anyhow::{Context, bail};
+use clap::Args;
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use tracker::control::{Client, Request, Response, Server};
+use tracker::runtime::{Liveness, Runtime};
+use tracker::{Config, Tracker, sys};
+
+#[derive(Args)]
+pub struct TrackArgs {
+    /// The overlay's mount point (in the namespace of --pid, else in this one).
+    #[arg(long)]
+    mount: Option<PathBuf>,
+    /// Any process of the runtime: its mount namespace is tracked from outside.
+    #[arg(long)]
+    pid: Option<u32>,
+    /// Stay in the foreground (for service managers) instead of detaching.
+    #[arg(long)]
+    foreground: bool,
+    /// Where to keep the changelog [default: /var/lib/spfs-changes/runtimes/<runtime>].
+    #[arg(long)]
+    state: Option<PathBuf>,
+}
+
+/// How often the tracker checks that its runtime still exists.
+const LIFETIME_CHECK: Duration = Duration::from_millis(250);
+
+pub fn track(args: TrackArgs) -> anyhow::Result<ExitCode> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("`track` needs root: fanotify filesystem marks need CAP_SYS_ADMIN");
+    }
+    let mount = args.mount.clone().unwrap_or_else(|| PathBuf::from("/spfs"));
+    let runtime = match args.pid {
+        Some(pid) => Runtime::by_pid(pid, &mount)?,
+        None => Runtime::by_mount(&mount)?,
+    };
+    let state = args
+        .state
+        .clone()
+        .unwrap_or_else(|| Path::new(RUNTIMES_DIR).join(&runtime.key));
+    std::fs::create_dir_all(&state).with_context(|| format!("state dir {}", state.display()))?;
+    let socket = state.join(SOCKET_NAME);
+    if let Some(pid) = running_tracker(&socket) {
+        println!(
+            "already tracked: {} is watched by tracker pid {pid} (socket {})",
+            mount.display(),
+            socket.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let sync_dir = runtime.sync_dir()?;
+    if args.foreground {
+        if runtime.contains_self() {
+            sys::leave_for_init_mount_ns().context("cannot leave the runtime's mount namespace")?;
+        }
+        serve(runtime, state, sync_dir, None)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let (read_end, write_end) = nix::unistd::pipe()?;
+    match sys::fork_single_threaded()? {
+        Some(child) => {
+            drop(write_end);
+            let mut report = String::new();
+            std::fs::File::from(read_end).read_to_string(&mut report)?;
+            match report.strip_prefix("ok ") {
+                Some(rest) => {
+                    println!(
+                        "tracking {} (tracker pid {child}, {})",
+                        mount.display(),
+                        rest.trim()
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                None if report.is_empty() => bail!(
+                    "the tracker exited while starting; see {}",
+                    state.join("tracker.log").display()
+                ),
+                None => bail!("{}", report.trim_start_matches("error: ").trim()),
+            }
+        }
+        None => {
+            drop(read_end);
+            // Errors before the tracker is up went to the parent through the pipe;
+            // later ones are logged by `serve`.
+            let code = i32::from(daemon(runtime, state, sync_dir, write_end).is_err());
+            std::process::exit(code);
+        }
+    }
+}
+
+/// The detached child: its own session, out of the runtime's namespace, stdio away
+/// from the terminal (logs go to the state dir).
+fn daemon(
+    runtime: Runtime,
+    state: PathBuf,
+    sync_dir: PathBuf,
+    ready: OwnedFd,
+) -> anyhow::Result<()> {
+    let mut ready = std::fs::File::from(ready);
+    let result = (|| -> anyhow::Result<()> {
+        nix::unistd::setsid()?;
+        if runtime.contains_self() {
+            sys::leave_for_init_mount_ns().context("cannot leave the runtime's mount namespace")?;
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(state.join("tracker.log"))?;
+        let null = std::fs::File::open("/dev/null")?;
+        nix::unistd::dup2_stdin(&null)?;
+        nix::unistd::dup2_stdout(&std::fs::File::open("/dev/null")?)?;
+        nix::unistd::dup2_stderr(&log)?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = writeln!(ready, "error: {}", crate::one_line(&e));
+        return Err(e);
+    }
+    serve(runtime, state, sync_dir, Some(ready))
+}
+
+/// Runs the tracker and its socket until the runtime ends or a client says stop.
+fn serve(
+    mut runtime: Runtime,
+    state: PathBuf,
+    sync_dir: PathBuf,
+    mut ready: Option<std::fs::File>,
+) -> anyhow::Result<()> {
+    let started = (|| -> anyhow::Result<_> {
+        let config = Config::new(runtime.layout(), state.clone(), sync_dir);
+        let tracker = Arc::new(Tracker::start(config)?);
+        let socket = state.join(SOCKET_NAME);
+        let server = Server::start(tracker.clone(), &socket, runtime.owner_uid)?;
+        std::fs::write(
+            state.join("tracker.pid"),
+            format!("{}\n", std::process::id()),
+        )?;
+        Ok((tracker, server, socket))
+    })();
+    let (tracker, server, socket) = match started {
+        Ok(s) => s,
+        Err(e) => {
+            if let Some(ready) = &mut ready {
+                let _ = writeln!(ready, "error: {}", crate::one_line(&e));
+            }
+            return Err(e);
+        }
+    };
+    if let Some(mut ready) = ready.take() {
+        let _ = writeln!(ready, "ok socket {}", socket.display());
+    } else {
+        eprintln!(
+            "tracking {} (socket {})",
+            runtime.mount_point.display(),
+            socket.display()
+        );
+    }
+    let result = supervise(&mut runtime, &tracker, &server);
+    if let Err(e) = &result {
+        tracing::error!(error = %crate::one_line(e), "tracker ended");
+    }
+    drop(server);
+    let _ = std::fs::remove_file(state.join("tracker.pid"));
+    match Arc::try_unwrap(tracker) {
+        Ok(t) => t.stop()?,
+        Err(_) => bail!("the control socket still holds the tracker"),
+    }
+    result
+}
+
+/// Waits for a stop request or the end of the runtime, following remounts.
+fn supervise(runtime: &mut Runtime, tracker: &Tracker, server: &Server) -> anyhow::Result<()> {
+    loop {
+        if server.stop_requested(LIFETIME_CHECK) {
+            tracing::info!("stop requested");
+            break;
+        }
+        match runtime.check() {
+            Liveness::Alive => {}
+            Liveness::Gone => {
+                tracing::info!("the runtime is gone");
+                break;
+            }
+            Liveness::Relayered(lowers) => tracker.relayer(lowers)?,
+        }
+    }
+    Ok(())
+}
+
+/// The pid of a tracker answering on `socket`, if one does.
+fn running_tracker(socket: &Path) -> Option<String> {
+    let mut client = Client::connect(socket).ok()?;
+    match client.call(&Request::Status).ok()? {
+        Response::Status(_) => {}
+        _ => return None,
+    }
+    let pid = std::fs::read_to_string(socket.with_file_name("tracker.pid")).unwrap_or_default();
+    Some(pid.trim().to_string())
+        .filter(|p| !p.is_empty())
+        .or(Some("?".into()))
+}

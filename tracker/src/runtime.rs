@@ -1,0 +1,302 @@
+//! Finds a runtime to attach to, and watches whether it is still alive.
+//!
+//! A runtime is an overlay mount, usually in a private mount namespace of its own
+//! (spfs makes one per runtime). The tracker never joins that namespace: a process in
+//! it would be counted by spfs-monitor and keep the runtime alive. It reaches the
+//! runtime's files through `/proc/<pid>/root` of a process that is in it (the
+//! "witness"), and only at start: afterwards it works from descriptors.
+
+use crate::mountinfo::{self, MountEntry, OverlayLayers};
+use crate::{Layout, TrackerError};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+/// Name of the tracker's sync dir, next to the upper dir on the runtime's filesystem.
+pub const SYNC_DIR_NAME: &str = ".spfs-changes-sync";
+
+/// How a runtime is reached from the tracker's own mount namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Reach {
+    /// The overlay is mounted in the tracker's own namespace.
+    Here,
+    /// The overlay lives in another mount namespace (identified by its inode); its
+    /// files are reached through `/proc/<witness>/root`.
+    Namespace { ns: u64, witness: u32 },
+}
+
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    reach: Reach,
+    /// Where the overlay is mounted, in the runtime's namespace.
+    pub mount_point: PathBuf,
+    /// Layers as the runtime's namespace names them.
+    pub layers: OverlayLayers,
+    /// Mount id of the overlay last seen (changes at every remount).
+    pub mount_id: u64,
+    /// `st_dev` of the filesystem holding the upper dir.
+    upper_dev: (u32, u32),
+    /// Who may use the control socket besides root.
+    pub owner_uid: u32,
+    /// A stable name for the runtime's state dir.
+    pub key: String,
+}
+
+/// What `Runtime::check` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Liveness {
+    Alive,
+    /// A new overlay was mounted with other lower layers (paths as reachable here).
+    Relayered(Vec<PathBuf>),
+    /// No process is left in the runtime's namespace, or its upper filesystem is gone.
+    Gone,
+}
+
+impl Runtime {
+    /// The runtime of process `pid`, with its overlay at `mount_point` (in that
+    /// process's namespace).
+    pub fn by_pid(pid: u32, mount_point: &Path) -> Result<Runtime, TrackerError> {
+        let ns =
+            mount_ns_of(pid).map_err(|e| TrackerError::Attach(format!("no process {pid}: {e}")))?;
+        let reach = if Some(ns) == own_mount_ns() {
+            Reach::Here
+        } else {
+            Reach::Namespace { ns, witness: pid }
+        };
+        Self::attach(reach, mount_point, Some(pid))
+    }
+
+    /// The overlay mounted at `mount_point` in the caller's namespace. When the caller
+    /// is itself inside a private namespace (a runtime), that namespace is tracked
+    /// from outside, with the caller's parent as first witness.
+    pub fn by_mount(mount_point: &Path) -> Result<Runtime, TrackerError> {
+        let own = own_mount_ns().ok_or_else(|| {
+            TrackerError::Attach("cannot read this process's mount namespace".into())
+        })?;
+        let init = mount_ns_of(1).ok();
+        let reach = if init.is_none() || init == Some(own) {
+            Reach::Here
+        } else {
+            Reach::Namespace {
+                ns: own,
+                witness: std::os::unix::process::parent_id(),
+            }
+        };
+        let env_pid = match reach {
+            Reach::Here => None,
+            Reach::Namespace { witness, .. } => Some(witness),
+        };
+        Self::attach(reach, mount_point, env_pid)
+    }
+
+    fn attach(
+        reach: Reach,
+        mount_point: &Path,
+        env_pid: Option<u32>,
+    ) -> Result<Runtime, TrackerError> {
+        let entries = read_mountinfo(&reach)?;
+        let entry = mountinfo::find_mount(&entries, mount_point).ok_or_else(|| {
+            TrackerError::Attach(format!("nothing is mounted at {}", mount_point.display()))
+        })?;
+        let layers = layers_of(entry, mount_point)?;
+        let mut runtime = Runtime {
+            reach,
+            mount_point: mount_point.to_path_buf(),
+            layers,
+            mount_id: entry.id,
+            upper_dev: (0, 0),
+            owner_uid: 0,
+            key: String::new(),
+        };
+        let upper = runtime.reachable(&runtime.layers.upper);
+        let meta = std::fs::metadata(&upper).map_err(TrackerError::io("upper dir", &upper))?;
+        runtime.upper_dev = (libc::major(meta.dev()), libc::minor(meta.dev()));
+        runtime.owner_uid = match env_pid {
+            Some(pid) => std::fs::metadata(format!("/proc/{pid}"))
+                .map(|m| m.uid())
+                .unwrap_or(0),
+            None => meta.uid(),
+        };
+        runtime.key = match (env_pid.and_then(spfs_runtime_name), &runtime.reach) {
+            (Some(name), _) => format!("spfs-{}", sanitize(&name)),
+            (None, Reach::Namespace { ns, .. }) => format!("mntns-{ns}"),
+            (None, Reach::Here) => format!("mount-{}", sanitize(&mount_point.to_string_lossy())),
+        };
+        Ok(runtime)
+    }
+
+    /// True when this process is inside the runtime's private mount namespace, which
+    /// a long-lived tracker must leave.
+    pub fn contains_self(&self) -> bool {
+        match self.reach {
+            Reach::Namespace { ns, .. } => own_mount_ns() == Some(ns),
+            Reach::Here => false,
+        }
+    }
+
+    /// A path of the runtime's namespace as this process can reach it.
+    pub fn reachable(&self, p: &Path) -> PathBuf {
+        match &self.reach {
+            Reach::Here => p.to_path_buf(),
+            Reach::Namespace { witness, .. } => {
+                let rel = p.strip_prefix("/").unwrap_or(p);
+                PathBuf::from(format!("/proc/{witness}/root")).join(rel)
+            }
+        }
+    }
+
+    /// The layout to give the tracker, reachable from this process.
+    pub fn layout(&self) -> Layout {
+        Layout {
+            mount: self.mount_point.clone(),
+            upper: self.reachable(&self.layers.upper),
+            work: self.reachable(&self.layers.work),
+            lowers: self
+                .layers
+                .lowers
+                .iter()
+                .map(|l| self.reachable(l))
+                .collect(),
+        }
+    }
+
+    /// The tracker's cookie dir: next to the upper dir, on its filesystem, outside
+    /// upper and work. Created if missing.
+    pub fn sync_dir(&self) -> Result<PathBuf, TrackerError> {
+        let parent = self.layers.upper.parent().ok_or_else(|| {
+            TrackerError::Attach(
+                "the upper dir is a filesystem root: no room for a sync dir beside it".into(),
+            )
+        })?;
+        let dir = self.reachable(&parent.join(SYNC_DIR_NAME));
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(TrackerError::io("cannot create sync dir", &dir)(e)),
+        }
+        Ok(dir)
+    }
+
+    /// Whether the runtime still exists, and whether its overlay was remounted with
+    /// other lower layers.
+    pub fn check(&mut self) -> Liveness {
+        if let Reach::Namespace { ns, witness } = &mut self.reach
+            && mount_ns_of(*witness).ok() != Some(*ns)
+        {
+            match find_process_in(*ns) {
+                Some(pid) => *witness = pid,
+                None => return Liveness::Gone,
+            }
+        }
+        let Ok(entries) = read_mountinfo(&self.reach) else {
+            // The witness left between the two reads; look again next time.
+            return Liveness::Alive;
+        };
+        if !entries.iter().any(|e| e.dev == self.upper_dev) {
+            return Liveness::Gone;
+        }
+        let Some(entry) = mountinfo::find_mount(&entries, &self.mount_point) else {
+            return Liveness::Alive;
+        };
+        if entry.id == self.mount_id {
+            return Liveness::Alive;
+        }
+        self.mount_id = entry.id;
+        match entry.overlay_layers() {
+            Some(layers)
+                if layers.upper == self.layers.upper && layers.lowers != self.layers.lowers =>
+            {
+                self.layers = layers;
+                Liveness::Relayered(
+                    self.layers
+                        .lowers
+                        .iter()
+                        .map(|l| self.reachable(l))
+                        .collect(),
+                )
+            }
+            _ => Liveness::Alive,
+        }
+    }
+}
+
+fn layers_of(entry: &MountEntry, mount_point: &Path) -> Result<OverlayLayers, TrackerError> {
+    if entry.fs_type != "overlay" {
+        return Err(TrackerError::Attach(format!(
+            "{} is a {} mount, not an overlay",
+            mount_point.display(),
+            entry.fs_type
+        )));
+    }
+    entry.overlay_layers().ok_or_else(|| {
+        TrackerError::Attach(format!(
+            "the overlay at {} has no upper dir (mounted read-only): nothing can change",
+            mount_point.display()
+        ))
+    })
+}
+
+fn read_mountinfo(reach: &Reach) -> Result<Vec<MountEntry>, TrackerError> {
+    let path = match reach {
+        Reach::Here => PathBuf::from("/proc/thread-self/mountinfo"),
+        Reach::Namespace { witness, .. } => PathBuf::from(format!("/proc/{witness}/mountinfo")),
+    };
+    let text = std::fs::read(&path).map_err(TrackerError::io("cannot read", &path))?;
+    Ok(mountinfo::parse(&text))
+}
+
+/// The inode of a process's mount namespace.
+fn mount_ns_of(pid: u32) -> std::io::Result<u64> {
+    Ok(std::fs::metadata(format!("/proc/{pid}/ns/mnt"))?.ino())
+}
+
+fn own_mount_ns() -> Option<u64> {
+    std::fs::metadata("/proc/thread-self/ns/mnt")
+        .ok()
+        .map(|m| m.ino())
+}
+
+/// Any process whose mount namespace is `ns`.
+fn find_process_in(ns: u64) -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|&pid| mount_ns_of(pid).ok() == Some(ns))
+}
+
+/// spfs exports the runtime's name to every process in it.
+fn spfs_runtime_name(pid: u32) -> Option<String> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    environ
+        .split(|&b| b == 0)
+        .find_map(|kv| kv.strip_prefix(b"SPFS_RUNTIME="))
+        .filter(|v| !v.is_empty())
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+/// A name usable as one path component.
+fn sanitize(s: &str) -> String {
+    let cleaned: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    cleaned.trim_matches('_').chars().take(100).collect()
+}
+
+/// The key a process inside a runtime computes for the runtime it is in, so a client
+/// can find the tracker's state dir without being told.
+pub fn key_of_current() -> Option<String> {
+    if let Ok(name) = std::env::var("SPFS_RUNTIME")
+        && !name.is_empty()
+    {
+        return Some(format!("spfs-{}", sanitize(&name)));
+    }
+    let own = own_mount_ns()?;
+    (mount_ns_of(1).ok() != Some(own)).then(|| format!("mntns-{own}"))
+}
