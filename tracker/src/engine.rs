@@ -754,7 +754,12 @@ impl Watcher {
                 .counters
                 .overflows
                 .fetch_add(1, Ordering::Relaxed);
+            // A sync cookie created while the queue was full was dropped with the
+            // other events, so its waiter would time out. Every cookie issued before
+            // the rescan starts follows only changes the rescan sees: it answers them.
+            let issued = self.shared.next_cookie.load(Ordering::SeqCst);
             self.rescan("fanotify queue overflow: events were lost")?;
+            p.cookie = p.cookie.max(issued);
         }
         if p.cookie > 0 {
             if let Ok(mut s) = self.shared.sync.lock() {
