@@ -3,6 +3,7 @@
 //! `tracker` and `store` crates and prints.
 
 mod output;
+mod reset;
 mod run;
 mod target;
 mod track;
@@ -32,6 +33,8 @@ enum Command {
     Changes(ChangesArgs),
     /// Name the current position in the changelog (e.g. `build-start`).
     Mark(MarkArgs),
+    /// Put paths back to what the lower layers hold (safely: see README).
+    Reset(reset::ResetArgs),
     /// Show the tracker's state and counters.
     Status(StatusArgs),
     /// Ask a running tracker to stop.
@@ -100,6 +103,7 @@ fn main() -> ExitCode {
         Command::Track(args) => track::track(args),
         Command::Changes(args) => changes(args),
         Command::Mark(args) => mark(args),
+        Command::Reset(args) => reset::reset(args),
         Command::Status(args) => status(args),
         Command::Stop(target) => stop(target),
     };

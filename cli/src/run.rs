@@ -15,7 +15,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use tracker::control::Server;
+use tracker::control::{RuntimeInfo, Server};
 use tracker::{Config, Layout, Tracker};
 
 #[derive(Args)]
@@ -125,7 +125,17 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         sync_dir,
     ))?);
     let socket = state.join(SOCKET_NAME);
-    let server = Server::start(tracker.clone(), &socket, nix::unistd::getuid().as_raw())?;
+    let here = RuntimeInfo {
+        mount_point: args.mount.clone(),
+        pid: std::process::id(),
+        mount_ns: tracker::runtime::own_mount_ns().unwrap_or(0),
+    };
+    let server = Server::start(
+        tracker.clone(),
+        &socket,
+        nix::unistd::getuid().as_raw(),
+        here,
+    )?;
 
     let (program, rest) = args.command.split_first().context("no command given")?;
     let status = std::process::Command::new(program)

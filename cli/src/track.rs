@@ -58,7 +58,7 @@ pub fn track(args: TrackArgs) -> anyhow::Result<ExitCode> {
     let sync_dir = runtime.sync_dir()?;
     if args.foreground {
         if runtime.contains_self() {
-            sys::leave_for_init_mount_ns().context("cannot leave the runtime's mount namespace")?;
+            leave_runtime_ns()?;
         }
         serve(runtime, state, sync_dir, None)?;
         return Ok(ExitCode::SUCCESS);
@@ -107,7 +107,7 @@ fn daemon(
     let result = (|| -> anyhow::Result<()> {
         nix::unistd::setsid()?;
         if runtime.contains_self() {
-            sys::leave_for_init_mount_ns().context("cannot leave the runtime's mount namespace")?;
+            leave_runtime_ns()?;
         }
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -137,7 +137,7 @@ fn serve(
         let config = Config::new(runtime.layout(), state.clone(), sync_dir);
         let tracker = Arc::new(Tracker::start(config)?);
         let socket = state.join(SOCKET_NAME);
-        let server = Server::start(tracker.clone(), &socket, runtime.owner_uid)?;
+        let server = Server::start(tracker.clone(), &socket, runtime.owner_uid, runtime.info())?;
         std::fs::write(
             state.join("tracker.pid"),
             format!("{}\n", std::process::id()),
@@ -183,7 +183,7 @@ fn supervise(runtime: &mut Runtime, tracker: &Tracker, server: &Server) -> anyho
             break;
         }
         match runtime.check() {
-            Liveness::Alive => {}
+            Liveness::Alive => server.set_runtime(runtime.info()),
             Liveness::Gone => {
                 tracing::info!("the runtime is gone");
                 break;
@@ -205,4 +205,15 @@ fn running_tracker(socket: &Path) -> Option<String> {
     Some(pid.trim().to_string())
         .filter(|p| !p.is_empty())
         .or(Some("?".into()))
+}
+
+/// Moves this (single-threaded) process out of the runtime's mount namespace, into
+/// PID 1's or, when that cannot be read, the nearest outside ancestor's, and to `/`.
+fn leave_runtime_ns() -> anyhow::Result<()> {
+    let (pid, _) = tracker::runtime::outside_process()
+        .context("cannot leave the runtime's mount namespace: no process outside it found")?;
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/mnt"))
+        .and_then(|ns| Ok(nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNS)?))
+        .and_then(|()| std::env::set_current_dir("/"));
+    ns.with_context(|| format!("cannot leave the runtime's mount namespace for pid {pid}'s"))
 }

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use store::{ChangeSet, LogRecord, Query, Token};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -23,6 +23,17 @@ pub const MAX_RESPONSE: usize = 1 << 30;
 /// Bumped whenever Request or Response change shape.
 const PROTOCOL_VERSION: u8 = 1;
 
+/// Where a tracked runtime is, for clients that must act in its mount namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuntimeInfo {
+    /// The overlay's mount point, in the runtime's namespace.
+    pub mount_point: PathBuf,
+    /// A process in the runtime's mount namespace.
+    pub pid: u32,
+    /// Inode of that mount namespace.
+    pub mount_ns: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
     Changes(Query),
@@ -31,6 +42,12 @@ pub enum Request {
     Sync,
     Status,
     Stop,
+    Runtime,
+    /// The changes `reset` would put back for these patterns.
+    ResetPlan(Vec<String>),
+    /// The sender (pid) starts editing the upper dir: log its changes as a reset.
+    ResetBegin(u32),
+    ResetEnd(u32),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,6 +56,9 @@ pub enum Response {
     History(Vec<LogRecord>),
     Token(Token),
     Status(Box<Status>),
+    Runtime(RuntimeInfo),
+    ResetPlan(Vec<store::Change>),
+    Done,
     Stopping,
     Error(String),
 }
@@ -75,6 +95,7 @@ pub struct Server {
     thread: Option<std::thread::JoinHandle<()>>,
     stop_requests: std::sync::mpsc::Receiver<()>,
     path: PathBuf,
+    runtime: Arc<Mutex<RuntimeInfo>>,
 }
 
 impl Server {
@@ -83,7 +104,10 @@ impl Server {
         tracker: Arc<Tracker>,
         path: &Path,
         owner_uid: u32,
+        runtime: RuntimeInfo,
     ) -> Result<Server, TrackerError> {
+        let runtime_info = Arc::new(Mutex::new(runtime));
+        let served_runtime = runtime_info.clone();
         let _ = std::fs::remove_file(path);
         let std_listener = std::os::unix::net::UnixListener::bind(path)
             .map_err(TrackerError::io("cannot listen on", path))?;
@@ -95,7 +119,7 @@ impl Server {
             .map_err(TrackerError::io("cannot listen on", path))?;
         let (shutdown_tx, shutdown_rx) = oneshot::channel();
         let (stop_tx, stop_rx) = std::sync::mpsc::channel();
-        let runtime = tokio::runtime::Builder::new_current_thread()
+        let executor = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(TrackerError::io(
@@ -105,7 +129,7 @@ impl Server {
         let thread = std::thread::Builder::new()
             .name("spfs-changes-control".into())
             .spawn(move || {
-                runtime.block_on(async move {
+                executor.block_on(async move {
                     let listener = match tokio::net::UnixListener::from_std(std_listener) {
                         Ok(l) => l,
                         Err(e) => {
@@ -121,7 +145,7 @@ impl Server {
                             Some(()) = stop_async_rx.recv() => { let _ = stop_tx.send(()); }
                             accepted = listener.accept() => match accepted {
                                 Ok((stream, _)) => {
-                                    tokio::spawn(serve_client(stream, tracker.clone(), owner_uid, stop_async_tx.clone()));
+                                    tokio::spawn(serve_client(stream, tracker.clone(), served_runtime.clone(), owner_uid, stop_async_tx.clone()));
                                 }
                                 Err(e) => tracing::warn!(error = %e, "accept on control socket"),
                             }
@@ -135,7 +159,15 @@ impl Server {
             thread: Some(thread),
             stop_requests: stop_rx,
             path: path.to_path_buf(),
+            runtime: runtime_info,
         })
+    }
+
+    /// The runtime moved on (another witness process): tell clients from now on.
+    pub fn set_runtime(&self, info: RuntimeInfo) {
+        if let Ok(mut r) = self.runtime.lock() {
+            *r = info;
+        }
     }
 
     /// Waits up to `timeout` for a client's `Stop`; true when one came.
@@ -163,6 +195,7 @@ impl Drop for Server {
 async fn serve_client(
     mut stream: tokio::net::UnixStream,
     tracker: Arc<Tracker>,
+    runtime: Arc<Mutex<RuntimeInfo>>,
     owner_uid: u32,
     stop: mpsc::UnboundedSender<()>,
 ) {
@@ -200,6 +233,10 @@ async fn serve_client(
                 let _ = stop.send(());
                 Response::Stopping
             }
+            Ok(Request::Runtime) => match runtime.lock() {
+                Ok(info) => Response::Runtime(info.clone()),
+                Err(_) => Response::Error("runtime information is unavailable".into()),
+            },
             Ok(req) => {
                 let tracker = tracker.clone();
                 tokio::task::spawn_blocking(move || answer(&tracker, req))
@@ -223,7 +260,20 @@ fn answer(tracker: &Tracker, req: Request) -> Response {
         Request::Mark(name) => tracker.mark(&name).map(Response::Token),
         Request::Sync => tracker.sync().map(Response::Token),
         Request::Status => tracker.status().map(|s| Response::Status(Box::new(s))),
-        Request::Stop => Ok(Response::Stopping),
+        Request::ResetPlan(patterns) => {
+            let mount = tracker.config().layout.mount.clone();
+            crate::reset::Patterns::new(&patterns, &mount)
+                .and_then(|p| {
+                    tracker
+                        .sync()
+                        .and_then(|_| crate::reset::plan(tracker.store(), &p))
+                })
+                .map(Response::ResetPlan)
+        }
+        Request::ResetBegin(pid) => tracker.begin_reset(pid).map(|_| Response::Done),
+        Request::ResetEnd(pid) => tracker.end_reset(pid).map(Response::Token),
+        // Answered without the tracker.
+        Request::Stop | Request::Runtime => Ok(Response::Done),
     };
     result.unwrap_or_else(|e| Response::Error(e.to_string()))
 }

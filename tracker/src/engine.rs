@@ -108,6 +108,8 @@ struct Shared {
     next_cookie: AtomicU64,
     sync: Mutex<SyncState>,
     synced: Condvar,
+    /// Processes putting paths back (`reset`): what they do is logged as a reset.
+    resetting: Mutex<HashSet<u32>>,
     /// New lower layers to classify against, set by `relayer`.
     relayer: Mutex<Option<Vec<PathBuf>>>,
     counters: Counters,
@@ -185,6 +187,7 @@ impl Tracker {
             sync: Mutex::new(SyncState::default()),
             synced: Condvar::new(),
             relayer: Mutex::new(None),
+            resetting: Mutex::new(HashSet::new()),
             counters: Counters::default(),
         });
         for (key, value) in [
@@ -299,6 +302,27 @@ impl Tracker {
     pub fn mark(&self, name: &str) -> Result<Token, TrackerError> {
         self.sync()?;
         Ok(self.shared.store.mark(name)?)
+    }
+
+    /// Marks the changes process `pid` makes from now on as a reset.
+    pub fn begin_reset(&self, pid: u32) -> Result<(), TrackerError> {
+        self.shared
+            .resetting
+            .lock()
+            .map_err(|_| poisoned())?
+            .insert(pid);
+        Ok(())
+    }
+
+    /// Ends `begin_reset`, after every change the reset made is recorded.
+    pub fn end_reset(&self, pid: u32) -> Result<Token, TrackerError> {
+        let synced = self.sync();
+        self.shared
+            .resetting
+            .lock()
+            .map_err(|_| poisoned())?
+            .remove(&pid);
+        synced
     }
 
     /// The overlay was mounted again over other lower layers (spfs does so after a
@@ -721,7 +745,19 @@ impl Watcher {
                 time_ns,
             });
         }
+        let resetting = self
+            .shared
+            .resetting
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default();
         for o in &mut p.observations {
+            if o.origin
+                .as_ref()
+                .is_some_and(|origin| resetting.contains(&origin.pid))
+            {
+                o.action = Action::Reset;
+            }
             // Overlayfs deletes a lower entry by linking or moving a (shared) whiteout
             // into place: what the events call a creation is a deletion.
             if matches!(o.action, Action::Created | Action::RenamedTo)

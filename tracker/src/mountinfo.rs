@@ -13,6 +13,8 @@ pub struct MountEntry {
     pub dev: (u32, u32),
     pub root: PathBuf,
     pub mount_point: PathBuf,
+    /// Per-mount options (`ro`, `nosuid`, `relatime`, ...).
+    pub mount_options: Vec<String>,
     pub fs_type: String,
     pub source: String,
     pub super_options: Vec<(String, Option<Vec<u8>>)>,
@@ -47,6 +49,10 @@ fn parse_line(line: &[u8]) -> Option<MountEntry> {
         dev: (major.parse().ok()?, minor.parse().ok()?),
         root: path(&unescape(fields[3])),
         mount_point: path(&unescape(fields[4])),
+        mount_options: String::from_utf8_lossy(fields[5])
+            .split(',')
+            .map(str::to_string)
+            .collect(),
         fs_type: String::from_utf8_lossy(&unescape(fields[sep + 1])).into_owned(),
         source: String::from_utf8_lossy(&unescape(fields[sep + 2])).into_owned(),
         super_options: fields[sep + 3]

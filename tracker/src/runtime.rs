@@ -72,7 +72,7 @@ impl Runtime {
         let own = own_mount_ns().ok_or_else(|| {
             TrackerError::Attach("cannot read this process's mount namespace".into())
         })?;
-        let init = mount_ns_of(1).ok();
+        let init = outside_process().map(|(_, ns)| ns);
         let reach = if init.is_none() || init == Some(own) {
             Reach::Here
         } else {
@@ -130,6 +130,19 @@ impl Runtime {
         match self.reach {
             Reach::Namespace { ns, .. } => own_mount_ns() == Some(ns),
             Reach::Here => false,
+        }
+    }
+
+    /// What the control socket tells clients about this runtime.
+    pub fn info(&self) -> crate::control::RuntimeInfo {
+        let (pid, mount_ns) = match self.reach {
+            Reach::Namespace { ns, witness } => (witness, ns),
+            Reach::Here => (std::process::id(), own_mount_ns().unwrap_or(0)),
+        };
+        crate::control::RuntimeInfo {
+            mount_point: self.mount_point.clone(),
+            pid,
+            mount_ns,
         }
     }
 
@@ -249,7 +262,31 @@ fn mount_ns_of(pid: u32) -> std::io::Result<u64> {
     Ok(std::fs::metadata(format!("/proc/{pid}/ns/mnt"))?.ino())
 }
 
-fn own_mount_ns() -> Option<u64> {
+/// A process to take the mount namespace of when leaving a runtime's, with that
+/// namespace's inode: PID 1 when its namespace can be read, else (some sandboxes and
+/// containers deny it even to root) the nearest ancestor in another mount namespace.
+pub fn outside_process() -> Option<(u32, u64)> {
+    if let Ok(ns) = mount_ns_of(1) {
+        return Some((1, ns));
+    }
+    let own = own_mount_ns()?;
+    let mut pid = std::os::unix::process::parent_id();
+    while pid > 1 {
+        match mount_ns_of(pid) {
+            Ok(ns) if ns != own => return Some((pid, ns)),
+            _ => pid = parent_of(pid)?,
+        }
+    }
+    None
+}
+
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+pub fn own_mount_ns() -> Option<u64> {
     std::fs::metadata("/proc/thread-self/ns/mnt")
         .ok()
         .map(|m| m.ino())

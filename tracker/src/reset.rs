@@ -1,0 +1,469 @@
+//! Puts selected paths of a runtime back to what its lower layers hold.
+//!
+//! The kernel documents changes to the layers of a mounted overlay as undefined
+//! behaviour, so the upper dir is only edited once no overlay superblock can be using
+//! it: the overlay is unmounted *without* `MNT_DETACH` (the kernel refuses while any
+//! process holds it, and the refusal names nobody, so we find the holders ourselves),
+//! every mount namespace is checked for another mount of that superblock or another
+//! overlay on the same upper dir, and open files on detached overlays are looked for.
+//! Only then are the targets removed from the upper dir, through `openat2` with
+//! `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS` so that nothing planted in the upper dir can
+//! lead outside it; then the overlay is mounted again with the same options.
+//!
+//! Targets come from the changelog (net entries matching spfs's gitignore-style
+//! patterns), so finding them never walks the upper dir.
+
+use crate::TrackerError;
+use crate::mountinfo::{self, MountEntry};
+use ignore::gitignore::{Gitignore, GitignoreBuilder};
+use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
+use nix::mount::{MntFlags, MsFlags};
+use nix::unistd::UnlinkatFlags;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeSet, HashSet};
+use std::ffi::OsStr;
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use store::{Change, FileType, Query, Store};
+
+/// spfs's reset patterns (gitignore lines: `file.*`, `dir1/`, `/file`, `*`), matched
+/// against changed paths and their parent dirs.
+pub struct Patterns {
+    matcher: Gitignore,
+    /// Literal leading dirs shared by every pattern, when all are anchored: the
+    /// changelog is then read only below them.
+    prefixes: Vec<Vec<u8>>,
+}
+
+impl Patterns {
+    /// `mount` is stripped from patterns that start with it (`/spfs/x` is `/x`).
+    pub fn new(patterns: &[String], mount: &Path) -> Result<Patterns, TrackerError> {
+        let mut builder = GitignoreBuilder::new("/");
+        let mut prefixes = Vec::new();
+        let mut all_anchored = !patterns.is_empty();
+        let mount = mount.to_string_lossy();
+        for raw in patterns {
+            let pattern = match raw.strip_prefix(mount.as_ref()) {
+                Some(rest) if rest.is_empty() || rest.starts_with('/') => {
+                    if rest.is_empty() {
+                        "/*"
+                    } else {
+                        rest
+                    }
+                }
+                _ => raw.as_str(),
+            };
+            if pattern.trim().is_empty() {
+                return Err(TrackerError::Reset(format!("empty reset pattern {raw:?}")));
+            }
+            builder
+                .add_line(None, pattern)
+                .map_err(|e| TrackerError::Reset(format!("bad reset pattern {raw:?}: {e}")))?;
+            match literal_prefix(pattern) {
+                Some(p) => prefixes.push(p),
+                None => all_anchored = false,
+            }
+        }
+        let matcher = builder
+            .build()
+            .map_err(|e| TrackerError::Reset(format!("bad reset patterns: {e}")))?;
+        Ok(Patterns {
+            matcher,
+            prefixes: if all_anchored { prefixes } else { Vec::new() },
+        })
+    }
+
+    /// Whether `rel`, or a dir above it, matches.
+    pub fn matches(&self, rel: &[u8], is_dir: bool) -> bool {
+        let mut abs = Vec::with_capacity(rel.len() + 1);
+        abs.push(b'/');
+        abs.extend_from_slice(rel);
+        self.matcher
+            .matched_path_or_any_parents(Path::new(OsStr::from_bytes(&abs)), is_dir)
+            .is_ignore()
+    }
+}
+
+/// The leading components of an anchored pattern that contain no glob syntax.
+fn literal_prefix(pattern: &str) -> Option<Vec<u8>> {
+    let anchored = pattern.starts_with('/') || pattern.trim_end_matches('/').contains('/');
+    if !anchored || pattern.starts_with('!') {
+        return None;
+    }
+    let mut literal = Vec::new();
+    for c in pattern.trim_matches('/').split('/') {
+        if c.is_empty() || c.contains(['*', '?', '[', '\\']) {
+            break;
+        }
+        literal.push(c);
+    }
+    (!literal.is_empty()).then(|| literal.join("/").into_bytes())
+}
+
+/// The changes a reset with `patterns` would put back, from the changelog.
+pub fn plan(store: &Store, patterns: &Patterns) -> Result<Vec<Change>, TrackerError> {
+    let query = Query {
+        prefixes: patterns.prefixes.clone(),
+        ..Query::default()
+    };
+    let mut targets: Vec<Change> = store
+        .query(&query)?
+        .changes
+        .into_iter()
+        .filter(|c| patterns.matches(&c.path, c.file_type == FileType::Dir))
+        .collect();
+    // Removing a dir removes what is below it: keep only the top-most targets.
+    targets.sort_by(|a, b| a.path.cmp(&b.path));
+    let mut kept: Vec<Change> = Vec::with_capacity(targets.len());
+    for t in targets {
+        let covered = kept.last().is_some_and(|k| {
+            t.path.starts_with(&k.path) && t.path.get(k.path.len()) == Some(&b'/')
+        });
+        if !covered {
+            kept.push(t);
+        }
+    }
+    Ok(kept)
+}
+
+/// Where the overlay is and how it was mounted, read from this namespace's mountinfo.
+#[derive(Debug, Clone)]
+pub struct MountSpec {
+    pub mount_point: PathBuf,
+    pub upper: PathBuf,
+    pub work: PathBuf,
+    flags: MsFlags,
+    data: String,
+    /// `st_dev` of the overlay's superblock.
+    dev: u64,
+    /// `(st_dev, st_ino)` of the upper dir.
+    upper_id: (u64, u64),
+}
+
+impl MountSpec {
+    /// The overlay at `mount_point` in the caller's mount namespace.
+    pub fn current(mount_point: &Path) -> Result<MountSpec, TrackerError> {
+        let text = std::fs::read("/proc/thread-self/mountinfo").map_err(TrackerError::io(
+            "cannot read",
+            "/proc/thread-self/mountinfo",
+        ))?;
+        let entries = mountinfo::parse(&text);
+        let entry = mountinfo::find_mount(&entries, mount_point).ok_or_else(|| {
+            TrackerError::Reset(format!("nothing is mounted at {}", mount_point.display()))
+        })?;
+        let layers = entry.overlay_layers().ok_or_else(|| {
+            TrackerError::Reset(format!(
+                "{} is not a writable overlay",
+                mount_point.display()
+            ))
+        })?;
+        let dev = std::fs::metadata(mount_point)
+            .map_err(TrackerError::io("cannot stat", mount_point))?
+            .dev();
+        let upper = std::fs::metadata(&layers.upper)
+            .map_err(TrackerError::io("cannot stat", &layers.upper))?;
+        Ok(MountSpec {
+            mount_point: mount_point.to_path_buf(),
+            upper: layers.upper,
+            work: layers.work,
+            flags: mount_flags(entry),
+            data: mount_data(entry)?,
+            dev,
+            upper_id: (upper.dev(), upper.ino()),
+        })
+    }
+
+    fn mount(&self) -> Result<(), TrackerError> {
+        nix::mount::mount(
+            Some("overlay"),
+            &self.mount_point,
+            Some("overlay"),
+            self.flags,
+            Some(self.data.as_str()),
+        )
+        .map_err(|e| {
+            TrackerError::Reset(format!(
+                "the overlay could not be mounted again at {} ({e}); to restore it: mount -t overlay overlay -o '{}' {}",
+                self.mount_point.display(),
+                self.data,
+                self.mount_point.display()
+            ))
+        })
+    }
+}
+
+fn mount_flags(entry: &MountEntry) -> MsFlags {
+    let mut flags = MsFlags::empty();
+    for o in &entry.mount_options {
+        flags |= match o.as_str() {
+            "ro" => MsFlags::MS_RDONLY,
+            "nosuid" => MsFlags::MS_NOSUID,
+            "nodev" => MsFlags::MS_NODEV,
+            "noexec" => MsFlags::MS_NOEXEC,
+            "noatime" => MsFlags::MS_NOATIME,
+            "nodiratime" => MsFlags::MS_NODIRATIME,
+            "strictatime" => MsFlags::MS_STRICTATIME,
+            "sync" => MsFlags::MS_SYNCHRONOUS,
+            _ => MsFlags::empty(),
+        };
+    }
+    flags
+}
+
+/// The overlay's own options as mountinfo shows them (`rw`/`ro` is a mount flag).
+fn mount_data(entry: &MountEntry) -> Result<String, TrackerError> {
+    let mut parts = Vec::new();
+    for (k, v) in &entry.super_options {
+        if k == "rw" || k == "ro" {
+            continue;
+        }
+        match v {
+            None => parts.push(k.clone()),
+            Some(v) => {
+                if v.contains(&b',') {
+                    return Err(TrackerError::Reset(format!(
+                        "overlay option {k} holds a ',': it cannot be given back to mount(2)"
+                    )));
+                }
+                parts.push(format!("{k}={}", String::from_utf8_lossy(v)));
+            }
+        }
+    }
+    Ok(parts.join(","))
+}
+
+/// A process that keeps an overlay busy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holder {
+    pub pid: u32,
+    pub command: String,
+}
+
+/// Processes with their root, cwd, an open file or a mapping on filesystem `dev`.
+pub fn holders(dev: u64) -> Vec<Holder> {
+    let mut out = Vec::new();
+    for pid in pids() {
+        let base = PathBuf::from(format!("/proc/{pid}"));
+        let on_dev = |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.dev() == dev);
+        let mut holds = on_dev(&base.join("cwd")) || on_dev(&base.join("root"));
+        if !holds && let Ok(fds) = std::fs::read_dir(base.join("fd")) {
+            holds = fds.filter_map(Result::ok).any(|fd| on_dev(&fd.path()));
+        }
+        if !holds {
+            holds = maps_devs(pid).contains(&dev);
+        }
+        if holds {
+            let command = std::fs::read_to_string(base.join("comm")).unwrap_or_default();
+            out.push(Holder {
+                pid,
+                command: command.trim().to_string(),
+            });
+        }
+    }
+    out
+}
+
+fn pids() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .map(|it| {
+            it.filter_map(Result::ok)
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Devices of the files a process has mapped (`/proc/<pid>/maps` spells them hex).
+fn maps_devs(pid: u32) -> HashSet<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let dev = l.split_whitespace().nth(3)?;
+            let (ma, mi) = dev.split_once(':')?;
+            let (ma, mi) = (
+                u32::from_str_radix(ma, 16).ok()?,
+                u32::from_str_radix(mi, 16).ok()?,
+            );
+            (ma != 0 || mi != 0).then(|| libc::makedev(ma, mi))
+        })
+        .collect()
+}
+
+/// After our unmount: anything that shows an overlay superblock may still use the
+/// upper dir. `None` when nothing does.
+fn still_in_use(spec: &MountSpec) -> Option<String> {
+    let mut seen_ns = HashSet::new();
+    let mut mounted_devs = HashSet::new();
+    for pid in pids() {
+        let Ok(ns) = std::fs::metadata(format!("/proc/{pid}/ns/mnt")).map(|m| m.ino()) else {
+            continue;
+        };
+        if !seen_ns.insert(ns) {
+            continue;
+        }
+        let Ok(text) = std::fs::read(format!("/proc/{pid}/mountinfo")) else {
+            continue;
+        };
+        for e in mountinfo::parse(&text) {
+            let dev = libc::makedev(e.dev.0, e.dev.1);
+            mounted_devs.insert(dev);
+            if dev == spec.dev {
+                return Some(format!(
+                    "the overlay is still mounted at {} in the mount namespace of pid {pid}",
+                    e.mount_point.display()
+                ));
+            }
+            // Same upper dir: the same inode, whatever path that namespace names it by.
+            let same_upper = e.overlay_layers().is_some_and(|l| {
+                let upper = PathBuf::from(format!("/proc/{pid}/root"))
+                    .join(l.upper.strip_prefix("/").unwrap_or(&l.upper));
+                std::fs::metadata(upper).is_ok_and(|m| (m.dev(), m.ino()) == spec.upper_id)
+            });
+            if same_upper {
+                return Some(format!(
+                    "another overlay on the same upper dir is mounted at {} (namespace of pid {pid})",
+                    e.mount_point.display()
+                ));
+            }
+        }
+    }
+    // Open files on an overlay that no namespace shows any more (detached lazily):
+    // it might use this upper dir.
+    for pid in pids() {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.filter_map(Result::ok) {
+            let Ok(meta) = std::fs::metadata(fd.path()) else {
+                continue;
+            };
+            if libc::major(meta.dev()) != 0 || mounted_devs.contains(&meta.dev()) {
+                continue;
+            }
+            if is_overlay(&fd.path()) {
+                return Some(format!(
+                    "pid {pid} has a file open on a detached overlay, which may use this upper dir"
+                ));
+            }
+        }
+    }
+    None
+}
+
+fn is_overlay(p: &Path) -> bool {
+    nix::sys::statfs::statfs(p)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::OVERLAYFS_SUPER_MAGIC)
+}
+
+/// What a reset did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Done { removed: usize },
+    Busy { holders: Vec<Holder> },
+}
+
+/// Removes `targets` (upper-relative paths) from the upper dir of the overlay at
+/// `spec.mount_point`, with the overlay unmounted, and mounts it again. Must run in
+/// the runtime's mount namespace.
+pub fn execute(spec: &MountSpec, targets: &[Vec<u8>]) -> Result<Outcome, TrackerError> {
+    if let Err(e) = nix::mount::umount2(&spec.mount_point, MntFlags::empty()) {
+        if e == nix::errno::Errno::EBUSY {
+            return Ok(Outcome::Busy {
+                holders: holders(spec.dev),
+            });
+        }
+        return Err(TrackerError::Reset(format!(
+            "cannot unmount {}: {e}",
+            spec.mount_point.display()
+        )));
+    }
+    let edited = match still_in_use(spec) {
+        Some(why) => Err(TrackerError::Reset(format!(
+            "{why}; the upper dir was not changed"
+        ))),
+        None => remove_all(&spec.upper, targets),
+    };
+    let mounted = spec.mount();
+    let removed = edited?;
+    mounted?;
+    Ok(Outcome::Done { removed })
+}
+
+/// Removes each target below `upper`, never following a symlink or leaving `upper`.
+fn remove_all(upper: &Path, targets: &[Vec<u8>]) -> Result<usize, TrackerError> {
+    let root: OwnedFd = std::fs::File::open(upper)
+        .map_err(TrackerError::io("cannot open upper dir", upper))?
+        .into();
+    let mut removed = 0;
+    let unique: BTreeSet<&Vec<u8>> = targets.iter().collect();
+    for rel in unique {
+        let (parent, name) = match rel.iter().rposition(|&b| b == b'/') {
+            Some(i) => (&rel[..i], &rel[i + 1..]),
+            None => (&b""[..], &rel[..]),
+        };
+        let parent_fd = match open_beneath(&root, parent, true) {
+            Ok(fd) => fd,
+            Err(nix::errno::Errno::ENOENT) => continue,
+            Err(e) => return Err(reset_io(rel, e)),
+        };
+        removed +=
+            remove_entry(&parent_fd, OsStr::from_bytes(name)).map_err(|e| reset_io(rel, e))?;
+    }
+    Ok(removed)
+}
+
+fn reset_io(rel: &[u8], e: nix::errno::Errno) -> TrackerError {
+    TrackerError::Reset(format!(
+        "cannot remove {} from the upper dir: {e}",
+        String::from_utf8_lossy(rel)
+    ))
+}
+
+/// Opens `rel` below `root`, refusing symlinks and `..` escapes anywhere on the way.
+fn open_beneath(root: &OwnedFd, rel: &[u8], dir: bool) -> nix::Result<OwnedFd> {
+    let path: &OsStr = if rel.is_empty() {
+        OsStr::new(".")
+    } else {
+        OsStr::from_bytes(rel)
+    };
+    let mut flags = OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW;
+    flags |= if dir {
+        OFlag::O_DIRECTORY | OFlag::O_RDONLY
+    } else {
+        OFlag::O_PATH
+    };
+    let how = OpenHow::new().flags(flags).resolve(
+        ResolveFlag::RESOLVE_BENEATH
+            | ResolveFlag::RESOLVE_NO_SYMLINKS
+            | ResolveFlag::RESOLVE_NO_MAGICLINKS,
+    );
+    openat2(root, path, how)
+}
+
+/// Removes one entry of `parent`, recursively when it is a dir; returns how many
+/// entries went.
+fn remove_entry(parent: &OwnedFd, name: &OsStr) -> nix::Result<usize> {
+    match nix::unistd::unlinkat(parent, name, UnlinkatFlags::NoRemoveDir) {
+        Ok(()) => return Ok(1),
+        Err(nix::errno::Errno::ENOENT) => return Ok(0),
+        Err(nix::errno::Errno::EISDIR) => {}
+        Err(e) => return Err(e),
+    }
+    let dir = open_beneath(parent, name.as_bytes(), true)?;
+    let mut removed = 0;
+    let names: Vec<Vec<u8>> = {
+        let mut d = nix::dir::Dir::from_fd(dir.try_clone().map_err(|_| nix::errno::Errno::EBADF)?)?;
+        d.iter()
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_bytes().to_vec())
+            .filter(|n| n != b"." && n != b"..")
+            .collect()
+    };
+    for child in names {
+        removed += remove_entry(&dir, OsStr::from_bytes(&child))?;
+    }
+    nix::unistd::unlinkat(parent, name, UnlinkatFlags::RemoveDir)?;
+    Ok(removed + 1)
+}
