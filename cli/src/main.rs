@@ -7,6 +7,7 @@ mod reset;
 mod run;
 mod target;
 mod track;
+mod validate;
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -35,6 +36,8 @@ enum Command {
     Mark(MarkArgs),
     /// Put paths back to what the lower layers hold (safely: see README).
     Reset(reset::ResetArgs),
+    /// Check spk's build rules over what changed (exit 0 clean, 1 violations, 2 error).
+    Validate(validate::ValidateArgs),
     /// Show the tracker's state and counters.
     Status(StatusArgs),
     /// Ask a running tracker to stop.
@@ -104,6 +107,7 @@ fn main() -> ExitCode {
         Command::Changes(args) => changes(args),
         Command::Mark(args) => mark(args),
         Command::Reset(args) => reset::reset(args),
+        Command::Validate(args) => return validate::validate(args),
         Command::Status(args) => status(args),
         Command::Stop(target) => stop(target),
     };

@@ -38,7 +38,17 @@ enum Lower<'a> {
     /// An upper ancestor (opaque dir) hides the lower layers.
     Hidden,
     Absent,
-    Present(Entry<'a>),
+    /// Found in the lower layer with this index (top-most is 0).
+    Present(usize, Entry<'a>),
+}
+
+/// Where a changed path's original lives, for reports such as spk's validation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Original {
+    /// Index of the lower layer (top-most is 0) that holds the path, if any does.
+    pub layer: Option<usize>,
+    /// The upper entry's mode, owner or type differ from the original.
+    pub mode_or_owner_differs: bool,
 }
 
 pub struct Classifier {
@@ -100,6 +110,49 @@ impl Classifier {
         compare(&upper, &lower)
     }
 
+    /// The lower original of `rel`, as overlayfs would show it below the upper dir.
+    pub fn original(&self, rel: &[u8]) -> io::Result<Original> {
+        let none = Original {
+            layer: None,
+            mode_or_owner_differs: false,
+        };
+        let Some((dirs, name)) = split(rel) else {
+            return Ok(none);
+        };
+        // Hidden by an opaque upper ancestor: the original is gone either way.
+        let mut parent = dup(self.upper.as_fd())?;
+        let mut upper_parent = true;
+        for c in &dirs {
+            match open_dir(parent.as_fd(), c)? {
+                Some(fd) => parent = fd,
+                None => {
+                    upper_parent = false;
+                    break;
+                }
+            }
+            if is_opaque(parent.as_fd()) {
+                return Ok(none);
+            }
+        }
+        let upper = if upper_parent {
+            lstat_at(parent.as_fd(), name)?
+        } else {
+            None
+        };
+        match self.lower(&dirs, name)? {
+            Lower::Present(index, lower) => Ok(Original {
+                layer: Some(index),
+                mode_or_owner_differs: upper.is_some_and(|u| {
+                    !is_whiteout(&u)
+                        && (u.st_mode != lower.stat.st_mode
+                            || u.st_uid != lower.stat.st_uid
+                            || u.st_gid != lower.stat.st_gid)
+                }),
+            }),
+            Lower::Absent | Lower::Hidden => Ok(none),
+        }
+    }
+
     /// Every changed path at and below `rel` (a dir, or the upper dir itself when
     /// empty). Used for rescans and for dirs that move into place.
     pub fn walk(&self, rel: &[u8], out: &mut Vec<(Vec<u8>, NetKind, FileType)>) -> io::Result<()> {
@@ -158,7 +211,7 @@ impl Classifier {
 
     /// The entry overlayfs would show from the lower layers at `dirs/name`.
     fn lower<'a>(&self, dirs: &[&OsStr], name: &'a OsStr) -> io::Result<Lower<'a>> {
-        'layers: for layer in &self.lowers {
+        'layers: for (index, layer) in self.lowers.iter().enumerate() {
             let mut parent = dup(layer.as_fd())?;
             let mut last_layer = false;
             for c in dirs {
@@ -177,7 +230,7 @@ impl Classifier {
             }
             match lstat_at(parent.as_fd(), name)? {
                 Some(s) if is_whiteout(&s) => return Ok(Lower::Absent),
-                Some(stat) => return Ok(Lower::Present(Entry { parent, name, stat })),
+                Some(stat) => return Ok(Lower::Present(index, Entry { parent, name, stat })),
                 None if last_layer => return Ok(Lower::Absent),
                 None => {}
             }
@@ -272,7 +325,7 @@ pub fn file_type(s: &FileStat) -> FileType {
 fn compare(upper: &Entry<'_>, lower: &Lower<'_>) -> io::Result<Net> {
     let ft = file_type(&upper.stat);
     let lower = match lower {
-        Lower::Present(e) => e,
+        Lower::Present(_, e) => e,
         Lower::Hidden | Lower::Absent => {
             return Ok(match ft {
                 FileType::Whiteout => None,

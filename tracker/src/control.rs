@@ -48,6 +48,7 @@ pub enum Request {
     /// The sender (pid) starts editing the upper dir: log its changes as a reset.
     ResetBegin(u32),
     ResetEnd(u32),
+    Validate(Option<store::Since>, crate::validate::Rules),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,6 +59,7 @@ pub enum Response {
     Status(Box<Status>),
     Runtime(RuntimeInfo),
     ResetPlan(Vec<store::Change>),
+    Validation(Box<crate::validate::Report>),
     Done,
     Stopping,
     Error(String),
@@ -270,6 +272,9 @@ fn answer(tracker: &Tracker, req: Request) -> Response {
                 })
                 .map(Response::ResetPlan)
         }
+        Request::Validate(since, rules) => tracker
+            .validate(since, &rules)
+            .map(|r| Response::Validation(Box::new(r))),
         Request::ResetBegin(pid) => tracker.begin_reset(pid).map(|_| Response::Done),
         Request::ResetEnd(pid) => tracker.end_reset(pid).map(Response::Token),
         // Answered without the tracker.

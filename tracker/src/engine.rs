@@ -304,6 +304,20 @@ impl Tracker {
         Ok(self.shared.store.mark(name)?)
     }
 
+    /// Evaluates spk's validation rules over what changed since `since`.
+    pub fn validate(
+        &self,
+        since: Option<store::Since>,
+        rules: &crate::validate::Rules,
+    ) -> Result<crate::validate::Report, TrackerError> {
+        self.sync()?;
+        let layout = &self.config.layout;
+        let layers = Classifier::new(&layout.upper, &layout.lowers)
+            .map_err(TrackerError::io("cannot open the layers of", &layout.upper))?;
+        let names: Vec<String> = layout.lowers.iter().map(|l| runtime_path(l)).collect();
+        crate::validate::validate(&self.shared.store, &layers, &names, since, rules)
+    }
+
     /// Marks the changes process `pid` makes from now on as a reset.
     pub fn begin_reset(&self, pid: u32) -> Result<(), TrackerError> {
         self.shared
@@ -376,6 +390,23 @@ impl Drop for Tracker {
         self.halt();
         let _ = self.shared.store.flush();
     }
+}
+
+/// A path as the runtime names it: without the `/proc/<pid>/root` it is reached by.
+fn runtime_path(p: &Path) -> String {
+    let s = p.to_string_lossy();
+    if let Some(rest) = s.strip_prefix("/proc/")
+        && let Some((pid, tail)) = rest.split_once("/root")
+        && pid.chars().all(|c| c.is_ascii_digit())
+        && (tail.is_empty() || tail.starts_with('/'))
+    {
+        return if tail.is_empty() {
+            "/".into()
+        } else {
+            tail.to_string()
+        };
+    }
+    s.into_owned()
 }
 
 fn poisoned() -> TrackerError {

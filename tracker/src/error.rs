@@ -26,6 +26,8 @@ pub enum TrackerError {
     Stopped(String),
     #[error("cannot attach: {0}")]
     Attach(String),
+    #[error("validate: {0}")]
+    Validate(String),
     #[error("reset: {0}")]
     Reset(String),
     #[error("control socket: {0}")]

@@ -13,6 +13,7 @@ pub mod reset;
 pub mod resolve;
 pub mod runtime;
 pub mod sys;
+pub mod validate;
 
 pub use engine::{Config, Layout, Status, Tracker};
 pub use error::TrackerError;
