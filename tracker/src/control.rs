@@ -261,7 +261,10 @@ fn answer(tracker: &Tracker, req: Request) -> Response {
             .map(Response::History),
         Request::Mark(name) => tracker.mark(&name).map(Response::Token),
         Request::Sync => tracker.sync().map(Response::Token),
-        Request::Status => tracker.status().map(|s| Response::Status(Box::new(s))),
+        Request::Status => tracker
+            .sync()
+            .and_then(|_| tracker.status())
+            .map(|s| Response::Status(Box::new(s))),
         Request::ResetPlan(patterns) => {
             let mount = tracker.config().layout.mount.clone();
             crate::reset::Patterns::new(&patterns, &mount)
@@ -298,7 +301,20 @@ impl Client {
     /// Sends one request and reads its answer; an `Error` answer becomes `Err`.
     pub fn call(&mut self, req: &Request) -> Result<Response, TrackerError> {
         let proto = |e: std::io::Error| TrackerError::Protocol(e.to_string());
-        self.stream.write_all(&encode(req)).map_err(proto)?;
+        // A refusing server answers and hangs up before reading: its answer is still
+        // there to read after our write fails.
+        let written = self.stream.write_all(&encode(req));
+        let answer = self.read_answer();
+        match (answer, written) {
+            (Ok(Response::Error(why)), _) => Err(TrackerError::Protocol(why)),
+            (Ok(r), Ok(())) => Ok(r),
+            (_, Err(e)) => Err(proto(e)),
+            (Err(e), Ok(())) => Err(e),
+        }
+    }
+
+    fn read_answer(&mut self) -> Result<Response, TrackerError> {
+        let proto = |e: std::io::Error| TrackerError::Protocol(e.to_string());
         let mut len = [0u8; 4];
         self.stream.read_exact(&mut len).map_err(proto)?;
         let len = u32::from_be_bytes(len) as usize;
@@ -309,21 +325,17 @@ impl Client {
         }
         let mut payload = vec![0u8; len];
         self.stream.read_exact(&mut payload).map_err(proto)?;
-        match decode::<Response>(&payload).map_err(TrackerError::Protocol)? {
-            Response::Error(why) => Err(TrackerError::Protocol(why)),
-            r => Ok(r),
-        }
+        decode::<Response>(&payload).map_err(TrackerError::Protocol)
     }
 
     /// Sends raw bytes, for tests of the server's handling of bad frames.
     pub fn send_raw(&mut self, bytes: &[u8]) -> Result<Response, TrackerError> {
-        let proto = |e: std::io::Error| TrackerError::Protocol(e.to_string());
-        self.stream.write_all(bytes).map_err(proto)?;
-        let mut len = [0u8; 4];
-        self.stream.read_exact(&mut len).map_err(proto)?;
-        let mut payload = vec![0u8; (u32::from_be_bytes(len) as usize).min(MAX_RESPONSE)];
-        self.stream.read_exact(&mut payload).map_err(proto)?;
-        decode::<Response>(&payload).map_err(TrackerError::Protocol)
+        let written = self.stream.write_all(bytes);
+        match (self.read_answer(), written) {
+            (Ok(r), _) => Ok(r),
+            (Err(_), Err(e)) => Err(TrackerError::Protocol(e.to_string())),
+            (Err(e), Ok(())) => Err(e),
+        }
     }
 }
 

@@ -84,6 +84,8 @@ const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
 /// Read buffer; the kernel needs room for at least one whole event per read.
 const READ_BUF: usize = 256 * 1024;
 const MIN_FREE: usize = 16 * 1024;
+/// A first read this large means events are arriving in a burst.
+const BURST_BYTES: usize = 8 * 1024;
 
 #[derive(Default)]
 struct SyncState {
@@ -353,7 +355,7 @@ impl Tracker {
             token: Some(self.shared.store.token()),
             live: true,
             mount: self.config.layout.mount.clone(),
-            upper: self.config.layout.upper.clone(),
+            upper: PathBuf::from(runtime_path(&self.config.layout.upper)),
             events: c.events.load(Ordering::Relaxed),
             batches: c.batches.load(Ordering::Relaxed),
             records: c.records.load(Ordering::Relaxed),
@@ -537,7 +539,9 @@ impl Watcher {
     /// processed (and written to the db) together.
     fn fill(&self, buf: &mut [u8]) -> io::Result<usize> {
         let mut filled = self.group.read(buf)?;
-        if filled == 0 || self.batch_window.is_zero() {
+        // A few events (a lone change, a sync cookie) are answered at once; only a
+        // burst is worth waiting for more.
+        if filled < BURST_BYTES || self.batch_window.is_zero() {
             return Ok(filled);
         }
         let deadline = Instant::now() + self.batch_window;

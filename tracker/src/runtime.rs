@@ -335,5 +335,5 @@ pub fn key_of_current() -> Option<String> {
         return Some(format!("spfs-{}", sanitize(&name)));
     }
     let own = own_mount_ns()?;
-    (mount_ns_of(1).ok() != Some(own)).then(|| format!("mntns-{own}"))
+    (outside_process().map(|(_, ns)| ns) != Some(own)).then(|| format!("mntns-{own}"))
 }

@@ -207,14 +207,6 @@ pub fn fork_single_threaded() -> io::Result<Option<u32>> {
     }
 }
 
-/// Moves this (single-threaded) process into PID 1's mount namespace and `/`, so it
-/// neither counts as a process of a runtime's namespace nor pins its mounts.
-pub fn leave_for_init_mount_ns() -> io::Result<()> {
-    let ns = std::fs::File::open("/proc/1/ns/mnt")?;
-    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNS)?;
-    std::env::set_current_dir("/")
-}
-
 /// The command line of a process, NULs turned into spaces, or empty when it is gone.
 pub fn command_of(pid: u32) -> Vec<u8> {
     let mut cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
