@@ -32,6 +32,8 @@ enum Command {
     Track(track::TrackArgs),
     /// Print what changed (since a mark or token), `spfs diff` style or as JSON.
     Changes(ChangesArgs),
+    /// Every recorded change of one path, oldest first.
+    History(HistoryArgs),
     /// Name the current position in the changelog (e.g. `build-start`).
     Mark(MarkArgs),
     /// Put paths back to what the lower layers hold (safely: see README).
@@ -77,6 +79,16 @@ struct ChangesArgs {
 }
 
 #[derive(Args)]
+struct HistoryArgs {
+    /// The path (`/spfs/lib/x.so` or `lib/x.so`).
+    path: PathBuf,
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    target: TargetArgs,
+}
+
+#[derive(Args)]
 struct MarkArgs {
     name: String,
     #[command(flatten)]
@@ -106,6 +118,7 @@ fn main() -> ExitCode {
         Command::Track(args) => track::track(args),
         Command::Changes(args) => changes(args),
         Command::Mark(args) => mark(args),
+        Command::History(args) => history(args),
         Command::Reset(args) => reset::reset(args),
         Command::Validate(args) => return validate::validate(args),
         Command::Status(args) => status(args),
@@ -155,6 +168,15 @@ fn changes(args: ChangesArgs) -> anyhow::Result<ExitCode> {
         );
     }
     output::write_changes(&mut out, &set, target.mount(), format)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn history(args: HistoryArgs) -> anyhow::Result<ExitCode> {
+    let mut target = target::open(&args.target)?;
+    let rel = target.relative(&args.path);
+    let records = target.history(&rel)?;
+    let mut out = std::io::stdout().lock();
+    output::write_history(&mut out, &records, target.mount(), args.json)?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use store::{Change, ChangeSet, FileType, FreshReason, NetKind};
+use store::{Action, Change, ChangeSet, FileType, FreshReason, LogRecord, NetKind};
 use tracker::Status;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -117,6 +117,63 @@ fn change_json(c: &Change, mount: &Path) -> Value {
         v["path_bytes"] = json!(full);
     }
     v
+}
+
+/// One line per record: `seq time action type path pid command`.
+pub fn write_history(
+    out: &mut impl Write,
+    records: &[LogRecord],
+    mount: &Path,
+    as_json: bool,
+) -> io::Result<()> {
+    for r in records {
+        let path = full_path(mount, &r.path);
+        if as_json {
+            let mut v = json!({
+                "seq": r.seq,
+                "time_ns": r.time_ns,
+                "action": action_name(r.action),
+                "path": String::from_utf8_lossy(&path),
+                "type": type_name(r.file_type),
+                "before": r.before.map(kind_name),
+                "link": r.link,
+                "pid": r.origin.as_ref().map(|o| o.pid),
+                "command": r.origin.as_ref().map(|o| String::from_utf8_lossy(&o.command).into_owned()),
+            });
+            if std::str::from_utf8(&path).is_err() {
+                v["path_bytes"] = json!(path);
+            }
+            serde_json::to_writer(&mut *out, &v)?;
+            writeln!(out)?;
+        } else {
+            let who = match &r.origin {
+                Some(o) => format!("pid {} {}", o.pid, escape(&o.command)),
+                None => String::new(),
+            };
+            writeln!(
+                out,
+                "{:>8} {:<13} {:<8} {} {who}",
+                r.seq,
+                action_name(r.action),
+                type_name(r.file_type),
+                escape(&path)
+            )?;
+        }
+    }
+    out.flush()
+}
+
+pub fn action_name(a: Action) -> &'static str {
+    match a {
+        Action::Created => "created",
+        Action::Written => "written",
+        Action::Attrib => "attrib",
+        Action::Deleted => "deleted",
+        Action::RenamedFrom => "renamed-from",
+        Action::RenamedTo => "renamed-to",
+        Action::Reclassified => "reclassified",
+        Action::Reset => "reset",
+    }
 }
 
 pub fn kind_name(k: NetKind) -> &'static str {

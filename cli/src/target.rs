@@ -123,6 +123,16 @@ impl Target {
         }
     }
 
+    pub fn history(&mut self, path: &[u8]) -> anyhow::Result<Vec<store::LogRecord>> {
+        match self {
+            Target::Live { client, .. } => match client.call(&Request::History(path.to_vec()))? {
+                Response::History(records) => Ok(records),
+                other => bail!("unexpected answer from tracker: {other:?}"),
+            },
+            Target::Kept { store, .. } => Ok(store.history(path)?),
+        }
+    }
+
     pub fn mark(&mut self, name: &str) -> anyhow::Result<Token> {
         match self {
             Target::Live { client, .. } => match client.call(&Request::Mark(name.to_string()))? {

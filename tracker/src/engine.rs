@@ -800,6 +800,15 @@ impl Watcher {
             {
                 o.action = Action::Deleted;
             }
+            // A copy-up creates the upper file of a path the lower layers already hold:
+            // to the user that path was written, not created.
+            if o.action == Action::Created {
+                match states.get(&o.path) {
+                    Some(Some((NetKind::Modified, _))) => o.action = Action::Written,
+                    Some(Some((NetKind::Metadata, _))) => o.action = Action::Attrib,
+                    _ => {}
+                }
+            }
             // Fill in types the events did not carry from what the filesystem showed.
             if o.file_type == FileType::Unknown {
                 if let Some(Some((_, ft))) = states.get(&o.path) {
