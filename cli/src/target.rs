@@ -67,6 +67,12 @@ pub fn open(args: &TargetArgs) -> anyhow::Result<Target> {
     {
         return Ok(target);
     }
+    if !state.join(store::DB_DIR_NAME).exists() {
+        bail!(
+            "no changelog in {} (and no tracker answers there)",
+            state.display()
+        );
+    }
     let store = Box::new(Store::open(&state)?);
     let mount = store
         .info("mount")?

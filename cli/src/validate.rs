@@ -90,7 +90,6 @@ fn run(args: &ValidateArgs) -> anyhow::Result<(Report, PathBuf)> {
     for r in &args.deny {
         rules.set(r, true)?;
     }
-    rules.deny_paths = args.deny_paths.clone();
     let relative = |p: &Path| -> Vec<u8> {
         let p = p.strip_prefix(&mount).unwrap_or(p);
         p.as_os_str()
@@ -100,6 +99,12 @@ fn run(args: &ValidateArgs) -> anyhow::Result<(Report, PathBuf)> {
             .skip_while(|&b| b == b'/')
             .collect()
     };
+    // Globs may be written relative to the mount or under it (`/spfs/etc/**`).
+    rules.deny_paths = args
+        .deny_paths
+        .iter()
+        .map(|g| String::from_utf8_lossy(&relative(Path::new(g))).into_owned())
+        .collect();
     rules.collect = args.collect.iter().map(|p| relative(p)).collect();
     let since = args.since.as_deref().map(store::parse_since);
     match client.call(&Request::Validate(since, rules))? {

@@ -100,13 +100,16 @@ impl Drop for Store {
     }
 }
 
+/// The sled database inside a state dir.
+pub const DB_DIR_NAME: &str = "changelog.sled";
+
 /// sled's page cache; its default (1 GiB) would let a tracker of a large runtime grow
 /// far beyond what a background process should hold.
 const CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
 fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
     sled::Config::new()
-        .path(dir.join("changelog.sled"))
+        .path(dir.join(DB_DIR_NAME))
         .cache_capacity(CACHE_BYTES)
         .open()
         .map_err(|e| open_error(dir, e))

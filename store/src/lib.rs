@@ -13,7 +13,7 @@ mod changelog;
 mod query;
 mod token;
 
-pub use changelog::Store;
+pub use changelog::{DB_DIR_NAME, Store};
 pub use error::StoreError;
 pub use model::*;
 pub use token::parse_since;

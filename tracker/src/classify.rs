@@ -49,6 +49,8 @@ pub struct Original {
     pub layer: Option<usize>,
     /// The upper entry's mode, owner or type differ from the original.
     pub mode_or_owner_differs: bool,
+    /// The original is a directory.
+    pub is_dir: bool,
 }
 
 pub struct Classifier {
@@ -115,6 +117,7 @@ impl Classifier {
         let none = Original {
             layer: None,
             mode_or_owner_differs: false,
+            is_dir: false,
         };
         let Some((dirs, name)) = split(rel) else {
             return Ok(none);
@@ -142,6 +145,7 @@ impl Classifier {
         match self.lower(&dirs, name)? {
             Lower::Present(index, lower) => Ok(Original {
                 layer: Some(index),
+                is_dir: is_type(&lower.stat, SFlag::S_IFDIR),
                 mode_or_owner_differs: upper.is_some_and(|u| {
                     !is_whiteout(&u)
                         && (u.st_mode != lower.stat.st_mode
@@ -151,6 +155,32 @@ impl Classifier {
             }),
             Lower::Absent | Lower::Hidden => Ok(none),
         }
+    }
+
+    /// What the lower layers hold below dir `rel`, as overlayfs merges them: each path
+    /// once, with the index of the top-most layer holding it and whether it is a dir.
+    /// Used to name every original a removed or replaced dir took with it.
+    pub fn lower_tree(&self, rel: &[u8]) -> io::Result<Vec<(Vec<u8>, usize, bool)>> {
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        for (index, layer) in self.lowers.iter().enumerate() {
+            let mut fd = dup(layer.as_fd())?;
+            let mut reachable = true;
+            for c in rel.split(|&b| b == b'/').filter(|c| !c.is_empty()) {
+                match open_dir(fd.as_fd(), OsStr::from_bytes(c))? {
+                    Some(next) => fd = next,
+                    None => {
+                        reachable = false;
+                        break;
+                    }
+                }
+            }
+            if reachable {
+                collect_tree(fd, rel.to_vec(), index, &mut seen, &mut out)?;
+            }
+        }
+        out.sort();
+        Ok(out)
     }
 
     /// Every changed path at and below `rel` (a dir, or the upper dir itself when
@@ -237,6 +267,45 @@ impl Classifier {
         }
         Ok(Lower::Absent)
     }
+}
+
+fn collect_tree(
+    dir: OwnedFd,
+    rel: Vec<u8>,
+    layer: usize,
+    seen: &mut std::collections::HashSet<Vec<u8>>,
+    out: &mut Vec<(Vec<u8>, usize, bool)>,
+) -> io::Result<()> {
+    let mut listing = Dir::openat(
+        dir.as_fd(),
+        ".",
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    let names: Vec<Vec<u8>> = listing
+        .iter()
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_bytes().to_vec())
+        .filter(|n| n != b"." && n != b"..")
+        .collect();
+    for name in names {
+        let child = join_rel(&rel, &name);
+        let Some(stat) = lstat_at(dir.as_fd(), OsStr::from_bytes(&name))? else {
+            continue;
+        };
+        // A whiteout in an upper lower layer hides the path in the layers below.
+        let first = seen.insert(child.clone());
+        let is_dir = is_type(&stat, SFlag::S_IFDIR);
+        if first && !is_whiteout(&stat) {
+            out.push((child.clone(), layer, is_dir));
+        }
+        if is_dir && !is_whiteout(&stat) {
+            if let Some(sub) = open_dir(dir.as_fd(), OsStr::from_bytes(&name))? {
+                collect_tree(sub, child, layer, seen, out)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Joins a relative byte path and a name.

@@ -208,6 +208,7 @@ impl Tracker {
             shared: shared.clone(),
             sync_handle,
             batch_window: config.batch_window,
+            commands: HashMap::new(),
         };
         // The mark is in place: anything changing from here on is queued, so a rescan
         // now misses nothing.
@@ -463,6 +464,8 @@ struct Watcher {
     shared: Arc<Shared>,
     sync_handle: Handle,
     batch_window: Duration,
+    /// Command lines of the writers in the batch being read, by pid.
+    commands: HashMap<i32, Vec<u8>>,
 }
 
 /// What one batch of events asks to be done.
@@ -537,8 +540,10 @@ impl Watcher {
 
     /// Reads events for up to `batch_window` after the first ones arrive, so bursts are
     /// processed (and written to the db) together.
-    fn fill(&self, buf: &mut [u8]) -> io::Result<usize> {
+    fn fill(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.commands.clear();
         let mut filled = self.group.read(buf)?;
+        self.note_commands(&buf[..filled]);
         // A few events (a lone change, a sync cookie) are answered at once; only a
         // burst is worth waiting for more.
         if filled < BURST_BYTES || self.batch_window.is_zero() {
@@ -550,9 +555,24 @@ impl Watcher {
             if now >= deadline || !self.group.wait(deadline - now)? {
                 break;
             }
-            filled += self.group.read(&mut buf[filled..])?;
+            let n = self.group.read(&mut buf[filled..])?;
+            self.note_commands(&buf[filled..filled + n]);
+            filled += n;
         }
         Ok(filled)
+    }
+
+    /// Reads the command line of each writer as soon as its events are read, not
+    /// after the batch window: short-lived writers (cp, install, a linker) are often
+    /// gone by then. It narrows the race; nothing can close it.
+    fn note_commands(&mut self, chunk: &[u8]) {
+        for event in fid::events(chunk).flatten() {
+            if event.pid > 0 {
+                self.commands
+                    .entry(event.pid)
+                    .or_insert_with(|| sys::command_of(event.pid as u32));
+            }
+        }
     }
 
     fn process(&mut self, buf: &[u8]) -> Result<(), TrackerError> {
@@ -560,7 +580,7 @@ impl Watcher {
         // Before this batch's cookies are acknowledged.
         self.take_relayer()?;
         let mut p = Pending::default();
-        let mut commands: HashMap<i32, Vec<u8>> = HashMap::new();
+        let mut commands = std::mem::take(&mut self.commands);
         let now_ns = now_ns();
         let mut count = 0u64;
         for event in fid::events(buf) {
@@ -662,6 +682,14 @@ impl Watcher {
                 }
                 p.dirty.insert(new);
             }
+            return Ok(());
+        }
+        // An event on an inode with no name (a link count change, which also hits the
+        // whiteout inode overlayfs shares between all its deletions) would be pinned
+        // on whichever name the inode happens to have: such an attribute change alters
+        // no path's state, so it is not taken.
+        let attrib_only = event.mask & !(sys::FAN_ATTRIB | sys::FAN_ONDIR) == 0;
+        if event.entry.is_none() && attrib_only {
             return Ok(());
         }
         let path = match event.entry {

@@ -136,8 +136,11 @@ pub struct MountSpec {
     pub work: PathBuf,
     flags: MsFlags,
     data: String,
-    /// `st_dev` of the overlay's superblock.
+    /// `st_dev` of the overlay's superblock (its dirs; its other files report the
+    /// device of their layer, so open files are matched by `mount_id`).
     dev: u64,
+    /// The id of the overlay's mount in the caller's namespace.
+    mount_id: u64,
     /// `(st_dev, st_ino)` of the upper dir.
     upper_id: (u64, u64),
 }
@@ -171,6 +174,7 @@ impl MountSpec {
             flags: mount_flags(entry),
             data: mount_data(entry)?,
             dev,
+            mount_id: entry.id,
             upper_id: (upper.dev(), upper.ino()),
         })
     }
@@ -241,15 +245,18 @@ pub struct Holder {
     pub command: String,
 }
 
-/// Processes with their root, cwd, an open file or a mapping on filesystem `dev`.
-pub fn holders(dev: u64) -> Vec<Holder> {
+/// Processes with a root or cwd (of any thread) on filesystem `dev`, a file open
+/// through mount `mount_id`, or a mapping on `dev`.
+pub fn holders(dev: u64, mount_id: u64) -> Vec<Holder> {
     let mut out = Vec::new();
     for pid in pids() {
         let base = PathBuf::from(format!("/proc/{pid}"));
         let on_dev = |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.dev() == dev);
-        let mut holds = on_dev(&base.join("cwd")) || on_dev(&base.join("root"));
-        if !holds && let Ok(fds) = std::fs::read_dir(base.join("fd")) {
-            holds = fds.filter_map(Result::ok).any(|fd| on_dev(&fd.path()));
+        let mut holds = tasks(pid)
+            .iter()
+            .any(|t| on_dev(&t.join("cwd")) || on_dev(&t.join("root")));
+        if !holds {
+            holds = open_mounts(pid).iter().any(|(_, id)| *id == mount_id);
         }
         if !holds {
             holds = maps_devs(pid).contains(&dev);
@@ -263,6 +270,39 @@ pub fn holders(dev: u64) -> Vec<Holder> {
         }
     }
     out
+}
+
+/// `/proc/<pid>/task/<tid>` of each thread of `pid`: a thread may have a mount
+/// namespace, root and cwd of its own (`unshare(CLONE_NEWNS)` acts on one thread, and
+/// `/proc/<pid>/` shows the main thread's).
+fn tasks(pid: u32) -> Vec<PathBuf> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|it| it.filter_map(Result::ok).map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+/// The open files of `pid` (`/proc/<pid>/fd/<n>`) and the id of the mount each was
+/// opened through (`mnt_id` in fdinfo). Devices do not tell: an overlay reports its
+/// layers' devices for its files, not its own.
+fn open_mounts(pid: u32) -> Vec<(PathBuf, u64)> {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return Vec::new();
+    };
+    fds.filter_map(Result::ok)
+        .filter_map(|e| {
+            let info = std::fs::read_to_string(e.path()).ok()?;
+            let id = info
+                .lines()
+                .find_map(|l| l.strip_prefix("mnt_id:"))?
+                .trim()
+                .parse()
+                .ok()?;
+            Some((
+                PathBuf::from(format!("/proc/{pid}/fd")).join(e.file_name()),
+                id,
+            ))
+        })
+        .collect()
 }
 
 fn pids() -> Vec<u32> {
@@ -295,54 +335,55 @@ fn maps_devs(pid: u32) -> HashSet<u64> {
 /// upper dir. `None` when nothing does.
 fn still_in_use(spec: &MountSpec) -> Option<String> {
     let mut seen_ns = HashSet::new();
-    let mut mounted_devs = HashSet::new();
+    // Mount ids are unique across namespaces: one that no namespace shows is detached.
+    let mut mounted_ids = HashSet::new();
     for pid in pids() {
-        let Ok(ns) = std::fs::metadata(format!("/proc/{pid}/ns/mnt")).map(|m| m.ino()) else {
-            continue;
-        };
-        if !seen_ns.insert(ns) {
-            continue;
-        }
-        let Ok(text) = std::fs::read(format!("/proc/{pid}/mountinfo")) else {
-            continue;
-        };
-        for e in mountinfo::parse(&text) {
-            let dev = libc::makedev(e.dev.0, e.dev.1);
-            mounted_devs.insert(dev);
-            if dev == spec.dev {
-                return Some(format!(
-                    "the overlay is still mounted at {} in the mount namespace of pid {pid}",
-                    e.mount_point.display()
-                ));
+        for task in tasks(pid) {
+            let Ok(ns) = std::fs::metadata(task.join("ns/mnt")).map(|m| m.ino()) else {
+                continue;
+            };
+            if !seen_ns.insert(ns) {
+                continue;
             }
-            // Same upper dir: the same inode, whatever path that namespace names it by.
-            let same_upper = e.overlay_layers().is_some_and(|l| {
-                let upper = PathBuf::from(format!("/proc/{pid}/root"))
-                    .join(l.upper.strip_prefix("/").unwrap_or(&l.upper));
-                std::fs::metadata(upper).is_ok_and(|m| (m.dev(), m.ino()) == spec.upper_id)
-            });
-            if same_upper {
-                return Some(format!(
-                    "another overlay on the same upper dir is mounted at {} (namespace of pid {pid})",
-                    e.mount_point.display()
-                ));
+            let Ok(text) = std::fs::read(task.join("mountinfo")) else {
+                continue;
+            };
+            for e in mountinfo::parse(&text) {
+                mounted_ids.insert(e.id);
+                let dev = libc::makedev(e.dev.0, e.dev.1);
+                if dev == spec.dev {
+                    return Some(format!(
+                        "the overlay is still mounted at {} in the mount namespace of pid {pid}",
+                        e.mount_point.display()
+                    ));
+                }
+                // Same upper dir: the same inode, whatever path that namespace names it by.
+                let same_upper = e.overlay_layers().is_some_and(|l| {
+                    let upper = task
+                        .join("root")
+                        .join(l.upper.strip_prefix("/").unwrap_or(&l.upper));
+                    std::fs::metadata(upper).is_ok_and(|m| (m.dev(), m.ino()) == spec.upper_id)
+                });
+                if same_upper {
+                    return Some(format!(
+                        "another overlay on the same upper dir is mounted at {} (namespace of pid {pid})",
+                        e.mount_point.display()
+                    ));
+                }
             }
         }
     }
     // Open files on an overlay that no namespace shows any more (detached lazily):
     // it might use this upper dir.
+    let mut fresh_ids: Option<HashSet<u64>> = None;
     for pid in pids() {
-        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-            continue;
-        };
-        for fd in fds.filter_map(Result::ok) {
-            let Ok(meta) = std::fs::metadata(fd.path()) else {
-                continue;
-            };
-            if libc::major(meta.dev()) != 0 || mounted_devs.contains(&meta.dev()) {
+        for (fd, id) in open_mounts(pid) {
+            if mounted_ids.contains(&id) || !is_overlay(&fd) {
                 continue;
             }
-            if is_overlay(&fd.path()) {
+            // Mounted since the scan above, maybe: look again once.
+            let fresh = fresh_ids.get_or_insert_with(all_mount_ids);
+            if !fresh.contains(&id) {
                 return Some(format!(
                     "pid {pid} has a file open on a detached overlay, which may use this upper dir"
                 ));
@@ -350,6 +391,25 @@ fn still_in_use(spec: &MountSpec) -> Option<String> {
         }
     }
     None
+}
+
+/// The ids of the mounts of every mount namespace in use.
+fn all_mount_ids() -> HashSet<u64> {
+    let mut seen_ns = HashSet::new();
+    let mut ids = HashSet::new();
+    for pid in pids() {
+        for task in tasks(pid) {
+            let Ok(ns) = std::fs::metadata(task.join("ns/mnt")).map(|m| m.ino()) else {
+                continue;
+            };
+            if seen_ns.insert(ns)
+                && let Ok(text) = std::fs::read(task.join("mountinfo"))
+            {
+                ids.extend(mountinfo::parse(&text).into_iter().map(|e| e.id));
+            }
+        }
+    }
+    ids
 }
 
 fn is_overlay(p: &Path) -> bool {
@@ -371,7 +431,7 @@ pub fn execute(spec: &MountSpec, targets: &[Vec<u8>]) -> Result<Outcome, Tracker
     if let Err(e) = nix::mount::umount2(&spec.mount_point, MntFlags::empty()) {
         if e == nix::errno::Errno::EBUSY {
             return Ok(Outcome::Busy {
-                holders: holders(spec.dev),
+                holders: holders(spec.dev, spec.mount_id),
             });
         }
         return Err(TrackerError::Reset(format!(

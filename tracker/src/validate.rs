@@ -209,6 +209,37 @@ pub fn validate(
                 origin: c.origin.clone(),
             });
         }
+        // A removed or replaced dir took every original below it along.
+        if original.is_dir && matches!(kind, NetKind::Removed | NetKind::Replaced) {
+            let below = layers.lower_tree(&c.path).map_err(|e| {
+                TrackerError::Validate(format!(
+                    "cannot list the originals below {}: {e}",
+                    String::from_utf8_lossy(&c.path)
+                ))
+            })?;
+            for (path, layer, _) in below {
+                if rules.deny_alter.contains(&AlterAction::Remove) {
+                    violations.push(Violation {
+                        rule: RuleName::AlterExistingFiles,
+                        action: Some(AlterAction::Remove),
+                        path: path.clone(),
+                        kind: Some(NetKind::Removed),
+                        layer: name(Some(layer)),
+                        origin: c.origin.clone(),
+                    });
+                }
+                if deny_paths.is_match(std::ffi::OsStr::new(&*String::from_utf8_lossy(&path))) {
+                    violations.push(Violation {
+                        rule: RuleName::DenyPath,
+                        action: None,
+                        path,
+                        kind: Some(NetKind::Removed),
+                        layer: None,
+                        origin: c.origin.clone(),
+                    });
+                }
+            }
+        }
     }
     if rules.deny_empty_package && !installed {
         violations.push(Violation {

@@ -1,0 +1,1051 @@
+//! `spfs-changes validate` end to end, as root: every test starts a fresh tracked
+//! runtime with `spfs-changes run` over two lower layers, runs a "build" (a script
+//! file, `build.sh`, so its writes are recognisable) after `spfs-changes mark
+//! build-start`, and checks what `validate` reports from inside the runtime: exit code,
+//! `valid`, and for each violation its rule, action, path, kind, layer and writer.
+//!
+//! The layers (top-most first):
+//! - `top`: `bin/tool`, `lib/shadowed`
+//! - `base`: `lib/a.so`, `lib/same` ("same\n"), `lib/gone`, `lib/shadowed`, `etc/conf`
+//!
+//! The writer's command line is read by the tracker from `/proc` when it processes the
+//! event, so a writer that has exited by then is reported by pid only. Like a real
+//! build (which runs long after its first writes), `build.sh` therefore ends with a
+//! sync point (`spfs-changes mark build-end`) before it exits; the short-lived tools it
+//! runs (`rm`, `chmod`) are checked by pid, and by command only when one was recorded.
+
+#[path = "../../tests/support/mod.rs"]
+mod support;
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use support::need_root;
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_spfs-changes"))
+}
+
+/// The binary with its dir first on PATH, so scripts inside `run` can call it.
+fn cmd(args: &[&str]) -> Command {
+    let mut c = Command::new(bin());
+    c.args(args);
+    let dir = bin().parent().expect("binary has a dir").to_path_buf();
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut dirs = vec![dir];
+    dirs.extend(std::env::split_paths(&path));
+    c.env("PATH", std::env::join_paths(dirs).expect("joinable PATH"));
+    c.env_remove("SPFS_CHANGES_SOCKET")
+        .env_remove("SPFS_CHANGES_STATE");
+    c
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn utf8(p: &Path) -> &str {
+    p.to_str().expect("utf-8 temp path")
+}
+
+/// Single-quotes `s` for sh.
+fn q(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// One `spfs-changes validate` answer.
+#[derive(Debug)]
+struct Outcome {
+    args: Vec<String>,
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Outcome {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("validate {:?} printed no JSON ({e}): {self:?}", self.args))
+    }
+
+    /// Exit code `code`, and with `--json`, `valid` agreeing with it.
+    fn expect_code(&self, code: i32) -> &Self {
+        assert_eq!(
+            self.code, code,
+            "validate {:?} exit code; stdout:\n{}\nstderr:\n{}",
+            self.args, self.stdout, self.stderr
+        );
+        assert!(!self.stderr.contains("panicked"), "{self:?}");
+        if self.args.iter().any(|a| a == "--json") && code != 2 {
+            assert_eq!(
+                self.json()["valid"],
+                Value::Bool(code == 0),
+                "validate {:?}: {}",
+                self.args,
+                self.stdout
+            );
+        }
+        self
+    }
+
+    fn clean(&self) -> &Self {
+        self.expect_code(0);
+        if self.args.iter().any(|a| a == "--json") {
+            assert_eq!(self.violations().len(), 0, "{}", self.stdout);
+        }
+        self
+    }
+
+    fn violations(&self) -> Vec<Value> {
+        self.json()["violations"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no violations array: {}", self.stdout))
+            .clone()
+    }
+
+    /// (rule, action, path) of every violation, in report order.
+    fn summary(&self) -> Vec<(String, Option<String>, Option<String>)> {
+        self.violations()
+            .iter()
+            .map(|v| {
+                (
+                    v["rule"].as_str().expect("rule").to_string(),
+                    v["action"].as_str().map(str::to_string),
+                    v["path"].as_str().map(str::to_string),
+                )
+            })
+            .collect()
+    }
+
+    /// The one violation of `rule` at `path`.
+    fn violation(&self, rule: &str, path: &Path) -> Value {
+        let found: Vec<Value> = self
+            .violations()
+            .into_iter()
+            .filter(|v| v["rule"] == rule && v["path"] == utf8(path))
+            .collect();
+        assert_eq!(
+            found.len(),
+            1,
+            "one {rule} violation at {} expected: {}",
+            path.display(),
+            self.stdout
+        );
+        found.into_iter().next().expect("one")
+    }
+
+    /// A one-line error on stderr naming `needle`, nothing on stdout.
+    fn one_line_error(&self, needle: &str) {
+        self.expect_code(2);
+        assert_eq!(self.stdout, "", "nothing on stdout: {self:?}");
+        assert_eq!(
+            self.stderr.lines().count(),
+            1,
+            "one line: {:?}",
+            self.stderr
+        );
+        assert!(
+            self.stderr.contains(needle),
+            "error {:?} does not mention {needle:?}",
+            self.stderr
+        );
+    }
+}
+
+/// A per-test dir holding the two lower layers, the mount point, the runtime dir and
+/// the state dir of one `spfs-changes run`.
+struct Runtime {
+    tmp: tempfile::TempDir,
+}
+
+/// What a build did, beside what `validate` said about it.
+struct Ran {
+    /// `$$` of `build.sh`.
+    build_pid: u64,
+    validations: Vec<Outcome>,
+    /// The changes `run` printed at the end (`spfs diff` style).
+    listing: String,
+}
+
+impl Ran {
+    fn pid_file(rt: &Runtime, name: &str) -> u64 {
+        let s = std::fs::read_to_string(rt.path(name))
+            .unwrap_or_else(|e| panic!("{name} was not written: {e}"));
+        s.trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("{name} holds {s:?}: {e}"))
+    }
+}
+
+impl Runtime {
+    fn new() -> Runtime {
+        let tmp = tempfile::Builder::new()
+            .prefix("spfs-changes-validate.")
+            .tempdir_in("/tmp")
+            .expect("temp dir");
+        let rt = Runtime { tmp };
+        rt.write("base/lib/a.so", b"\x7fELF original a\n", 0o755);
+        rt.write("base/lib/same", b"same\n", 0o644);
+        rt.write("base/lib/gone", b"gone\n", 0o644);
+        rt.write("base/lib/shadowed", b"base copy\n", 0o644);
+        rt.write("base/etc/conf", b"conf=1\n", 0o644);
+        rt.write("top/bin/tool", b"#!/bin/sh\necho tool\n", 0o755);
+        rt.write("top/lib/shadowed", b"top copy\n", 0o644);
+        rt
+    }
+
+    fn write(&self, rel: &str, content: &[u8], mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        let p = self.path(rel);
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&p, content).expect("write lower file");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.tmp.path().join(rel)
+    }
+
+    fn mnt(&self) -> PathBuf {
+        self.path("mnt")
+    }
+
+    /// `rel` as seen through the runtime's mount.
+    fn m(&self, rel: &str) -> PathBuf {
+        self.mnt().join(rel)
+    }
+
+    fn layer(&self, name: &str) -> String {
+        utf8(&self.path(name)).to_string()
+    }
+
+    /// In a fresh runtime: `setup` (sh, `$M` is the mount, `$T` the temp dir), `mark
+    /// build-start`, `build` as `$T/build.sh`, then `validate` once per entry of
+    /// `validations` (each the arguments after `validate`).
+    fn run(&self, setup: &str, build: &str, validations: &[&[&str]]) -> Ran {
+        let owned: Vec<Vec<String>> = validations
+            .iter()
+            .map(|a| a.iter().map(|s| s.to_string()).collect())
+            .collect();
+        self.run_owned(setup, build, &owned)
+    }
+
+    fn run_owned(&self, setup: &str, build: &str, validations: &[Vec<String>]) -> Ran {
+        std::fs::write(
+            self.path("build.sh"),
+            format!(
+                "set -e\necho $$ > \"$T/build.pid\"\n{build}\n# Still running when the tracker reads who wrote what.\nspfs-changes mark build-end >/dev/null\n"
+            ),
+        )
+        .expect("write build.sh");
+        let mut script = format!(
+            "set -u\nM={}\nT={}\nexport M T\ncd \"$T\"\n{setup}\nspfs-changes mark build-start >/dev/null || exit 90\nsh \"$T/build.sh\"; echo $? > \"$T/build.rc\"\n",
+            q(utf8(&self.mnt())),
+            q(utf8(self.tmp.path())),
+        );
+        for (i, args) in validations.iter().enumerate() {
+            let args: Vec<String> = args.iter().map(|a| q(a)).collect();
+            script.push_str(&format!(
+                "spfs-changes validate {} > \"$T/v{i}.out\" 2> \"$T/v{i}.err\"; echo $? > \"$T/v{i}.rc\"\n",
+                args.join(" ")
+            ));
+        }
+        let out: Output = cmd(&[
+            "run",
+            "--state",
+            utf8(&self.path("state")),
+            "--lower",
+            utf8(&self.path("top")),
+            "--lower",
+            utf8(&self.path("base")),
+            "--mount",
+            utf8(&self.mnt()),
+            "--runtime-dir",
+            utf8(&self.path("rt")),
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .output()
+        .expect("spawn spfs-changes run");
+        assert!(
+            out.status.success(),
+            "run failed ({}): {}\nscript:\n{script}",
+            out.status,
+            text(&out.stderr)
+        );
+        let read = |name: String| {
+            std::fs::read_to_string(self.path(&name))
+                .unwrap_or_else(|e| panic!("{name} was not written: {e}"))
+        };
+        assert_eq!(
+            read("build.rc".into()).trim(),
+            "0",
+            "build.sh failed; run said: {}",
+            text(&out.stderr)
+        );
+        let validations = validations
+            .iter()
+            .enumerate()
+            .map(|(i, args)| Outcome {
+                args: args.clone(),
+                code: read(format!("v{i}.rc")).trim().parse().expect("exit code"),
+                stdout: read(format!("v{i}.out")),
+                stderr: read(format!("v{i}.err")),
+            })
+            .collect();
+        Ran {
+            build_pid: Ran::pid_file(self, "build.pid"),
+            validations,
+            listing: text(&out.stdout),
+        }
+    }
+}
+
+/// Made by `build.sh` itself (a shell redirection): its pid, its command line.
+fn assert_by_build(v: &Value, ran: &Ran) {
+    assert_eq!(v["pid"].as_u64(), Some(ran.build_pid), "writer pid: {v}");
+    let command = v["command"].as_str().unwrap_or("");
+    assert!(
+        command.contains("build.sh"),
+        "writer command {command:?} should name build.sh: {v}"
+    );
+}
+
+/// Made by a tool `build.sh` ran with pid `pid`: that pid, and a command naming the
+/// tool when the tracker could still read it.
+fn assert_by_tool(v: &Value, pid: u64, tool: &str) {
+    assert_eq!(v["pid"].as_u64(), Some(pid), "writer pid: {v}");
+    let command = v["command"].as_str().unwrap_or("");
+    assert!(
+        command.is_empty() || command.contains(tool) || command.contains("build.sh"),
+        "writer command {command:?} should name {tool} or build.sh: {v}"
+    );
+}
+
+fn s(v: &str) -> String {
+    v.to_string()
+}
+
+#[test]
+fn empty_package_is_denied_unless_allowed() {
+    if !need_root() {
+        return;
+    }
+    // Only a dir: nothing installed.
+    let rt = Runtime::new();
+    let ran = rt.run(
+        "",
+        "mkdir -p \"$M/share/doc/empty\"",
+        &[
+            &["--since", "build-start", "--json"],
+            &[
+                "--since",
+                "build-start",
+                "--json",
+                "--allow",
+                "EmptyPackage",
+            ],
+            &["--since", "build-start"],
+        ],
+    );
+    let denied = ran.validations[0].expect_code(1);
+    assert_eq!(denied.summary(), [(s("EmptyPackage"), None, None)]);
+    let v = &denied.violations()[0];
+    assert!(v["layer"].is_null() && v["kind"].is_null(), "{v}");
+    assert!(
+        denied.json()["checked"].as_u64() >= Some(1),
+        "{}",
+        denied.stdout
+    );
+    ran.validations[1].clean();
+    let human = &ran.validations[2];
+    human.expect_code(1);
+    assert_eq!(
+        human.stdout.trim(),
+        "EmptyPackage: the build installed no files"
+    );
+
+    // Nothing at all.
+    let rt = Runtime::new();
+    let ran = rt.run("", ":", &[&["--since", "build-start", "--json"]]);
+    let denied = ran.validations[0].expect_code(1);
+    assert_eq!(denied.summary(), [(s("EmptyPackage"), None, None)]);
+    assert_eq!(denied.json()["checked"], 0);
+
+    // One file installed: clean.
+    let rt = Runtime::new();
+    let ran = rt.run(
+        "",
+        "mkdir -p \"$M/share/doc/pkg\"; echo docs > \"$M/share/doc/pkg/README\"",
+        &[
+            &["--since", "build-start", "--json"],
+            &["--since", "build-start"],
+        ],
+    );
+    ran.validations[0].clean();
+    assert_eq!(
+        ran.validations[0].json()["checked"],
+        4,
+        "share, share/doc, share/doc/pkg, README: {}",
+        ran.validations[0].stdout
+    );
+    assert!(
+        ran.validations[1].stdout.starts_with("valid: "),
+        "{:?}",
+        ran.validations[1]
+    );
+}
+
+#[test]
+fn altering_existing_files_is_reported_with_action_layer_and_writer() {
+    if !need_root() {
+        return;
+    }
+    let rt = Runtime::new();
+    let ran = rt.run(
+        "",
+        r#"printf 'other bytes' > "$M/lib/a.so"
+printf 'patched' > "$M/bin/tool"
+printf 'patched' > "$M/lib/shadowed"
+chmod 600 "$M/etc/conf" & echo $! > "$T/chmod.pid"; wait $!
+rm "$M/lib/gone" & echo $! > "$T/rm.pid"; wait $!"#,
+        &[
+            &["--since", "build-start", "--json"],
+            &["--since", "build-start"],
+            &[
+                "--since",
+                "build-start",
+                "--json",
+                "--allow",
+                "AlterExistingFiles:Change",
+            ],
+            &[
+                "--since",
+                "build-start",
+                "--json",
+                "--allow",
+                "AlterExistingFiles",
+            ],
+        ],
+    );
+    let chmod_pid = Ran::pid_file(&rt, "chmod.pid");
+    let rm_pid = Ran::pid_file(&rt, "rm.pid");
+    let (base, top) = (rt.layer("base"), rt.layer("top"));
+
+    let report = ran.validations[0].expect_code(1);
+    let alter = |action: &str, rel: &str| {
+        (
+            s("AlterExistingFiles"),
+            Some(s(action)),
+            Some(utf8(&rt.m(rel)).to_string()),
+        )
+    };
+    assert_eq!(
+        report.summary(),
+        [
+            alter("Change", "bin/tool"),
+            alter("Change", "etc/conf"),
+            alter("Change", "lib/a.so"),
+            alter("Remove", "lib/gone"),
+            alter("Change", "lib/shadowed"),
+        ],
+        "{}",
+        report.stdout
+    );
+    assert_eq!(report.json()["checked"], 5, "{}", report.stdout);
+
+    let a = report.violation("AlterExistingFiles", &rt.m("lib/a.so"));
+    assert_eq!(
+        (a["kind"].as_str(), a["layer"].as_str()),
+        (Some("modified"), Some(base.as_str()))
+    );
+    assert_by_build(&a, &ran);
+    // Only in the top layer: the top layer is named.
+    let tool = report.violation("AlterExistingFiles", &rt.m("bin/tool"));
+    assert_eq!(
+        (tool["kind"].as_str(), tool["layer"].as_str()),
+        (Some("modified"), Some(top.as_str()))
+    );
+    assert_by_build(&tool, &ran);
+    // In both: the copy overlayfs showed, the top one.
+    let shadowed = report.violation("AlterExistingFiles", &rt.m("lib/shadowed"));
+    assert_eq!(shadowed["layer"].as_str(), Some(top.as_str()), "{shadowed}");
+    assert_by_build(&shadowed, &ran);
+    // A mode change is a Change too.
+    let conf = report.violation("AlterExistingFiles", &rt.m("etc/conf"));
+    assert_eq!(
+        (conf["kind"].as_str(), conf["layer"].as_str()),
+        (Some("metadata"), Some(base.as_str()))
+    );
+    assert_by_tool(&conf, chmod_pid, "chmod");
+    let gone = report.violation("AlterExistingFiles", &rt.m("lib/gone"));
+    assert_eq!(
+        (gone["kind"].as_str(), gone["layer"].as_str()),
+        (Some("removed"), Some(base.as_str()))
+    );
+    assert_by_tool(&gone, rm_pid, "rm");
+
+    // The same, for people.
+    let human = ran.validations[1].expect_code(1);
+    let lines: Vec<&str> = human.stdout.lines().collect();
+    assert_eq!(lines.len(), 5, "{}", human.stdout);
+    let a_line = format!(
+        "AlterExistingFiles (Change): existing file was modified: {} from layer {base}, by pid {} (",
+        rt.m("lib/a.so").display(),
+        ran.build_pid
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with(&a_line) && l.contains("build.sh") && l.ends_with(')')),
+        "no line like {a_line:?}: {lines:#?}"
+    );
+    let gone_line = format!(
+        "AlterExistingFiles (Remove): existing file was removed: {} from layer {base}, by pid {rm_pid}",
+        rt.m("lib/gone").display()
+    );
+    assert!(
+        lines.iter().any(|l| l.starts_with(&gone_line)),
+        "no line like {gone_line:?}: {lines:#?}"
+    );
+
+    // Allowing Change leaves the removal; allowing every action leaves nothing.
+    let removal_only = ran.validations[2].expect_code(1);
+    assert_eq!(removal_only.summary(), [alter("Remove", "lib/gone")]);
+    ran.validations[3].clean();
+
+    // A build that touches only new paths is clean.
+    let rt = Runtime::new();
+    let ran = rt.run(
+        "",
+        r#"echo new > "$M/lib/new.so"
+mkdir -p "$M/share/pkg" && printf 'x' > "$M/share/pkg/data"
+ln -s new.so "$M/lib/link.so""#,
+        &[&["--since", "build-start", "--json"]],
+    );
+    let clean = ran.validations[0].clean();
+    // lib/new.so, share, share/pkg, share/pkg/data, lib/link.so
+    assert_eq!(clean.json()["checked"], 5, "{}", clean.stdout);
+}
+
+#[test]
+fn collecting_existing_files_is_denied_and_names_the_layer() {
+    if !need_root() {
+        return;
+    }
+    let rt = Runtime::new();
+    let (a, new, tool) = (rt.m("lib/a.so"), rt.m("lib/new.so"), rt.m("bin/tool"));
+    let ran = rt.run(
+        "",
+        "echo new > \"$M/lib/new.so\"",
+        &[
+            &["--since", "build-start", "--json", "--collect", utf8(&a)],
+            &["--since", "build-start", "--json", "--collect", utf8(&new)],
+            &[
+                "--since",
+                "build-start",
+                "--json",
+                "--collect",
+                utf8(&tool),
+                "--collect",
+                utf8(&new),
+            ],
+            &[
+                "--since",
+                "build-start",
+                "--json",
+                "--collect",
+                utf8(&a),
+                "--allow",
+                "CollectExistingFiles",
+            ],
+            &["--since", "build-start", "--collect", utf8(&a)],
+        ],
+    );
+    let existing = ran.validations[0].expect_code(1);
+    assert_eq!(
+        existing.summary(),
+        [(s("CollectExistingFiles"), None, Some(utf8(&a).to_string()))]
+    );
+    let v = existing.violation("CollectExistingFiles", &a);
+    assert_eq!(v["layer"].as_str(), Some(rt.layer("base").as_str()), "{v}");
+    // Unchanged by the build: no change, no writer.
+    assert!(v["kind"].is_null() && v["pid"].is_null(), "{v}");
+
+    ran.validations[1].clean();
+
+    let from_top = ran.validations[2].expect_code(1);
+    assert_eq!(
+        from_top.summary(),
+        [(
+            s("CollectExistingFiles"),
+            None,
+            Some(utf8(&tool).to_string())
+        )]
+    );
+    let v = from_top.violation("CollectExistingFiles", &tool);
+    assert_eq!(v["layer"].as_str(), Some(rt.layer("top").as_str()), "{v}");
+
+    ran.validations[3].clean();
+
+    let human = ran.validations[4].expect_code(1);
+    assert_eq!(
+        human.stdout.trim(),
+        format!(
+            "CollectExistingFiles: collected path already existed: {} from layer {}",
+            a.display(),
+            rt.layer("base")
+        )
+    );
+}
+
+#[test]
+fn deny_path_globs_deny_changes_under_them() {
+    if !need_root() {
+        return;
+    }
+    let rt = Runtime::new();
+    let ran = rt.run(
+        "",
+        "echo new > \"$M/etc/new\"; echo new > \"$M/lib/new.so\"",
+        &[
+            &["--since", "build-start", "--json", "--deny-path", "etc/**"],
+            &[
+                "--since",
+                "build-start",
+                "--json",
+                "--deny-path",
+                "share/**",
+            ],
+            &["--since", "build-start", "--deny-path", "etc/**"],
+        ],
+    );
+    let denied = ran.validations[0].expect_code(1);
+    let etc_new = rt.m("etc/new");
+    assert_eq!(
+        denied.summary(),
+        [(s("DenyPath"), None, Some(utf8(&etc_new).to_string()))]
+    );
+    let v = denied.violation("DenyPath", &etc_new);
+    assert_eq!(v["kind"].as_str(), Some("added"), "{v}");
+    assert!(v["layer"].is_null(), "{v}");
+    assert_by_build(&v, &ran);
+    ran.validations[1].clean();
+    let human = ran.validations[2].expect_code(1);
+    let line = format!(
+        "deny-path: {} may not change, by pid {} (",
+        etc_new.display(),
+        ran.build_pid
+    );
+    assert!(
+        human.stdout.trim().starts_with(&line) && human.stdout.contains("build.sh"),
+        "{:?} does not start with {line:?}",
+        human.stdout
+    );
+
+    // A build that leaves etc alone.
+    let rt = Runtime::new();
+    let ran = rt.run(
+        "",
+        "echo new > \"$M/lib/new.so\"; cat \"$M/etc/conf\" > /dev/null",
+        &[&["--since", "build-start", "--json", "--deny-path", "etc/**"]],
+    );
+    ran.validations[0].clean();
+}
+
+#[test]
+fn rules_files_are_honoured_and_bad_rules_cannot_validate() {
+    if !need_root() {
+        return;
+    }
+    let rt = Runtime::new();
+    let allow_remove = rt.path("allow-remove.yaml");
+    std::fs::write(
+        &allow_remove,
+        "rules:\n  - allow: AlterExistingFiles\n    action: Remove\n",
+    )
+    .expect("write rules");
+    // A bare list, spk's other spelling.
+    let allow_all = rt.path("allow-all.yaml");
+    std::fs::write(
+        &allow_all,
+        "- allow: AlterExistingFiles\n- allow: EmptyPackage\n",
+    )
+    .expect("write rules");
+    let bad_name = rt.path("bad-name.yaml");
+    std::fs::write(&bad_name, "rules:\n  - allow: NoSuchRule\n").expect("write rules");
+    let bad_action = rt.path("bad-action.yaml");
+    std::fs::write(
+        &bad_action,
+        "rules:\n  - deny: AlterExistingFiles\n    action: Melt\n",
+    )
+    .expect("write rules");
+    let not_rules = rt.path("not-rules.yaml");
+    std::fs::write(&not_rules, "rules:\n  - permit: EmptyPackage\n").expect("write rules");
+
+    let ran = rt.run(
+        "",
+        "rm \"$M/lib/gone\"; echo new > \"$M/lib/new.so\"",
+        &[
+            &["--since", "build-start", "--json"],
+            &[
+                "--since",
+                "build-start",
+                "--json",
+                "--rules",
+                utf8(&allow_remove),
+            ],
+            &[
+                "--since",
+                "build-start",
+                "--json",
+                "--rules",
+                utf8(&allow_all),
+            ],
+            // --deny comes after the file.
+            &[
+                "--since",
+                "build-start",
+                "--json",
+                "--rules",
+                utf8(&allow_remove),
+                "--deny",
+                "AlterExistingFiles:Remove",
+            ],
+            &[
+                "--since",
+                "build-start",
+                "--json",
+                "--rules",
+                utf8(&bad_name),
+            ],
+            &[
+                "--since",
+                "build-start",
+                "--json",
+                "--rules",
+                utf8(&bad_action),
+            ],
+            &[
+                "--since",
+                "build-start",
+                "--json",
+                "--rules",
+                utf8(&not_rules),
+            ],
+            &[
+                "--since",
+                "build-start",
+                "--json",
+                "--rules",
+                utf8(&rt.path("missing.yaml")),
+            ],
+            &["--since", "build-start", "--json", "--deny", "NoSuchRule"],
+        ],
+    );
+    let gone = (
+        s("AlterExistingFiles"),
+        Some(s("Remove")),
+        Some(utf8(&rt.m("lib/gone")).to_string()),
+    );
+    assert_eq!(
+        ran.validations[0].expect_code(1).summary(),
+        std::slice::from_ref(&gone)
+    );
+    ran.validations[1].clean();
+    ran.validations[2].clean();
+    assert_eq!(ran.validations[3].expect_code(1).summary(), [gone]);
+    ran.validations[4].one_line_error("NoSuchRule");
+    ran.validations[5].one_line_error("Melt");
+    ran.validations[6].one_line_error("not-rules.yaml");
+    ran.validations[7].one_line_error("missing.yaml");
+    ran.validations[8].one_line_error("NoSuchRule");
+}
+
+#[test]
+fn since_build_start_ignores_what_came_before() {
+    if !need_root() {
+        return;
+    }
+    let rt = Runtime::new();
+    let ran = rt.run(
+        // Breaks the default rules, before the mark.
+        "printf 'setup bytes' > \"$M/lib/a.so\"; rm \"$M/lib/gone\"",
+        "echo new > \"$M/lib/new.so\"",
+        &[
+            &["--since", "build-start", "--json"],
+            &["--json"],
+            &["--since", "build-start"],
+        ],
+    );
+    let since = ran.validations[0].clean();
+    assert_eq!(since.json()["checked"], 1, "{}", since.stdout);
+    assert!(since.json()["fresh"].is_null(), "{}", since.stdout);
+    assert!(ran.validations[2].clean().stdout.starts_with("valid: 1 "));
+
+    let all = ran.validations[1].expect_code(1);
+    let alter = |action: &str, rel: &str| {
+        (
+            s("AlterExistingFiles"),
+            Some(s(action)),
+            Some(utf8(&rt.m(rel)).to_string()),
+        )
+    };
+    assert_eq!(
+        all.summary(),
+        [alter("Change", "lib/a.so"), alter("Remove", "lib/gone")],
+        "{}",
+        all.stdout
+    );
+    assert_eq!(all.json()["checked"], 3, "{}", all.stdout);
+    // Made by the setup shell, not the build.
+    let a = all.violation("AlterExistingFiles", &rt.m("lib/a.so"));
+    assert!(a["pid"].as_u64().is_some_and(|p| p != ran.build_pid), "{a}");
+    assert!(
+        ran.listing
+            .contains(&format!("-{}", rt.m("lib/gone").display())),
+        "{}",
+        ran.listing
+    );
+}
+
+#[test]
+fn identical_bytes_are_a_touch_other_bytes_a_change() {
+    if !need_root() {
+        return;
+    }
+    let deny_touch_file = |rt: &Runtime| {
+        let p = rt.path("deny-touch.yaml");
+        std::fs::write(&p, "- deny: AlterExistingFiles\n  action: Touch\n").expect("write rules");
+        p
+    };
+    let validations = |rules: &Path| -> Vec<Vec<String>> {
+        [
+            vec!["--since", "build-start", "--json"],
+            vec![
+                "--since",
+                "build-start",
+                "--json",
+                "--deny",
+                "AlterExistingFiles:Touch",
+            ],
+            vec!["--since", "build-start", "--json", "--rules", utf8(rules)],
+            vec![
+                "--since",
+                "build-start",
+                "--deny",
+                "AlterExistingFiles:Touch",
+            ],
+        ]
+        .into_iter()
+        .map(|a| a.into_iter().map(str::to_string).collect())
+        .collect()
+    };
+    // The same bytes, four ways: a shell rewrite, a copy back, touch(1), and a change
+    // undone. Each
+    // build also installs a file, so it is no EmptyPackage.
+    for (how, build) in [
+        ("echo", "echo same > \"$M/lib/same\""),
+        (
+            "copy back",
+            "cp \"$M/lib/same\" \"$T/x\"; cat \"$T/x\" > \"$M/lib/same\"",
+        ),
+        ("touch", "touch \"$M/lib/same\""),
+        (
+            "changed and changed back",
+            "echo other > \"$M/lib/same\"; echo same > \"$M/lib/same\"",
+        ),
+    ] {
+        let rt = Runtime::new();
+        let rules = deny_touch_file(&rt);
+        let ran = rt.run_owned(
+            "",
+            &format!("{build}\necho new > \"$M/lib/new.so\""),
+            &validations(&rules),
+        );
+        let same = rt.m("lib/same");
+        ran.validations[0].clean();
+        for denied in &ran.validations[1..3] {
+            denied.expect_code(1);
+            assert_eq!(
+                denied.summary(),
+                [(
+                    s("AlterExistingFiles"),
+                    Some(s("Touch")),
+                    Some(utf8(&same).to_string())
+                )],
+                "{how}: {}",
+                denied.stdout
+            );
+            let t = denied.violation("AlterExistingFiles", &same);
+            assert_eq!(t["kind"].as_str(), Some("metadata"), "{how}: {t}");
+            assert_eq!(
+                t["layer"].as_str(),
+                Some(rt.layer("base").as_str()),
+                "{how}: {t}"
+            );
+            assert!(t["pid"].as_u64().is_some(), "{how}: {t}");
+            if how == "echo" {
+                assert_by_build(&t, &ran);
+            }
+        }
+        let human = ran.validations[3].expect_code(1);
+        assert!(
+            human.stdout.starts_with(&format!(
+                "AlterExistingFiles (Touch): existing file was touched: {} from layer {}, by pid ",
+                same.display(),
+                rt.layer("base")
+            )),
+            "{how}: {}",
+            human.stdout
+        );
+    }
+
+    // Other bytes: a Change, denied by default.
+    let rt = Runtime::new();
+    let rules = deny_touch_file(&rt);
+    let ran = rt.run_owned("", "echo different > \"$M/lib/same\"", &validations(&rules));
+    let same = rt.m("lib/same");
+    for report in &ran.validations[..3] {
+        report.expect_code(1);
+        assert_eq!(
+            report.summary(),
+            [(
+                s("AlterExistingFiles"),
+                Some(s("Change")),
+                Some(utf8(&same).to_string())
+            )],
+            "{}",
+            report.stdout
+        );
+        let c = report.violation("AlterExistingFiles", &same);
+        assert_eq!(c["kind"].as_str(), Some("modified"), "{c}");
+        assert_by_build(&c, &ran);
+    }
+}
+
+#[test]
+fn what_cannot_be_validated_exits_2() {
+    if !need_root() {
+        return;
+    }
+    let rt = Runtime::new();
+    let ran = rt.run(
+        "",
+        "echo new > \"$M/lib/new.so\"",
+        &[
+            &["--since", "nosuchmark", "--json"],
+            &["--since", "nosuchmark"],
+            &["--since", "build-start", "--deny-path", "etc/[", "--json"],
+        ],
+    );
+    ran.validations[0].one_line_error("nosuchmark");
+    ran.validations[1].one_line_error("nosuchmark");
+    ran.validations[2].one_line_error("etc/[");
+
+    // Outside any run: no tracker to compare with the lower layers.
+    let outcome = |args: &[&str], c: &mut Command| {
+        let out = c.output().expect("spawn spfs-changes");
+        Outcome {
+            args: args.iter().map(|a| a.to_string()).collect(),
+            code: out.status.code().unwrap_or(-1),
+            stdout: text(&out.stdout),
+            stderr: text(&out.stderr),
+        }
+    };
+    let empty = rt.path("empty-state");
+    std::fs::create_dir(&empty).expect("mkdir");
+    for args in [
+        vec!["validate", "--state", utf8(&empty), "--json"],
+        vec![
+            "validate",
+            "--state",
+            utf8(&empty),
+            "--since",
+            "build-start",
+        ],
+        // The changelog the run kept: its tracker has stopped.
+        vec!["validate", "--state", utf8(&rt.path("state")), "--json"],
+        vec!["validate", "--state", utf8(&rt.path("no-such-state"))],
+    ] {
+        outcome(&args, &mut cmd(&args)).one_line_error("validate");
+    }
+    // A socket nothing listens on.
+    let args = ["validate", "--json"];
+    outcome(
+        &args,
+        cmd(&args).env("SPFS_CHANGES_SOCKET", rt.path("state/control.sock")),
+    )
+    .one_line_error("validate");
+}
+
+/// Overlayfs makes every whiteout a hard link of one shared whiteout inode. An event
+/// on that inode that names no dir entry (the link count changing when `mkdir` over
+/// a whiteout moves the old whiteout out) must not be pinned on another of its links
+/// (here the whiteout of `lib/gone`, removed before the mark) and blamed on the build.
+#[test]
+fn a_removal_before_the_mark_is_not_blamed_on_the_build() {
+    if !need_root() {
+        return;
+    }
+    let rt = Runtime::new();
+    let ran = rt.run(
+        "rm \"$M/lib/gone\"; rm \"$M/lib/same\"",
+        "mkdir \"$M/lib/same\"; echo x > \"$M/lib/same/f\"",
+        &[&[
+            "--since",
+            "build-start",
+            "--json",
+            "--allow",
+            "AlterExistingFiles:Change",
+        ]],
+    );
+    ran.validations[0].clean();
+}
+
+/// Removing a whole lower dir is recorded as the removal of the dir alone; deny-path
+/// globs must still see every original it took along (`etc/**`, `etc/conf`).
+#[test]
+fn removing_a_denied_tree_is_denied() {
+    if !need_root() {
+        return;
+    }
+    let rt = Runtime::new();
+    let ran = rt.run(
+        "",
+        "rm -r \"$M/etc\"; echo new > \"$M/lib/new.so\"",
+        &[
+            &[
+                "--since",
+                "build-start",
+                "--json",
+                "--allow",
+                "AlterExistingFiles",
+                "--deny-path",
+                "etc/**",
+            ],
+            &[
+                "--since",
+                "build-start",
+                "--json",
+                "--allow",
+                "AlterExistingFiles",
+                "--deny-path",
+                "etc/conf",
+            ],
+        ],
+    );
+    for denied in &ran.validations {
+        denied.expect_code(1);
+        assert!(
+            denied
+                .summary()
+                .iter()
+                .all(|(rule, _, _)| rule == "DenyPath"),
+            "{}",
+            denied.stdout
+        );
+    }
+}
