@@ -299,10 +299,11 @@ fn collect_tree(
         if first && !is_whiteout(&stat) {
             out.push((child.clone(), layer, is_dir));
         }
-        if is_dir && !is_whiteout(&stat) {
-            if let Some(sub) = open_dir(dir.as_fd(), OsStr::from_bytes(&name))? {
-                collect_tree(sub, child, layer, seen, out)?;
-            }
+        if is_dir
+            && !is_whiteout(&stat)
+            && let Some(sub) = open_dir(dir.as_fd(), OsStr::from_bytes(&name))?
+        {
+            collect_tree(sub, child, layer, seen, out)?;
         }
     }
     Ok(())
