@@ -3,6 +3,7 @@
 use crate::TrackerError;
 use crate::classify::{Classifier, join_rel};
 use crate::fid::{self, DirEntryRef, Handle};
+use crate::reader::{self, Backlog, Chunk};
 use crate::resolve::{Place, Resolver};
 use crate::sys::{self, FanotifyGroup};
 use nix::fcntl::{OFlag, openat};
@@ -40,8 +41,6 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// A dir on the upper dir's filesystem, outside upper and work, for sync cookies.
     pub sync_dir: PathBuf,
-    /// How long to keep reading after the first event before processing a batch.
-    pub batch_window: Duration,
 }
 
 impl Config {
@@ -50,7 +49,6 @@ impl Config {
             layout,
             state_dir,
             sync_dir,
-            batch_window: Duration::from_millis(5),
         }
     }
 }
@@ -79,13 +77,8 @@ pub struct Status {
     pub degraded: Vec<String>,
 }
 
-/// How long `sync` waits for its cookie before declaring the kernel silent.
+/// How long `sync` waits for its cookie while the watcher makes no progress at all.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
-/// Read buffer; the kernel needs room for at least one whole event per read.
-const READ_BUF: usize = 256 * 1024;
-const MIN_FREE: usize = 16 * 1024;
-/// A first read this large means events are arriving in a burst.
-const BURST_BYTES: usize = 8 * 1024;
 
 #[derive(Default)]
 struct SyncState {
@@ -106,7 +99,8 @@ struct Counters {
 
 struct Shared {
     store: Arc<Store>,
-    stop: AtomicBool,
+    /// Shared with the reader thread.
+    stop_flag: Arc<AtomicBool>,
     next_cookie: AtomicU64,
     sync: Mutex<SyncState>,
     synced: Condvar,
@@ -123,7 +117,7 @@ pub struct Tracker {
     sync_fd: OwnedFd,
     config: Config,
     degraded: Vec<String>,
-    thread: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl Tracker {
@@ -184,7 +178,7 @@ impl Tracker {
 
         let shared = Arc::new(Shared {
             store,
-            stop: AtomicBool::new(false),
+            stop_flag: Arc::new(AtomicBool::new(false)),
             next_cookie: AtomicU64::new(0),
             sync: Mutex::new(SyncState::default()),
             synced: Condvar::new(),
@@ -201,14 +195,13 @@ impl Tracker {
                 .store
                 .set_info(key, std::os::unix::ffi::OsStrExt::as_bytes(value))?;
         }
+        let backlog = Arc::new(Backlog::default());
         let mut watcher = Watcher {
-            group,
+            backlog: backlog.clone(),
             resolver,
             classifier,
             shared: shared.clone(),
             sync_handle,
-            batch_window: config.batch_window,
-            commands: HashMap::new(),
         };
         // The mark is in place: anything changing from here on is queued, so a rescan
         // now misses nothing.
@@ -220,6 +213,14 @@ impl Tracker {
         if existing {
             watcher.rescan("tracker started over an existing upper dir or changelog")?;
         }
+        let stop = shared.stop_flag.clone();
+        let reader = std::thread::Builder::new()
+            .name("spfs-changes-read".into())
+            .spawn(move || reader::run(group, backlog, stop))
+            .map_err(TrackerError::io(
+                "cannot start reader thread for",
+                &layout.upper,
+            ))?;
         let thread = std::thread::Builder::new()
             .name("spfs-changes-watch".into())
             .spawn(move || watcher.run())
@@ -232,7 +233,7 @@ impl Tracker {
             sync_fd,
             config,
             degraded,
-            thread: Some(thread),
+            threads: vec![reader, thread],
         };
         tracker.sync()?;
         Ok(tracker)
@@ -272,7 +273,11 @@ impl Tracker {
             .map_err(cookie_error)?,
         );
         let _ = unlinkat(&self.sync_fd, name.as_str(), UnlinkatFlags::NoRemoveDir);
-        let deadline = Instant::now() + SYNC_TIMEOUT;
+        // A busy tracker (a backlog of a storm, a rescan) is slow, not stuck: give up
+        // only when it has processed nothing for SYNC_TIMEOUT.
+        let batches = || self.shared.counters.batches.load(Ordering::Relaxed);
+        let mut progress = batches();
+        let mut deadline = Instant::now() + SYNC_TIMEOUT;
         let mut state = self.shared.sync.lock().map_err(|_| poisoned())?;
         loop {
             if let Some(why) = &state.failed {
@@ -282,13 +287,18 @@ impl Tracker {
                 return Ok(self.shared.store.token());
             }
             let now = Instant::now();
+            if batches() != progress {
+                progress = batches();
+                deadline = now + SYNC_TIMEOUT;
+            }
             if now >= deadline {
                 return Err(TrackerError::SyncTimeout(SYNC_TIMEOUT));
             }
+            let wait = (deadline - now).min(Duration::from_millis(200));
             state = self
                 .shared
                 .synced
-                .wait_timeout(state, deadline - now)
+                .wait_timeout(state, wait)
                 .map_err(|_| poisoned())?
                 .0;
         }
@@ -381,8 +391,8 @@ impl Tracker {
     }
 
     fn halt(&mut self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
+        self.shared.stop_flag.store(true, Ordering::SeqCst);
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
@@ -458,14 +468,11 @@ fn check_placement(config: &Config) -> Result<Vec<String>, TrackerError> {
 
 /// The watcher thread's state.
 struct Watcher {
-    group: FanotifyGroup,
+    backlog: Arc<Backlog>,
     resolver: Resolver,
     classifier: Classifier,
     shared: Arc<Shared>,
     sync_handle: Handle,
-    batch_window: Duration,
-    /// Command lines of the writers in the batch being read, by pid.
-    commands: HashMap<i32, Vec<u8>>,
 }
 
 /// What one batch of events asks to be done.
@@ -481,33 +488,29 @@ struct Pending {
     /// Dirs moved into place whose content must be walked.
     walks: BTreeSet<Vec<u8>>,
     seen: HashSet<(Action, Vec<u8>, u32)>,
+    /// Paths created in this batch.
+    created: HashSet<Vec<u8>>,
     cookie: u64,
     overflow: bool,
 }
 
 impl Watcher {
     fn run(mut self) {
-        let mut buf = vec![0u8; READ_BUF];
         let result = loop {
-            if self.shared.stop.load(Ordering::SeqCst) {
+            if self.shared.stop_flag.load(Ordering::SeqCst) {
                 break Ok(());
             }
             if let Err(e) = self.take_relayer() {
                 break Err(e.to_string());
             }
-            match self.group.wait(Duration::from_millis(100)) {
-                Ok(false) => continue,
-                Ok(true) => {}
-                Err(e) => break Err(format!("polling fanotify: {e}")),
-            }
-            let filled = match self.fill(&mut buf) {
-                Ok(n) => n,
-                Err(e) => break Err(format!("reading fanotify: {e}")),
+            let chunks = match self.backlog.take_all(Duration::from_millis(100)) {
+                Ok(c) => c,
+                Err(why) => break Err(why),
             };
-            if filled == 0 {
+            if chunks.is_empty() {
                 continue;
             }
-            if let Err(e) = self.process(&buf[..filled]) {
+            if let Err(e) = self.process(chunks) {
                 break Err(e.to_string());
             }
         };
@@ -538,84 +541,50 @@ impl Watcher {
         Ok(())
     }
 
-    /// Reads events for up to `batch_window` after the first ones arrive, so bursts are
-    /// processed (and written to the db) together.
-    fn fill(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.commands.clear();
-        let mut filled = self.group.read(buf)?;
-        self.note_commands(&buf[..filled]);
-        // A few events (a lone change, a sync cookie) are answered at once; only a
-        // burst is worth waiting for more.
-        if filled < BURST_BYTES || self.batch_window.is_zero() {
-            return Ok(filled);
-        }
-        let deadline = Instant::now() + self.batch_window;
-        while buf.len() - filled >= MIN_FREE {
-            let now = Instant::now();
-            if now >= deadline || !self.group.wait(deadline - now)? {
-                break;
-            }
-            let n = self.group.read(&mut buf[filled..])?;
-            self.note_commands(&buf[filled..filled + n]);
-            filled += n;
-        }
-        Ok(filled)
-    }
-
-    /// Reads the command line of each writer as soon as its events are read, not
-    /// after the batch window: short-lived writers (cp, install, a linker) are often
-    /// gone by then. It narrows the race; nothing can close it.
-    fn note_commands(&mut self, chunk: &[u8]) {
-        for event in fid::events(chunk).flatten() {
-            if event.pid > 0 {
-                self.commands
-                    .entry(event.pid)
-                    .or_insert_with(|| sys::command_of(event.pid as u32));
-            }
-        }
-    }
-
-    fn process(&mut self, buf: &[u8]) -> Result<(), TrackerError> {
+    fn process(&mut self, chunks: Vec<Chunk>) -> Result<(), TrackerError> {
         let started = Instant::now();
         // Before this batch's cookies are acknowledged.
         self.take_relayer()?;
         let mut p = Pending::default();
-        let mut commands = std::mem::take(&mut self.commands);
         let now_ns = now_ns();
         let mut count = 0u64;
-        for event in fid::events(buf) {
-            let event = match event {
-                Ok(e) => e,
-                Err(e) => {
-                    // The rest of the buffer cannot be trusted: treat it like an overflow.
-                    tracing::error!(error = %e, "undecodable fanotify record");
+        for chunk in chunks {
+            let mut commands = chunk.commands;
+            for event in fid::events(&chunk.bytes) {
+                let event = match event {
+                    Ok(e) => e,
+                    Err(e) => {
+                        // The rest of this read cannot be trusted: treat it like an
+                        // overflow.
+                        tracing::error!(error = %e, "undecodable fanotify record");
+                        p.overflow = true;
+                        break;
+                    }
+                };
+                count += 1;
+                if event.mask & sys::FAN_Q_OVERFLOW != 0 {
                     p.overflow = true;
-                    break;
+                    continue;
                 }
-            };
-            count += 1;
-            if event.mask & sys::FAN_Q_OVERFLOW != 0 {
-                p.overflow = true;
-                continue;
-            }
-            if let Some(entry) = event.entry
-                && entry.dir == self.sync_handle.as_ref()
-            {
-                if event.mask & sys::FAN_CREATE != 0
-                    && let Some(n) = cookie_number(entry.name)
+                if let Some(entry) = event.entry
+                    && entry.dir == self.sync_handle.as_ref()
                 {
-                    p.cookie = p.cookie.max(n);
+                    if event.mask & sys::FAN_CREATE != 0
+                        && let Some(n) = cookie_number(entry.name)
+                    {
+                        p.cookie = p.cookie.max(n);
+                    }
+                    continue;
                 }
-                continue;
+                let origin = (event.pid > 0).then(|| Origin {
+                    pid: event.pid as u32,
+                    command: commands
+                        .entry(event.pid)
+                        .or_insert_with(|| sys::command_of(event.pid as u32))
+                        .clone(),
+                });
+                self.handle_event(&event, origin, now_ns, &mut p)?;
             }
-            let origin = (event.pid > 0).then(|| Origin {
-                pid: event.pid as u32,
-                command: commands
-                    .entry(event.pid)
-                    .or_insert_with(|| sys::command_of(event.pid as u32))
-                    .clone(),
-            });
-            self.handle_event(&event, origin, now_ns, &mut p)?;
         }
         self.shared
             .counters
@@ -639,10 +608,19 @@ impl Watcher {
     ) -> Result<(), TrackerError> {
         let ondir = event.mask & sys::FAN_ONDIR != 0;
         let observe = |p: &mut Pending, action, path: &[u8], ft| {
+            // One record per path and kind of change per batch: writes and attribute
+            // changes repeat (every write(2) is an event), and those right after a
+            // creation are part of it.
             let dedupe = matches!(action, Action::Written | Action::Attrib);
+            if dedupe && p.created.contains(path) {
+                return;
+            }
             let pid = origin.as_ref().map_or(0, |o| o.pid);
             if dedupe && !p.seen.insert((action, path.to_vec(), pid)) {
                 return;
+            }
+            if action == Action::Created {
+                p.created.insert(path.to_vec());
             }
             p.observations.push(Observation {
                 action,

@@ -20,7 +20,9 @@ pub enum TrackerError {
     },
     #[error(transparent)]
     Store(#[from] store::StoreError),
-    #[error("the tracker did not see its sync cookie within {0:?}; events are not being delivered")]
+    #[error(
+        "the tracker made no progress for {0:?} and did not see its sync cookie; events are not being delivered"
+    )]
     SyncTimeout(std::time::Duration),
     #[error("the tracker stopped: {0}")]
     Stopped(String),

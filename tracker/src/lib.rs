@@ -9,6 +9,7 @@ mod engine;
 mod error;
 pub mod fid;
 pub mod mountinfo;
+mod reader;
 pub mod reset;
 pub mod resolve;
 pub mod runtime;

@@ -350,20 +350,25 @@ fn still_in_use(spec: &MountSpec) -> Option<String> {
             };
             for e in mountinfo::parse(&text) {
                 mounted_ids.insert(e.id);
-                let dev = libc::makedev(e.dev.0, e.dev.1);
-                if dev == spec.dev {
+                // Our superblock's device number is free once it is gone, and the next
+                // filesystem mounted anywhere may get it: only an overlay on our upper
+                // dir (the same inode, whatever path that namespace names it by), or
+                // one with our number whose upper dir is out of reach, counts.
+                let Some(layers) = e.overlay_layers() else {
+                    continue;
+                };
+                let upper = task
+                    .join("root")
+                    .join(layers.upper.strip_prefix("/").unwrap_or(&layers.upper));
+                let upper = std::fs::metadata(upper).map(|m| (m.dev(), m.ino()));
+                let same_dev = libc::makedev(e.dev.0, e.dev.1) == spec.dev;
+                let same_upper = upper.as_ref().is_ok_and(|id| *id == spec.upper_id);
+                if same_dev && (same_upper || upper.is_err()) {
                     return Some(format!(
                         "the overlay is still mounted at {} in the mount namespace of pid {pid}",
                         e.mount_point.display()
                     ));
                 }
-                // Same upper dir: the same inode, whatever path that namespace names it by.
-                let same_upper = e.overlay_layers().is_some_and(|l| {
-                    let upper = task
-                        .join("root")
-                        .join(l.upper.strip_prefix("/").unwrap_or(&l.upper));
-                    std::fs::metadata(upper).is_ok_and(|m| (m.dev(), m.ino()) == spec.upper_id)
-                });
                 if same_upper {
                     return Some(format!(
                         "another overlay on the same upper dir is mounted at {} (namespace of pid {pid})",

@@ -229,7 +229,11 @@ mod tests {
     #[test]
     fn handle_round_trip_resolves_to_the_same_path() {
         if !nix::unistd::geteuid().is_root() {
-            assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "CI must run this test as root");
+            assert_ne!(
+                std::env::var("CI").as_deref(),
+                Ok("true"),
+                "CI must run this test as root"
+            );
             eprintln!("skipped: needs root");
             return;
         }

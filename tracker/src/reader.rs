@@ -1,0 +1,138 @@
+//! Drains the kernel's fanotify queue as fast as it fills.
+//!
+//! The kernel queue is small (16384 events by default) and a full queue loses
+//! events, which costs a rescan of the whole upper dir. Classifying and writing
+//! changes is much slower than reading them, so a dedicated thread only reads: it
+//! moves raw records into a bounded backlog in memory, together with the command line
+//! of each writer read right away (short-lived writers are gone a few ms later). The
+//! watcher takes everything backlogged at once, so the busier the writers, the larger
+//! (and cheaper per event) its batches.
+
+use crate::fid;
+use crate::sys::{self, FanotifyGroup};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+/// One `read(2)` worth of records.
+pub(crate) struct Chunk {
+    pub bytes: Vec<u8>,
+    /// Command lines of the writers in `bytes`, by pid.
+    pub commands: HashMap<i32, Vec<u8>>,
+}
+
+/// Read buffer; the kernel needs room for at least one whole event per read.
+const READ_BUF: usize = 256 * 1024;
+/// Past this much unprocessed data the reader stops reading and lets the kernel
+/// queue absorb (and, at worst, overflow): memory stays bounded.
+const MAX_BACKLOG: usize = 64 * 1024 * 1024;
+
+/// Largest batch handed to the watcher (about 40k events): bounds the memory a
+/// batch's bookkeeping takes and keeps sync answers prompt under load.
+const MAX_BATCH: usize = 4 * 1024 * 1024;
+
+#[derive(Default)]
+struct State {
+    chunks: VecDeque<Chunk>,
+    bytes: usize,
+    /// Why the reader stopped, if it did on an error.
+    failed: Option<String>,
+}
+
+#[derive(Default)]
+pub(crate) struct Backlog {
+    state: Mutex<State>,
+    filled: Condvar,
+    drained: Condvar,
+}
+
+impl Backlog {
+    fn push(&self, chunk: Chunk, stop: &AtomicBool) {
+        let Ok(mut s) = self.state.lock() else { return };
+        while s.bytes >= MAX_BACKLOG && !stop.load(Ordering::SeqCst) {
+            s = match self.drained.wait_timeout(s, Duration::from_millis(100)) {
+                Ok((s, _)) => s,
+                Err(_) => return,
+            };
+        }
+        s.bytes += chunk.bytes.len();
+        s.chunks.push_back(chunk);
+        self.filled.notify_one();
+    }
+
+    fn fail(&self, why: String) {
+        if let Ok(mut s) = self.state.lock() {
+            s.failed = Some(why);
+        }
+        self.filled.notify_all();
+    }
+
+    /// What is backlogged, up to `MAX_BATCH` bytes, waiting up to `timeout` for
+    /// something to arrive.
+    pub fn take_all(&self, timeout: Duration) -> Result<Vec<Chunk>, String> {
+        let Ok(mut s) = self.state.lock() else {
+            return Err("the event reader panicked".into());
+        };
+        if s.chunks.is_empty() && s.failed.is_none() {
+            s = match self.filled.wait_timeout(s, timeout) {
+                Ok((s, _)) => s,
+                Err(_) => return Err("the event reader panicked".into()),
+            };
+        }
+        if let Some(why) = &s.failed
+            && s.chunks.is_empty()
+        {
+            return Err(why.clone());
+        }
+        let mut taken = Vec::new();
+        let mut bytes = 0;
+        while let Some(chunk) = s.chunks.pop_front() {
+            bytes += chunk.bytes.len();
+            taken.push(chunk);
+            if bytes >= MAX_BATCH {
+                break;
+            }
+        }
+        s.bytes -= bytes;
+        self.drained.notify_all();
+        Ok(taken)
+    }
+}
+
+/// Reads until `stop` is set or reading fails (the failure lands in the backlog).
+pub(crate) fn run(group: FanotifyGroup, backlog: Arc<Backlog>, stop: Arc<AtomicBool>) {
+    while !stop.load(Ordering::SeqCst) {
+        match group.wait(Duration::from_millis(100)) {
+            Ok(false) => continue,
+            Ok(true) => {}
+            Err(e) => return backlog.fail(format!("polling fanotify: {e}")),
+        }
+        // Drain what is queued now, a buffer at a time.
+        loop {
+            let mut bytes = vec![0u8; READ_BUF];
+            let n = match group.read(&mut bytes) {
+                Ok(n) => n,
+                Err(e) => return backlog.fail(format!("reading fanotify: {e}")),
+            };
+            if n == 0 {
+                break;
+            }
+            bytes.truncate(n);
+            let commands = commands_of(&bytes);
+            backlog.push(Chunk { bytes, commands }, &stop);
+        }
+    }
+}
+
+fn commands_of(bytes: &[u8]) -> HashMap<i32, Vec<u8>> {
+    let mut commands = HashMap::new();
+    for event in fid::events(bytes).flatten() {
+        if event.pid > 0 {
+            commands
+                .entry(event.pid)
+                .or_insert_with(|| sys::command_of(event.pid as u32));
+        }
+    }
+    commands
+}
