@@ -12,13 +12,17 @@
 use nix::dir::Dir;
 use nix::fcntl::{AtFlags, OFlag, openat, readlinkat};
 use nix::sys::stat::{FileStat, Mode, SFlag, fstatat};
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use store::{FileType, NetKind};
+use xattr::FileExt;
 
 /// The xattr overlayfs sets on a dir that hides the lower dirs below it.
 const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
@@ -29,7 +33,7 @@ pub type Net = Option<(NetKind, FileType)>;
 
 /// An entry named by its parent dir and its name, with what `lstat` said of it.
 struct Entry<'a> {
-    parent: OwnedFd,
+    parent: Arc<File>,
     name: &'a OsStr,
     stat: FileStat,
 }
@@ -55,18 +59,48 @@ pub struct Original {
 
 pub struct Classifier {
     upper_path: PathBuf,
-    upper: OwnedFd,
+    upper: Arc<File>,
     /// Top-most first, as in overlayfs' `lowerdir=`.
-    lowers: Vec<OwnedFd>,
+    lowers: Vec<Arc<File>>,
+    /// Dirs looked up recently: changed paths come in bunches under the same dirs.
+    dirs: RefCell<DirCache>,
+}
+
+/// A dir of the upper dir, and whether an opaque dir at or above it hides the lowers.
+struct UpperDir {
+    fd: Arc<File>,
+    hidden: bool,
+}
+
+/// What each lower layer holds at one dir path.
+enum LayerDir {
+    Missing,
+    /// A whiteout or a non-dir: hides this path in this layer and all below.
+    Blocked,
+    /// A dir; `opaque` when it or a dir above it in this layer is opaque, which hides
+    /// the layers below for everything under it.
+    Dir {
+        fd: Arc<File>,
+        opaque: bool,
+    },
+}
+
+/// Past this many cached dirs the cache starts over: each holds descriptors.
+const DIR_CACHE_LIMIT: usize = 128;
+
+#[derive(Default)]
+struct DirCache {
+    upper: HashMap<Vec<u8>, Option<Arc<UpperDir>>>,
+    lower: HashMap<Vec<u8>, Arc<Vec<LayerDir>>>,
 }
 
 impl Classifier {
     pub fn new(upper: &Path, lowers: &[PathBuf]) -> io::Result<Self> {
-        let open = |p: &Path| -> io::Result<OwnedFd> { Ok(File::open(p)?.into()) };
         Ok(Self {
             upper_path: upper.to_path_buf(),
-            upper: open(upper)?,
-            lowers: lowers.iter().map(|p| open(p)).collect::<io::Result<_>>()?,
+            upper: Arc::new(File::open(upper)?),
+            lowers: open_all(lowers)?,
+            dirs: RefCell::default(),
         })
     }
 
@@ -74,12 +108,96 @@ impl Classifier {
     pub fn relayered(&self, lowers: &[PathBuf]) -> io::Result<Self> {
         Ok(Self {
             upper_path: self.upper_path.clone(),
-            upper: dup(self.upper.as_fd())?,
-            lowers: lowers
-                .iter()
-                .map(|p| Ok(File::open(p)?.into()))
-                .collect::<io::Result<_>>()?,
+            upper: Arc::new(dup(self.upper.as_fd())?),
+            lowers: open_all(lowers)?,
+            dirs: RefCell::default(),
         })
+    }
+
+    /// Drops every cached dir: call between batches, so that a dir renamed or removed
+    /// since is looked up afresh.
+    pub fn forget(&self) {
+        *self.dirs.borrow_mut() = DirCache::default();
+    }
+
+    /// The upper dir at `rel` (a dir path), or `None` when it is not a dir there.
+    fn upper_dir(&self, rel: &[u8]) -> io::Result<Option<Arc<UpperDir>>> {
+        if rel.is_empty() {
+            return Ok(Some(Arc::new(UpperDir {
+                fd: self.upper.clone(),
+                hidden: false,
+            })));
+        }
+        if let Some(found) = self.dirs.borrow().upper.get(rel) {
+            return Ok(found.clone());
+        }
+        let (parent_rel, name) = parent_and_name(rel);
+        let found = match self.upper_dir(parent_rel)? {
+            None => None,
+            Some(parent) => open_dir(parent.fd.as_fd(), name)?.map(|fd| {
+                let hidden = parent.hidden || is_opaque(&fd);
+                Arc::new(UpperDir {
+                    fd: Arc::new(fd),
+                    hidden,
+                })
+            }),
+        };
+        let mut cache = self.dirs.borrow_mut();
+        if cache.upper.len() >= DIR_CACHE_LIMIT {
+            cache.upper.clear();
+        }
+        cache.upper.insert(rel.to_vec(), found.clone());
+        Ok(found)
+    }
+
+    /// What each lower layer holds at dir path `rel`.
+    fn lower_dir(&self, rel: &[u8]) -> io::Result<Arc<Vec<LayerDir>>> {
+        if let Some(found) = self.dirs.borrow().lower.get(rel) {
+            return Ok(found.clone());
+        }
+        let found: Vec<LayerDir> = if rel.is_empty() {
+            self.lowers
+                .iter()
+                .map(|fd| LayerDir::Dir {
+                    fd: fd.clone(),
+                    opaque: false,
+                })
+                .collect()
+        } else {
+            let (parent_rel, name) = parent_and_name(rel);
+            let parent = self.lower_dir(parent_rel)?;
+            let mut layers = Vec::with_capacity(parent.len());
+            for layer in parent.iter() {
+                layers.push(match layer {
+                    LayerDir::Missing => LayerDir::Missing,
+                    LayerDir::Blocked => LayerDir::Blocked,
+                    LayerDir::Dir { fd, opaque } => match lstat_at(fd.as_fd(), name)? {
+                        None => LayerDir::Missing,
+                        Some(s) if is_whiteout(&s) || !is_type(&s, SFlag::S_IFDIR) => {
+                            LayerDir::Blocked
+                        }
+                        Some(_) => match open_dir(fd.as_fd(), name)? {
+                            Some(sub) => {
+                                let opaque = *opaque || is_opaque(&sub);
+                                LayerDir::Dir {
+                                    fd: Arc::new(sub),
+                                    opaque,
+                                }
+                            }
+                            None => LayerDir::Missing,
+                        },
+                    },
+                });
+            }
+            layers
+        };
+        let found = Arc::new(found);
+        let mut cache = self.dirs.borrow_mut();
+        if cache.lower.len() >= DIR_CACHE_LIMIT {
+            cache.lower.clear();
+        }
+        cache.lower.insert(rel.to_vec(), found.clone());
+        Ok(found)
     }
 
     pub fn upper(&self) -> &Path {
@@ -88,26 +206,25 @@ impl Classifier {
 
     /// The net state of `rel` (relative to the upper dir).
     pub fn classify(&self, rel: &[u8]) -> io::Result<Net> {
-        let Some((dirs, name)) = split(rel) else {
+        if rel.is_empty() {
             return Ok(None);
-        };
-        let mut parent = dup(self.upper.as_fd())?;
-        let mut hidden = false;
-        for c in &dirs {
-            match open_dir(parent.as_fd(), c)? {
-                Some(fd) => parent = fd,
-                None => return Ok(None),
-            }
-            hidden = hidden || is_opaque(parent.as_fd());
         }
-        let Some(stat) = lstat_at(parent.as_fd(), name)? else {
+        let (dir_rel, name) = parent_and_name(rel);
+        let Some(dir) = self.upper_dir(dir_rel)? else {
             return Ok(None);
         };
-        let upper = Entry { parent, name, stat };
-        let lower = if hidden {
+        let Some(stat) = lstat_at(dir.fd.as_fd(), name)? else {
+            return Ok(None);
+        };
+        let upper = Entry {
+            parent: dir.fd.clone(),
+            name,
+            stat,
+        };
+        let lower = if dir.hidden {
             Lower::Hidden
         } else {
-            self.lower(&dirs, name)?
+            self.lower(dir_rel, name)?
         };
         compare(&upper, &lower)
     }
@@ -119,30 +236,20 @@ impl Classifier {
             mode_or_owner_differs: false,
             is_dir: false,
         };
-        let Some((dirs, name)) = split(rel) else {
+        if rel.is_empty() {
             return Ok(none);
-        };
-        // Hidden by an opaque upper ancestor: the original is gone either way.
-        let mut parent = dup(self.upper.as_fd())?;
-        let mut upper_parent = true;
-        for c in &dirs {
-            match open_dir(parent.as_fd(), c)? {
-                Some(fd) => parent = fd,
-                None => {
-                    upper_parent = false;
-                    break;
-                }
-            }
-            if is_opaque(parent.as_fd()) {
-                return Ok(none);
-            }
         }
-        let upper = if upper_parent {
-            lstat_at(parent.as_fd(), name)?
-        } else {
-            None
+        let (dir_rel, name) = parent_and_name(rel);
+        let dir = self.upper_dir(dir_rel)?;
+        // Hidden by an opaque upper ancestor: the original is gone either way.
+        if dir.as_ref().is_some_and(|d| d.hidden) {
+            return Ok(none);
+        }
+        let upper = match &dir {
+            Some(d) => lstat_at(d.fd.as_fd(), name)?,
+            None => None,
         };
-        match self.lower(&dirs, name)? {
+        match self.lower(dir_rel, name)? {
             Lower::Present(index, lower) => Ok(Original {
                 layer: Some(index),
                 is_dir: is_type(&lower.stat, SFlag::S_IFDIR),
@@ -193,9 +300,10 @@ impl Classifier {
             {
                 out.push((dir_rel.clone(), kind, ft));
             }
-            let Some(fd) = self.open_upper_dir(&dir_rel)? else {
+            let Some(dir_entry) = self.upper_dir(&dir_rel)? else {
                 continue;
             };
+            let fd = dir_entry.fd.clone();
             let mut dir = match Dir::openat(
                 fd.as_fd(),
                 ".",
@@ -228,49 +336,49 @@ impl Classifier {
         Ok(())
     }
 
-    fn open_upper_dir(&self, rel: &[u8]) -> io::Result<Option<OwnedFd>> {
-        let mut fd = dup(self.upper.as_fd())?;
-        for c in rel.split(|&b| b == b'/').filter(|c| !c.is_empty()) {
-            match open_dir(fd.as_fd(), OsStr::from_bytes(c))? {
-                Some(next) => fd = next,
-                None => return Ok(None),
-            }
-        }
-        Ok(Some(fd))
-    }
-
-    /// The entry overlayfs would show from the lower layers at `dirs/name`.
-    fn lower<'a>(&self, dirs: &[&OsStr], name: &'a OsStr) -> io::Result<Lower<'a>> {
-        'layers: for (index, layer) in self.lowers.iter().enumerate() {
-            let mut parent = dup(layer.as_fd())?;
-            let mut last_layer = false;
-            for c in dirs {
-                match lstat_at(parent.as_fd(), c)? {
-                    None => continue 'layers,
-                    Some(s) if is_whiteout(&s) || !is_type(&s, SFlag::S_IFDIR) => {
-                        return Ok(Lower::Absent);
+    /// The entry overlayfs would show from the lower layers at `dir_rel/name`.
+    fn lower<'a>(&self, dir_rel: &[u8], name: &'a OsStr) -> io::Result<Lower<'a>> {
+        let dir = self.lower_dir(dir_rel)?;
+        for (index, layer) in dir.iter().enumerate() {
+            match layer {
+                LayerDir::Missing => continue,
+                LayerDir::Blocked => return Ok(Lower::Absent),
+                LayerDir::Dir { fd, opaque } => match lstat_at(fd.as_fd(), name)? {
+                    Some(s) if is_whiteout(&s) => return Ok(Lower::Absent),
+                    Some(stat) => {
+                        return Ok(Lower::Present(
+                            index,
+                            Entry {
+                                parent: fd.clone(),
+                                name,
+                                stat,
+                            },
+                        ));
                     }
-                    Some(_) => {}
-                }
-                match open_dir(parent.as_fd(), c)? {
-                    Some(fd) => parent = fd,
-                    None => continue 'layers,
-                }
-                last_layer = last_layer || is_opaque(parent.as_fd());
-            }
-            match lstat_at(parent.as_fd(), name)? {
-                Some(s) if is_whiteout(&s) => return Ok(Lower::Absent),
-                Some(stat) => return Ok(Lower::Present(index, Entry { parent, name, stat })),
-                None if last_layer => return Ok(Lower::Absent),
-                None => {}
+                    None if *opaque => return Ok(Lower::Absent),
+                    None => {}
+                },
             }
         }
         Ok(Lower::Absent)
     }
 }
 
+/// Opens each layer dir.
+fn open_all(paths: &[PathBuf]) -> io::Result<Vec<Arc<File>>> {
+    paths.iter().map(|p| Ok(Arc::new(File::open(p)?))).collect()
+}
+
+/// `a/b/c` as (`a/b`, `c`); a path without a slash has the empty dir.
+fn parent_and_name(rel: &[u8]) -> (&[u8], &OsStr) {
+    match rel.iter().rposition(|&b| b == b'/') {
+        Some(i) => (&rel[..i], OsStr::from_bytes(&rel[i + 1..])),
+        None => (&[], OsStr::from_bytes(rel)),
+    }
+}
+
 fn collect_tree(
-    dir: OwnedFd,
+    dir: File,
     rel: Vec<u8>,
     layer: usize,
     seen: &mut std::collections::HashSet<Vec<u8>>,
@@ -320,17 +428,6 @@ pub fn join_rel(dir: &[u8], name: &[u8]) -> Vec<u8> {
     p
 }
 
-/// Splits `a/b/c` into its dirs and its last name; `None` for an empty path.
-fn split(rel: &[u8]) -> Option<(Vec<&OsStr>, &OsStr)> {
-    let mut parts: Vec<&OsStr> = rel
-        .split(|&b| b == b'/')
-        .filter(|c| !c.is_empty())
-        .map(OsStr::from_bytes)
-        .collect();
-    let name = parts.pop()?;
-    Some((parts, name))
-}
-
 fn is_gone(e: io::Error) -> bool {
     matches!(
         e.raw_os_error(),
@@ -338,15 +435,16 @@ fn is_gone(e: io::Error) -> bool {
     )
 }
 
-fn dup(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
-    fd.try_clone_to_owned()
+fn dup(fd: BorrowedFd<'_>) -> io::Result<File> {
+    Ok(File::from(fd.try_clone_to_owned()?))
 }
 
-/// Opens a subdir without following symlinks; `None` when it is not (or no longer) a dir.
-fn open_dir(parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<Option<OwnedFd>> {
-    let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+/// Opens a subdir without following symlinks; `None` when it is not (or no longer) a
+/// dir. Opened for reading (not `O_PATH`) so its xattrs can be read through it.
+fn open_dir(parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<Option<File>> {
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
     match openat(parent, name, flags, Mode::empty()) {
-        Ok(fd) => Ok(Some(fd)),
+        Ok(fd) => Ok(Some(File::from(fd))),
         Err(e) if is_gone(e.into()) || e == nix::errno::Errno::ELOOP => Ok(None),
         Err(e) => Err(e.into()),
     }
@@ -373,8 +471,8 @@ fn proc_path(fd: BorrowedFd<'_>) -> PathBuf {
     PathBuf::from(format!("/proc/thread-self/fd/{}", fd.as_raw_fd()))
 }
 
-fn is_opaque(dir: BorrowedFd<'_>) -> bool {
-    matches!(xattr::get_deref(proc_path(dir), OPAQUE_XATTR), Ok(Some(v)) if v == b"y")
+fn is_opaque(dir: &File) -> bool {
+    matches!(dir.get_xattr(OPAQUE_XATTR), Ok(Some(v)) if v == b"y")
 }
 
 pub fn file_type(s: &FileStat) -> FileType {
@@ -408,7 +506,7 @@ fn compare(upper: &Entry<'_>, lower: &Lower<'_>) -> io::Result<Net> {
     }
     if ft == FileType::Dir
         && let Some(fd) = open_dir(upper.parent.as_fd(), upper.name)?
-        && is_opaque(fd.as_fd())
+        && is_opaque(&fd)
     {
         return Ok(Some((NetKind::Replaced, ft)));
     }

@@ -733,6 +733,8 @@ impl Watcher {
 
     /// Classifies what the batch touched and writes it to the changelog in one go.
     fn apply(&mut self, mut p: Pending) -> Result<(), TrackerError> {
+        // Dirs cached by an earlier batch may have moved since.
+        self.classifier.forget();
         let store = self.shared.store.clone();
         for dir in &p.subtrees {
             for (path, _) in store.net_under(dir)? {
@@ -859,6 +861,7 @@ impl Watcher {
     /// Rebuilds the net state from a walk of the upper dir and starts a new instance.
     fn rescan(&mut self, reason: &str) -> Result<(), TrackerError> {
         self.resolver.invalidate();
+        self.classifier.forget();
         let mut entries = Vec::new();
         self.classify_io(|c| c.walk(b"", &mut entries))?;
         let gap = self.shared.store.rebuild(entries, reason)?;
