@@ -590,14 +590,7 @@ fn mounts_are_private_to_the_namespace() {
     std::fs::create_dir(&point).unwrap();
     let p = point.clone();
     let inner: Vec<PathBuf> = in_private_mount_ns(move || {
-        nix::mount::mount(
-            Some("tmpfs"),
-            &p,
-            Some("tmpfs"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
-        )
-        .unwrap();
+        support::mount_tmpfs(&p, None);
         std::fs::write(p.join("inside"), "x").unwrap();
         // A thread and a child process started from inside see the mount too.
         let q = p.clone();

@@ -15,7 +15,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::{PermissionsExt, lchown, symlink};
 use std::path::{Path, PathBuf};
 use support::tracking::{assert_tracks_truth, start, tracked};
-use support::{Fixture, LowerSpec, in_private_mount_ns, need_root};
+use support::{Fixture, LowerSpec, SplitMix, in_private_mount_ns, need_root};
 use tracker::Tracker;
 
 /// Files in the generated lower tree.
@@ -26,33 +26,6 @@ const OPS: usize = 2000;
 const CHECK_EVERY: usize = 50;
 /// Operations kept for the failure message.
 const HISTORY: usize = 20;
-
-/// A small deterministic generator (splitmix64).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        assert!(n > 0);
-        (self.next() % n as u64) as usize
-    }
-    fn chance(&mut self, percent: usize) -> bool {
-        self.below(100) < percent
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> Option<&'a T> {
-        (!items.is_empty()).then(|| &items[self.below(items.len())])
-    }
-    fn bytes(&mut self, max: usize) -> Vec<u8> {
-        let n = self.below(max + 1);
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
 
 /// What the test believes the merged tree holds (relative paths, `""` is the root).
 /// Refreshed from a walk of the mount after the operations that move or remove
@@ -139,7 +112,7 @@ fn show(r: &io::Result<()>) -> String {
 /// One randomized run: the state the operations need.
 struct Run<'a> {
     mnt: &'a Path,
-    rng: Rng,
+    rng: SplitMix,
     pools: Pools,
     /// Counter for new names; they start with `n` (lower names start with d, f or l).
     next_name: usize,
@@ -552,7 +525,7 @@ fn run(seed: u64) {
         let t = start(&fx);
         let mut run = Run {
             mnt: fx.mnt(),
-            rng: Rng(seed ^ 0x5eed_0f0a_05e5),
+            rng: SplitMix(seed ^ 0x5eed_0f0a_05e5),
             pools: Pools::walk(fx.mnt()),
             next_name: 0,
             with_xattr: Vec::new(),

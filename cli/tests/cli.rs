@@ -2,51 +2,13 @@
 //! private mount namespace, so these tests need no namespace of their own, except the
 //! one that occupies a mount point.
 
+mod common;
 #[path = "../../tests/support/mod.rs"]
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use common::{assert_one_line_error, cmd, ok, output, s, text};
+use std::path::Path;
 use support::{in_private_mount_ns, need_root};
-
-fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_spfs-changes"))
-}
-
-/// The binary with its dir first on PATH, so scripts inside `run` can call it.
-fn cmd(args: &[&str]) -> Command {
-    let mut c = Command::new(bin());
-    c.args(args);
-    let dir = bin().parent().expect("binary has a dir").to_path_buf();
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let mut dirs = vec![dir];
-    dirs.extend(std::env::split_paths(&path));
-    c.env("PATH", std::env::join_paths(dirs).expect("joinable PATH"));
-    c.env_remove("SPFS_CHANGES_SOCKET")
-        .env_remove("SPFS_CHANGES_STATE");
-    c
-}
-
-fn output(mut c: impl std::borrow::BorrowMut<Command>) -> Output {
-    let c = c.borrow_mut();
-    c.output().expect("spawn spfs-changes")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// A failing command: exit 1, exactly one line on stderr naming the problem, no panic.
-fn assert_one_line_error(out: &Output, needle: &str) {
-    let err = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
-    assert!(!err.contains("panicked"), "panic: {err}");
-    assert_eq!(err.lines().count(), 1, "one line expected: {err:?}");
-    assert!(
-        err.contains(needle),
-        "error {err:?} does not mention {needle:?}"
-    );
-}
 
 #[test]
 fn run_prints_changes_and_serves_changes_json_inside() {
@@ -63,7 +25,7 @@ fn run_prints_changes_and_serves_changes_json_inside() {
     let out = output(cmd(&[
         "run",
         "--state",
-        state.to_str().expect("utf-8 temp path"),
+        s(&state),
         "--",
         "sh",
         "-c",
@@ -102,14 +64,8 @@ fn run_prints_changes_and_serves_changes_json_inside() {
     assert!(inside["fresh"].is_null());
 
     // Afterwards, the kept changelog answers the same without a tracker.
-    let kept = output(cmd(&[
-        "changes",
-        "--state",
-        state.to_str().expect("utf-8"),
-        "--jsonl",
-    ]));
-    assert!(kept.status.success(), "{}", text(&kept.stderr));
-    let lines: Vec<serde_json::Value> = text(&kept.stdout)
+    let kept = ok(cmd(&["changes", "--state", s(&state), "--jsonl"]));
+    let lines: Vec<serde_json::Value> = kept
         .lines()
         .map(|l| serde_json::from_str(l).expect("JSON line"))
         .collect();
@@ -139,13 +95,13 @@ fn marks_and_since_inside_a_run() {
         cmd(&[
             "run",
             "--state",
-            state.to_str().expect("utf-8"),
+            s(&state),
             "--lower",
-            lower.to_str().expect("utf-8"),
+            s(&lower),
             "--mount",
-            mnt.to_str().expect("utf-8"),
+            s(&mnt),
             "--runtime-dir",
-            tmp.path().join("rt").to_str().expect("utf-8"),
+            s(&tmp.path().join("rt")),
             "--",
             "sh",
             "-c",
@@ -171,12 +127,7 @@ fn marks_and_since_inside_a_run() {
         "run's own listing has everything: {all}"
     );
     // A prefix filter on the kept changelog.
-    let lib = output(cmd(&[
-        "changes",
-        "--state",
-        state.to_str().expect("utf-8"),
-        &format!("{m}/lib"),
-    ]));
+    let lib = output(cmd(&["changes", "--state", s(&state), &format!("{m}/lib")]));
     assert_eq!(
         text(&lib.stdout).lines().count(),
         2,
@@ -192,20 +143,10 @@ fn errors_are_one_clear_line() {
     }
     let tmp = tempfile::tempdir().expect("temp dir");
     let missing = tmp.path().join("no-such-layer");
-    let out = output(cmd(&[
-        "run",
-        "--lower",
-        missing.to_str().expect("utf-8"),
-        "--",
-        "true",
-    ]));
+    let out = output(cmd(&["run", "--lower", s(&missing), "--", "true"]));
     assert_one_line_error(&out, "no-such-layer");
 
-    let out = output(cmd(&[
-        "changes",
-        "--state",
-        missing.to_str().expect("utf-8"),
-    ]));
+    let out = output(cmd(&["changes", "--state", s(&missing)]));
     assert_one_line_error(&out, "no changelog");
 
     // Not root.
@@ -219,11 +160,7 @@ fn errors_are_one_clear_line() {
     std::fs::create_dir_all(&db).expect("mkdir");
     std::fs::write(db.join("conf"), b"\xff\xfe garbage").expect("write");
     std::fs::write(db.join("db"), vec![0xa5u8; 4096]).expect("write");
-    let out = output(cmd(&[
-        "changes",
-        "--state",
-        corrupt.to_str().expect("utf-8"),
-    ]));
+    let out = output(cmd(&["changes", "--state", s(&corrupt)]));
     assert_one_line_error(&out, "changelog");
 }
 
@@ -234,11 +171,7 @@ fn a_locked_db_is_reported() {
     }
     let tmp = tempfile::tempdir().expect("temp dir");
     let _held = store::Store::open(tmp.path()).expect("open a changelog");
-    let out = output(cmd(&[
-        "changes",
-        "--state",
-        tmp.path().to_str().expect("utf-8"),
-    ]));
+    let out = output(cmd(&["changes", "--state", s(tmp.path())]));
     assert_one_line_error(&out, "in use");
 }
 
@@ -251,22 +184,15 @@ fn an_occupied_mount_point_is_refused() {
         let tmp = tempfile::tempdir().expect("temp dir");
         let mnt = tmp.path().join("busy");
         std::fs::create_dir(&mnt).expect("mkdir");
-        nix::mount::mount(
-            Some("tmpfs"),
-            &mnt,
-            Some("tmpfs"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
-        )
-        .expect("mount tmpfs");
+        support::mount_tmpfs(&mnt, None);
         let out = output(cmd(&[
             "run",
             "--state",
-            tmp.path().join("state").to_str().expect("utf-8"),
+            s(&tmp.path().join("state")),
             "--mount",
-            mnt.to_str().expect("utf-8"),
+            s(&mnt),
             "--runtime-dir",
-            tmp.path().join("rt").to_str().expect("utf-8"),
+            s(&tmp.path().join("rt")),
             "--",
             "true",
         ]));

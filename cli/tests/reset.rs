@@ -6,14 +6,16 @@
 //! the namespace, the ground truth of a walk of the upper dir, what the mount shows
 //! and the upper dir's inodes, sizes, mtimes and bytes. The test then compares.
 
+mod common;
 mod reset_support;
 #[path = "../../tests/support/mod.rs"]
 mod support;
 
+use common::{assert_one_line_error, cmd, file_type, net_kind, output, quote, s, text};
 use reset_support::*;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
-use store::{Action, Token};
+use store::{Action, NetKind, Token};
 use support::{LowerSpec, need_root};
 use tracker::control::{Client, Request, Response};
 
@@ -141,8 +143,8 @@ fn check_step(rt: &Runtime, prev: &Snap, step: &Step, case: &Case) {
     let roots: Vec<&str> = case.targets.iter().map(|(p, _)| *p).collect();
     for (p, was) in case.targets {
         assert_eq!(
-            prev.net.get(*p).map(|(k, _)| k.as_str()),
-            Some(*was),
+            prev.net.get(*p).map(|(k, _)| *k),
+            Some(net_kind(was)),
             "{ctx}: {p} was not a {was} change before"
         );
     }
@@ -156,7 +158,7 @@ fn check_step(rt: &Runtime, prev: &Snap, step: &Step, case: &Case) {
     let got_since: KindChanges = step
         .since
         .iter()
-        .map(|(p, (k, b, _))| (p.clone(), (k.clone(), b.clone())))
+        .map(|(p, (k, b, _))| (p.clone(), (*k, *b)))
         .collect();
     assert_eq!(got_since, want_since, "{ctx}: changes --since the token");
 
@@ -191,8 +193,16 @@ fn check_step(rt: &Runtime, prev: &Snap, step: &Step, case: &Case) {
     );
 }
 
+/// Takes the step of `case` from the script's files and checks it against the
+/// snapshot before it (see [`check_step`]).
+fn checked_step(rt: &Runtime, prev: &Snap, case: &Case) -> Step {
+    let step = rt.step(case.name);
+    check_step(rt, prev, &step, case);
+    step
+}
+
 /// Path -> (kind now, kind before), from a since-answer.
-type KindChanges = BTreeMap<String, (Option<String>, Option<String>)>;
+type KindChanges = BTreeMap<String, (Option<NetKind>, Option<NetKind>)>;
 
 /// Every record of `path` in the kept changelog between `step`'s tokens (before and
 /// after its reset) is a reset, and there is one. Below a dir the reset removed, the
@@ -219,9 +229,10 @@ fn assert_logged_as_reset(store: &store::Store, step: &Step, path: &str, below_a
     );
 }
 
-fn n(s: &str) -> (String, String) {
+/// `(kind, type)` from `"kind type"`, as the CLI names them.
+fn n(s: &str) -> (NetKind, store::FileType) {
     let (k, t) = s.split_once(' ').expect("`kind type`");
-    (k.to_string(), t.to_string())
+    (net_kind(k), file_type(t))
 }
 
 fn net(entries: &[(&str, &str)]) -> Net {
@@ -253,8 +264,7 @@ fn run_cases(lower: &LowerSpec, changes: &str, before: Net, cases: &[Case]) {
             prev = rt.snap(&format!("pre.{}", case.name));
             assert_net_is_truth(&prev, &format!("before step {}", case.name));
         }
-        let step = rt.step(case.name);
-        check_step(&rt, &prev, &step, case);
+        let step = checked_step(&rt, &prev, case);
         prev = step.snap.clone();
         done.push(step);
     }
@@ -285,10 +295,19 @@ fn run_cases(lower: &LowerSpec, changes: &str, before: Net, cases: &[Case]) {
     eprintln!("{} steps in {:?}", cases.len(), started.elapsed());
 }
 
+/// A lower layer with `keep.txt`, for a test to add to ([`run_cases`] changes it).
+fn keep_lower() -> LowerSpec {
+    LowerSpec::new().file("keep.txt", "keep\n", 0o644)
+}
+
+/// [`keep_lower`] and `f.txt` ("orig\n").
+fn keep_f_lower() -> LowerSpec {
+    keep_lower().file("f.txt", "orig\n", 0o644)
+}
+
 /// Lower files and dirs to change in every way.
 fn kinds_lower() -> LowerSpec {
-    LowerSpec::new()
-        .file("keep.txt", "keep\n", 0o644)
+    keep_lower()
         .file("mod.txt", "old\n", 0o644)
         .file("del.txt", "bye\n", 0o644)
         .file("opq/a", "a\n", 0o644)
@@ -358,8 +377,7 @@ fn reset_pattern_forms() {
     if !need_root() {
         return;
     }
-    let lower = LowerSpec::new()
-        .file("keep.txt", "keep\n", 0o644)
+    let lower = keep_lower()
         .file("conf", "0\n", 0o644)
         .file("conf.yaml", "1\n", 0o644)
         .file("sub/conf.json", "2\n", 0o644)
@@ -446,19 +464,16 @@ fn reset_argument_errors_are_clear() {
         return;
     }
     let tmp = tempfile::tempdir().expect("temp dir");
+    let reset = |args: &[&str]| cmd(&[&["reset"], args, &["--state", s(tmp.path())]].concat());
     // No pattern and no --all: a usage error, before anything is touched.
-    let out = cmd(&["reset", "--state", s(tmp.path())])
-        .output()
-        .expect("spawn");
+    let out = output(reset(&[]));
     assert_ne!(out.status.code(), Some(0));
     let err = text(&out.stderr);
     assert!(
         err.contains("required") && err.contains("PATTERNS"),
         "no pattern: {err}"
     );
-    let out = cmd(&["reset", "--all", "x", "--state", s(tmp.path())])
-        .output()
-        .expect("spawn");
+    let out = output(reset(&["--all", "x"]));
     assert_ne!(out.status.code(), Some(0));
     assert!(
         text(&out.stderr).contains("cannot be used with"),
@@ -466,23 +481,24 @@ fn reset_argument_errors_are_clear() {
         text(&out.stderr)
     );
     // No tracker: one clear line, exit 1.
-    let out = cmd(&["reset", "x", "--state", s(tmp.path())])
-        .output()
-        .expect("spawn");
-    let err = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.contains("no tracker"), "{err}");
+    assert_one_line_error(&output(reset(&["x"])), "no tracker");
     // Not root.
     use std::os::unix::process::CommandExt;
-    let out = cmd(&["reset", "x", "--state", s(tmp.path())])
-        .uid(65534)
-        .gid(65534)
-        .output()
-        .expect("spawn");
+    let out = output(reset(&["x"]).uid(65534).gid(65534));
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("needs root"), "{err}");
+}
+
+/// Runs `body`, then `cleanup` also when `body` panicked (the panic goes on
+/// afterwards); returns what `cleanup` returns.
+fn with_cleanup<T>(body: impl FnOnce() + std::panic::UnwindSafe, cleanup: impl FnOnce() -> T) -> T {
+    let result = std::panic::catch_unwind(body);
+    let t = cleanup();
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+    t
 }
 
 /// The pids in a `... held by pid N (comm), pid M (comm)` message.
@@ -506,10 +522,7 @@ fn a_busy_mount_is_left_alone_and_its_holders_named() {
         return;
     }
     let started = Instant::now();
-    let lower = LowerSpec::new()
-        .file("keep.txt", "keep\n", 0o644)
-        .file("f.txt", "orig\n", 0o644)
-        .file("dir/a", "a\n", 0o644);
+    let lower = keep_f_lower().file("dir/a", "a\n", 0o644);
     let rt = Runtime::new(&lower);
     let script = r#"
         echo changed >> "$M/f.txt"
@@ -601,11 +614,9 @@ fn a_busy_mount_is_left_alone_and_its_holders_named() {
     );
 
     // Once they are gone, the same reset goes through.
-    let free = rt.step("free");
-    check_step(
+    let free = checked_step(
         &rt,
         &busy.snap,
-        &free,
         &case(
             "free",
             &["*"],
@@ -626,8 +637,7 @@ fn symlinks_planted_in_the_upper_dir_are_not_followed() {
         return;
     }
     let started = Instant::now();
-    let lower = LowerSpec::new()
-        .file("keep.txt", "keep\n", 0o644)
+    let lower = keep_lower()
         .file("dir/x", "lower x\n", 0o644)
         .file("dir2/x", "lower x2\n", 0o644);
     let rt = Runtime::new(&lower);
@@ -708,32 +718,21 @@ fn symlinks_planted_in_the_upper_dir_are_not_followed() {
         ])
     );
     // `evil/` names dirs only: a symlink is not one.
-    let dir_only = rt.step("dir-only");
-    check_step(&rt, &s0, &dir_only, &case("dir-only", &["evil/"], &[]));
+    let dir_only = checked_step(&rt, &s0, &case("dir-only", &["evil/"], &[]));
     // The tracker does not list dir2/x (dir2 is a symlink now): nothing to do.
-    let nested = rt.step("nested");
-    check_step(
-        &rt,
-        &dir_only.snap,
-        &nested,
-        &case("nested", &["/dir2/x"], &[]),
-    );
-    let links = rt.step("links");
-    check_step(
+    let nested = checked_step(&rt, &dir_only.snap, &case("nested", &["/dir2/x"], &[]));
+    let links = checked_step(
         &rt,
         &nested.snap,
-        &links,
         &case(
             "links",
             &["/evil", "evil2", "/dir"],
             &[("dir", "replaced"), ("evil", "added"), ("evil2", "added")],
         ),
     );
-    let rest = rt.step("rest");
-    check_step(
+    let rest = checked_step(
         &rt,
         &links.snap,
-        &rest,
         &case("rest", &["*"], &[("dir2", "replaced"), ("lnk", "added")]),
     );
     assert_eq!(view(&rest.snap.mount), rt.lower_view());
@@ -747,10 +746,7 @@ fn reset_from_outside_enters_the_runtime() {
         return;
     }
     let started = Instant::now();
-    let lower = LowerSpec::new()
-        .file("keep.txt", "keep\n", 0o644)
-        .file("f.txt", "orig\n", 0o644)
-        .file("gone", "gone\n", 0o644);
+    let lower = keep_f_lower().file("gone", "gone\n", 0o644);
     let rt = Runtime::new(&lower);
     let script = r#"
         echo changed >> "$M/f.txt"
@@ -807,7 +803,7 @@ fn reset_from_outside_enters_the_runtime() {
     let out = cmd(&["reset", "--state", s(&rt.state), "/f.txt", "added"])
         .output()
         .expect("spawn reset");
-    let result = std::panic::catch_unwind(|| {
+    let body = || {
         assert!(
             out.status.success(),
             "reset from outside: {}",
@@ -869,12 +865,11 @@ fn reset_from_outside_enters_the_runtime() {
             panic!("not changes");
         };
         assert!(set.changes.is_empty(), "{:?}", set.changes);
+    };
+    let out = with_cleanup(body, || {
+        std::fs::write(rt.dir().join("done"), "").expect("done");
+        child.wait_with_output().expect("wait for run")
     });
-    std::fs::write(rt.dir().join("done"), "").expect("done");
-    let out = child.wait_with_output().expect("wait for run");
-    if let Err(e) = result {
-        std::panic::resume_unwind(e);
-    }
     assert!(out.status.success(), "run: {}", text(&out.stderr));
     let before = rt.snap("before");
     assert_net_is_truth(&before, "before");
@@ -903,10 +898,7 @@ fn a_mount_in_a_threads_namespace_keeps_the_upper_dir_untouched() {
         return;
     }
     let started = Instant::now();
-    let lower = LowerSpec::new()
-        .file("keep.txt", "keep\n", 0o644)
-        .file("f.txt", "orig\n", 0o644);
-    let rt = Runtime::new(&lower);
+    let rt = Runtime::new(&keep_f_lower());
     let script = r#"
         echo changed >> "$M/f.txt"
         snap before
@@ -938,11 +930,9 @@ fn a_mount_in_a_threads_namespace_keeps_the_upper_dir_untouched() {
     assert!(held.err.contains(&format!("pid {hpid}")), "{}", held.err);
     assert_eq!(held.snap.net, before.net);
     assert_eq!(view(&held.snap.mount), view(&before.mount), "mounted again");
-    let free = rt.step("free");
-    check_step(
+    checked_step(
         &rt,
         &held.snap,
-        &free,
         &case("free", &["/f.txt"], &[("f.txt", "modified")]),
     );
     eprintln!("took {:?}", started.elapsed());
@@ -970,26 +960,20 @@ fn an_unrelated_overlay_held_in_a_threads_namespace_does_not_block() {
     ready_rx
         .recv_timeout(Duration::from_secs(10))
         .expect("the other overlay is up");
-    let lower = LowerSpec::new()
-        .file("keep.txt", "keep\n", 0o644)
-        .file("f.txt", "orig\n", 0o644);
-    let rt = Runtime::new(&lower);
-    let result = std::panic::catch_unwind(|| {
+    let rt = Runtime::new(&keep_f_lower());
+    let body = || {
         rt.run("echo changed >> \"$M/f.txt\"\nsnap before\nstep one /f.txt\n");
         let before = rt.snap("before");
-        let one = rt.step("one");
-        check_step(
+        checked_step(
             &rt,
             &before,
-            &one,
             &case("one", &["/f.txt"], &[("f.txt", "modified")]),
         );
+    };
+    with_cleanup(body, || {
+        let _ = done_tx.send(());
+        holder.join().expect("holder thread");
     });
-    let _ = done_tx.send(());
-    holder.join().expect("holder thread");
-    if let Err(e) = result {
-        std::panic::resume_unwind(e);
-    }
     eprintln!("took {:?}", started.elapsed());
 }
 
@@ -1014,22 +998,15 @@ fn a_mount_reusing_the_overlays_device_number_does_not_block() {
                 let dir = tempfile::tempdir().expect("temp dir");
                 let deadline = Instant::now() + Duration::from_secs(20);
                 while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                    nix::mount::mount(
-                        Some("tmpfs"),
-                        dir.path(),
-                        Some("tmpfs"),
-                        nix::mount::MsFlags::empty(),
-                        None::<&str>,
-                    )
-                    .expect("mount tmpfs");
+                    support::mount_tmpfs(dir.path(), None);
                     nix::mount::umount(dir.path()).expect("umount tmpfs");
                     mounts.fetch_add(1, Ordering::Relaxed);
                 }
             })
         })
     };
-    let rt = Runtime::new(&LowerSpec::new().file("keep.txt", "keep\n", 0o644));
-    let result = std::panic::catch_unwind(|| {
+    let rt = Runtime::new(&keep_lower());
+    let body = || {
         rt.run(
             r#"
             i=0
@@ -1043,12 +1020,11 @@ fn a_mount_reusing_the_overlays_device_number_does_not_block() {
             snap end
             "#,
         );
+    };
+    with_cleanup(body, || {
+        stop.store(true, Ordering::Relaxed);
+        churn.join().expect("churn thread");
     });
-    stop.store(true, Ordering::Relaxed);
-    churn.join().expect("churn thread");
-    if let Err(e) = result {
-        std::panic::resume_unwind(e);
-    }
     assert!(
         mounts.load(Ordering::Relaxed) > 0,
         "the churn never mounted"
@@ -1079,8 +1055,7 @@ fn a_reset_logs_nothing_on_untouched_whiteouts() {
     if !need_root() {
         return;
     }
-    let lower = LowerSpec::new()
-        .file("keep.txt", "keep\n", 0o644)
+    let lower = keep_lower()
         .file("mod.txt", "old\n", 0o644)
         .file("del.txt", "bye\n", 0o644);
     let rt = Runtime::new(&lower);

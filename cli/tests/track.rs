@@ -4,13 +4,15 @@
 //! `/proc/<pid>/root`, and what the tracker says is compared with a walk of the upper
 //! dir.
 
+mod common;
 #[path = "../../tests/support/mod.rs"]
 mod support;
 mod track_support;
 
+use common::{assert_one_line_error, cmd, ok, output, s, text};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 use store::{FileType, NetKind, Query};
@@ -36,8 +38,13 @@ fn base_lower() -> LowerSpec {
         .dir("sub")
 }
 
-fn pid_arg(rt: &FakeRuntime) -> String {
-    rt.pid.to_string()
+/// A runtime over `spec` in `tmp`, its state dir (`tmp/state`) and the guard of the
+/// trackers to keep their state there.
+fn start_runtime(tmp: &Path, spec: &LowerSpec) -> (FakeRuntime, PathBuf, Trackers) {
+    let rt = FakeRuntime::start(tmp, spec);
+    let state = tmp.join("state");
+    let trackers = Trackers::new(&state);
+    (rt, state, trackers)
 }
 
 fn status_json(state: &Path) -> serde_json::Value {
@@ -51,7 +58,7 @@ fn attach_by_pid_from_outside_reports_changes_made_inside() {
         return;
     }
     let tmp = temp();
-    let mut rt = FakeRuntime::start(tmp.path(), &base_lower());
+    let (mut rt, state, mut trackers) = start_runtime(tmp.path(), &base_lower());
     let host_mounts = std::fs::read_to_string("/proc/thread-self/mountinfo").expect("mountinfo");
     assert!(
         !host_mounts.contains(s(&rt.mnt)) && !host_mounts.contains(s(&rt.rt)),
@@ -59,9 +66,7 @@ fn attach_by_pid_from_outside_reports_changes_made_inside() {
     );
     assert_eq!(rt.run("cat \"$M/keep.txt\""), "keep\n");
 
-    let state = tmp.path().join("state");
-    let mut trackers = Trackers::new(&state);
-    let pid = trackers.track(&["--pid", &pid_arg(&rt), "--mount", s(&rt.mnt)]);
+    let pid = trackers.track_runtime(&rt);
     assert!(alive(pid));
     assert_eq!(
         mount_ns(pid),
@@ -70,11 +75,15 @@ fn attach_by_pid_from_outside_reports_changes_made_inside() {
     );
 
     // A second start finds the first.
-    let again = output({
-        let mut c = cmd(&["track", "--pid", &pid_arg(&rt), "--mount", s(&rt.mnt)]);
-        c.args(["--state", s(&state)]);
-        c
-    });
+    let again = output(cmd(&[
+        "track",
+        "--pid",
+        &rt.pid.to_string(),
+        "--mount",
+        s(&rt.mnt),
+        "--state",
+        s(&state),
+    ]));
     assert!(again.status.success(), "{}", text(&again.stderr));
     let printed = text(&again.stdout);
     assert!(
@@ -129,9 +138,7 @@ fn attach_by_mount_from_inside_leaves_the_runtime_namespace() {
         return;
     }
     let tmp = temp();
-    let mut rt = FakeRuntime::start(tmp.path(), &base_lower());
-    let state = tmp.path().join("state");
-    let mut trackers = Trackers::new(&state);
+    let (mut rt, state, mut trackers) = start_runtime(tmp.path(), &base_lower());
     // Started from inside the runtime, with the mount as the runtime sees it.
     let printed = rt.run("\"$BIN\" track --mount \"$M\" --state \"$T/state\"");
     let pid = trackers.adopt_from(&printed);
@@ -176,10 +183,8 @@ fn remounts_during_tracking_lose_nothing() {
         return;
     }
     let tmp = temp();
-    let mut rt = FakeRuntime::start(tmp.path(), &base_lower());
-    let state = tmp.path().join("state");
-    let mut trackers = Trackers::new(&state);
-    let pid = trackers.track(&["--pid", &pid_arg(&rt), "--mount", s(&rt.mnt)]);
+    let (mut rt, state, mut trackers) = start_runtime(tmp.path(), &base_lower());
+    let pid = trackers.track_runtime(&rt);
 
     rt.run("echo a > \"$M/a.txt\" && echo x >> \"$M/mod.txt\" && rm \"$M/del.txt\"");
     assert_net_is_truth(&rt, &state, "before the remount");
@@ -249,17 +254,8 @@ fn kill_9_mid_workload_then_restart_recovers_the_truth() {
     for i in 0..50 {
         spec = spec.file(format!("l/f{i}"), format!("lower {i}\n"), 0o644);
     }
-    let mut rt = FakeRuntime::start(tmp.path(), &spec);
-    let state = tmp.path().join("state");
-    let mut trackers = Trackers::new(&state);
-    let track_args = [
-        "--pid".to_string(),
-        pid_arg(&rt),
-        "--mount".to_string(),
-        s(&rt.mnt).to_string(),
-    ];
-    let track_args: Vec<&str> = track_args.iter().map(String::as_str).collect();
-    let first = trackers.track(&track_args);
+    let (mut rt, state, mut trackers) = start_runtime(tmp.path(), &spec);
+    let first = trackers.track_runtime(&rt);
 
     rt.run("echo pre > \"$M/pre.txt\"");
     let before = changes_json(&state, None);
@@ -284,17 +280,13 @@ fn kill_9_mid_workload_then_restart_recovers_the_truth() {
         "the workload runs"
     );
     std::thread::sleep(Duration::from_millis(200));
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(first as i32),
-        nix::sys::signal::SIGKILL,
-    )
-    .expect("kill -9 the tracker");
+    sigkill(first).expect("kill -9 the tracker");
     assert!(wait_gone(first, Duration::from_secs(2)).is_some());
     // The workload goes on with no tracker for a while.
     std::thread::sleep(Duration::from_millis(300));
     assert!(!tmp.path().join("done").exists(), "the workload still runs");
 
-    let second = trackers.track(&track_args);
+    let second = trackers.track_runtime(&rt);
     assert_ne!(first, second);
     std::thread::sleep(Duration::from_millis(300));
     std::fs::write(tmp.path().join("stop"), "").expect("stop the workload");
@@ -331,10 +323,8 @@ fn socket_serves_concurrent_clients_rejects_bad_frames_and_other_uids() {
         return;
     }
     let tmp = temp();
-    let mut rt = FakeRuntime::start(tmp.path(), &base_lower());
-    let state = tmp.path().join("state");
-    let mut trackers = Trackers::new(&state);
-    let pid = trackers.track(&["--pid", &pid_arg(&rt), "--mount", s(&rt.mnt)]);
+    let (mut rt, state, mut trackers) = start_runtime(tmp.path(), &base_lower());
+    let pid = trackers.track_runtime(&rt);
     rt.run("echo 1 > \"$M/one\" && echo 2 >> \"$M/mod.txt\" && rm \"$M/del.txt\"");
     let want = expect([
         ("del.txt", NetKind::Removed, FileType::Whiteout),
@@ -432,14 +422,7 @@ fn socket_serves_concurrent_clients_rejects_bad_frames_and_other_uids() {
     let mut c = cmd(&["status", "--socket", s(&socket)]);
     c.uid(65534).gid(65534);
     let out = output(c);
-    let err = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
-    assert_eq!(err.lines().count(), 1, "one line: {err:?}");
-    assert!(!err.contains("panicked"), "{err}");
-    assert!(
-        err.contains("uid 65534 may not use this tracker"),
-        "unclear refusal: {err:?}"
-    );
+    assert_one_line_error(&out, "uid 65534 may not use this tracker");
     assert!(text(&out.stdout).is_empty());
     assert!(alive(pid), "a refused client does not hurt the tracker");
 }
@@ -450,10 +433,8 @@ fn teardown_ends_the_tracker_and_the_kept_db_still_answers() {
         return;
     }
     let tmp = temp();
-    let mut rt = FakeRuntime::start(tmp.path(), &base_lower());
-    let state = tmp.path().join("state");
-    let mut trackers = Trackers::new(&state);
-    let pid = trackers.track(&["--pid", &pid_arg(&rt), "--mount", s(&rt.mnt)]);
+    let (mut rt, state, mut trackers) = start_runtime(tmp.path(), &base_lower());
+    let pid = trackers.track_runtime(&rt);
     rt.run(
         "echo n > \"$M/n.txt\" && echo m >> \"$M/mod.txt\" && rm \"$M/del.txt\" && mkdir \"$M/d\"",
     );

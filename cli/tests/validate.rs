@@ -14,43 +14,40 @@
 //! sync point (`spfs-changes mark build-end`) before it exits; the short-lived tools it
 //! runs (`rm`, `chmod`) are checked by pid, and by command only when one was recorded.
 
+mod common;
 #[path = "../../tests/support/mod.rs"]
 mod support;
 
+use common::{cmd, quote, s, text};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use support::need_root;
 
-fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_spfs-changes"))
+/// `validate` arguments as given.
+fn args(a: &[&str]) -> Vec<String> {
+    a.iter().map(|a| a.to_string()).collect()
 }
 
-/// The binary with its dir first on PATH, so scripts inside `run` can call it.
-fn cmd(args: &[&str]) -> Command {
-    let mut c = Command::new(bin());
-    c.args(args);
-    let dir = bin().parent().expect("binary has a dir").to_path_buf();
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let mut dirs = vec![dir];
-    dirs.extend(std::env::split_paths(&path));
-    c.env("PATH", std::env::join_paths(dirs).expect("joinable PATH"));
-    c.env_remove("SPFS_CHANGES_SOCKET")
-        .env_remove("SPFS_CHANGES_STATE");
-    c
+/// `validate` arguments: `--since build-start --json`, then `extra`.
+fn json_since(extra: &[&str]) -> Vec<String> {
+    args(&[&["--since", "build-start", "--json"], extra].concat())
 }
 
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+/// `validate` arguments of the report for people: `--since build-start`, then `extra`.
+fn human_since(extra: &[&str]) -> Vec<String> {
+    args(&[&["--since", "build-start"], extra].concat())
 }
 
-fn utf8(p: &Path) -> &str {
-    p.to_str().expect("utf-8 temp path")
-}
+/// A violation as [`Outcome::summary`] lists it: rule, action, path.
+type Row = (String, Option<String>, Option<String>);
 
-/// Single-quotes `s` for sh.
-fn q(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "'\\''"))
+fn row(rule: &str, action: Option<&str>, path: Option<&Path>) -> Row {
+    (
+        rule.to_string(),
+        action.map(str::to_string),
+        path.map(|p| s(p).to_string()),
+    )
 }
 
 /// One `spfs-changes validate` answer.
@@ -104,7 +101,7 @@ impl Outcome {
     }
 
     /// (rule, action, path) of every violation, in report order.
-    fn summary(&self) -> Vec<(String, Option<String>, Option<String>)> {
+    fn summary(&self) -> Vec<Row> {
         self.violations()
             .iter()
             .map(|v| {
@@ -122,7 +119,7 @@ impl Outcome {
         let found: Vec<Value> = self
             .violations()
             .into_iter()
-            .filter(|v| v["rule"] == rule && v["path"] == utf8(path))
+            .filter(|v| v["rule"] == rule && v["path"] == s(path))
             .collect();
         assert_eq!(
             found.len(),
@@ -216,21 +213,25 @@ impl Runtime {
     }
 
     fn layer(&self, name: &str) -> String {
-        utf8(&self.path(name)).to_string()
+        s(&self.path(name)).to_string()
+    }
+
+    /// The [`Row`] of an `AlterExistingFiles` violation of `action` at `rel`.
+    fn alter(&self, action: &str, rel: &str) -> Row {
+        row("AlterExistingFiles", Some(action), Some(&self.m(rel)))
+    }
+
+    /// Writes a rules file `name` into the temp dir; returns its path.
+    fn rules(&self, name: &str, yaml: &str) -> PathBuf {
+        let p = self.path(name);
+        std::fs::write(&p, yaml).expect("write rules");
+        p
     }
 
     /// In a fresh runtime: `setup` (sh, `$M` is the mount, `$T` the temp dir), `mark
     /// build-start`, `build` as `$T/build.sh`, then `validate` once per entry of
     /// `validations` (each the arguments after `validate`).
-    fn run(&self, setup: &str, build: &str, validations: &[&[&str]]) -> Ran {
-        let owned: Vec<Vec<String>> = validations
-            .iter()
-            .map(|a| a.iter().map(|s| s.to_string()).collect())
-            .collect();
-        self.run_owned(setup, build, &owned)
-    }
-
-    fn run_owned(&self, setup: &str, build: &str, validations: &[Vec<String>]) -> Ran {
+    fn run(&self, setup: &str, build: &str, validations: &[Vec<String>]) -> Ran {
         std::fs::write(
             self.path("build.sh"),
             format!(
@@ -240,11 +241,11 @@ impl Runtime {
         .expect("write build.sh");
         let mut script = format!(
             "set -u\nM={}\nT={}\nexport M T\ncd \"$T\"\n{setup}\nspfs-changes mark build-start >/dev/null || exit 90\nsh \"$T/build.sh\"; echo $? > \"$T/build.rc\"\n",
-            q(utf8(&self.mnt())),
-            q(utf8(self.tmp.path())),
+            quote(s(&self.mnt())),
+            quote(s(self.tmp.path())),
         );
         for (i, args) in validations.iter().enumerate() {
-            let args: Vec<String> = args.iter().map(|a| q(a)).collect();
+            let args: Vec<String> = args.iter().map(|a| quote(a)).collect();
             script.push_str(&format!(
                 "spfs-changes validate {} > \"$T/v{i}.out\" 2> \"$T/v{i}.err\"; echo $? > \"$T/v{i}.rc\"\n",
                 args.join(" ")
@@ -253,15 +254,15 @@ impl Runtime {
         let out: Output = cmd(&[
             "run",
             "--state",
-            utf8(&self.path("state")),
+            s(&self.path("state")),
             "--lower",
-            utf8(&self.path("top")),
+            s(&self.path("top")),
             "--lower",
-            utf8(&self.path("base")),
+            s(&self.path("base")),
             "--mount",
-            utf8(&self.mnt()),
+            s(&self.mnt()),
             "--runtime-dir",
-            utf8(&self.path("rt")),
+            s(&self.path("rt")),
             "--",
             "sh",
             "-c",
@@ -324,8 +325,13 @@ fn assert_by_tool(v: &Value, pid: u64, tool: &str) {
     );
 }
 
-fn s(v: &str) -> String {
-    v.to_string()
+/// A violation of `kind` against a file of `layer`.
+fn assert_kind_layer(v: &Value, kind: &str, layer: &str) {
+    assert_eq!(
+        (v["kind"].as_str(), v["layer"].as_str()),
+        (Some(kind), Some(layer)),
+        "{v}"
+    );
 }
 
 #[test]
@@ -339,19 +345,14 @@ fn empty_package_is_denied_unless_allowed() {
         "",
         "mkdir -p \"$M/share/doc/empty\"",
         &[
-            &["--since", "build-start", "--json"],
-            &[
-                "--since",
-                "build-start",
-                "--json",
-                "--allow",
-                "EmptyPackage",
-            ],
-            &["--since", "build-start"],
+            json_since(&[]),
+            json_since(&["--allow", "EmptyPackage"]),
+            human_since(&[]),
         ],
     );
+    let empty = [row("EmptyPackage", None, None)];
     let denied = ran.validations[0].expect_code(1);
-    assert_eq!(denied.summary(), [(s("EmptyPackage"), None, None)]);
+    assert_eq!(denied.summary(), empty);
     let v = &denied.violations()[0];
     assert!(v["layer"].is_null() && v["kind"].is_null(), "{v}");
     assert!(
@@ -369,9 +370,9 @@ fn empty_package_is_denied_unless_allowed() {
 
     // Nothing at all.
     let rt = Runtime::new();
-    let ran = rt.run("", ":", &[&["--since", "build-start", "--json"]]);
+    let ran = rt.run("", ":", &[json_since(&[])]);
     let denied = ran.validations[0].expect_code(1);
-    assert_eq!(denied.summary(), [(s("EmptyPackage"), None, None)]);
+    assert_eq!(denied.summary(), empty);
     assert_eq!(denied.json()["checked"], 0);
 
     // One file installed: clean.
@@ -379,10 +380,7 @@ fn empty_package_is_denied_unless_allowed() {
     let ran = rt.run(
         "",
         "mkdir -p \"$M/share/doc/pkg\"; echo docs > \"$M/share/doc/pkg/README\"",
-        &[
-            &["--since", "build-start", "--json"],
-            &["--since", "build-start"],
-        ],
+        &[json_since(&[]), human_since(&[])],
     );
     ran.validations[0].clean();
     assert_eq!(
@@ -412,22 +410,10 @@ printf 'patched' > "$M/lib/shadowed"
 chmod 600 "$M/etc/conf" & echo $! > "$T/chmod.pid"; wait $!
 rm "$M/lib/gone" & echo $! > "$T/rm.pid"; wait $!"#,
         &[
-            &["--since", "build-start", "--json"],
-            &["--since", "build-start"],
-            &[
-                "--since",
-                "build-start",
-                "--json",
-                "--allow",
-                "AlterExistingFiles:Change",
-            ],
-            &[
-                "--since",
-                "build-start",
-                "--json",
-                "--allow",
-                "AlterExistingFiles",
-            ],
+            json_since(&[]),
+            human_since(&[]),
+            json_since(&["--allow", "AlterExistingFiles:Change"]),
+            json_since(&["--allow", "AlterExistingFiles"]),
         ],
     );
     let chmod_pid = Ran::pid_file(&rt, "chmod.pid");
@@ -435,21 +421,14 @@ rm "$M/lib/gone" & echo $! > "$T/rm.pid"; wait $!"#,
     let (base, top) = (rt.layer("base"), rt.layer("top"));
 
     let report = ran.validations[0].expect_code(1);
-    let alter = |action: &str, rel: &str| {
-        (
-            s("AlterExistingFiles"),
-            Some(s(action)),
-            Some(utf8(&rt.m(rel)).to_string()),
-        )
-    };
     assert_eq!(
         report.summary(),
         [
-            alter("Change", "bin/tool"),
-            alter("Change", "etc/conf"),
-            alter("Change", "lib/a.so"),
-            alter("Remove", "lib/gone"),
-            alter("Change", "lib/shadowed"),
+            rt.alter("Change", "bin/tool"),
+            rt.alter("Change", "etc/conf"),
+            rt.alter("Change", "lib/a.so"),
+            rt.alter("Remove", "lib/gone"),
+            rt.alter("Change", "lib/shadowed"),
         ],
         "{}",
         report.stdout
@@ -457,17 +436,11 @@ rm "$M/lib/gone" & echo $! > "$T/rm.pid"; wait $!"#,
     assert_eq!(report.json()["checked"], 5, "{}", report.stdout);
 
     let a = report.violation("AlterExistingFiles", &rt.m("lib/a.so"));
-    assert_eq!(
-        (a["kind"].as_str(), a["layer"].as_str()),
-        (Some("modified"), Some(base.as_str()))
-    );
+    assert_kind_layer(&a, "modified", &base);
     assert_by_build(&a, &ran);
     // Only in the top layer: the top layer is named.
     let tool = report.violation("AlterExistingFiles", &rt.m("bin/tool"));
-    assert_eq!(
-        (tool["kind"].as_str(), tool["layer"].as_str()),
-        (Some("modified"), Some(top.as_str()))
-    );
+    assert_kind_layer(&tool, "modified", &top);
     assert_by_build(&tool, &ran);
     // In both: the copy overlayfs showed, the top one.
     let shadowed = report.violation("AlterExistingFiles", &rt.m("lib/shadowed"));
@@ -475,16 +448,10 @@ rm "$M/lib/gone" & echo $! > "$T/rm.pid"; wait $!"#,
     assert_by_build(&shadowed, &ran);
     // A mode change is a Change too.
     let conf = report.violation("AlterExistingFiles", &rt.m("etc/conf"));
-    assert_eq!(
-        (conf["kind"].as_str(), conf["layer"].as_str()),
-        (Some("metadata"), Some(base.as_str()))
-    );
+    assert_kind_layer(&conf, "metadata", &base);
     assert_by_tool(&conf, chmod_pid, "chmod");
     let gone = report.violation("AlterExistingFiles", &rt.m("lib/gone"));
-    assert_eq!(
-        (gone["kind"].as_str(), gone["layer"].as_str()),
-        (Some("removed"), Some(base.as_str()))
-    );
+    assert_kind_layer(&gone, "removed", &base);
     assert_by_tool(&gone, rm_pid, "rm");
 
     // The same, for people.
@@ -513,7 +480,7 @@ rm "$M/lib/gone" & echo $! > "$T/rm.pid"; wait $!"#,
 
     // Allowing Change leaves the removal; allowing every action leaves nothing.
     let removal_only = ran.validations[2].expect_code(1);
-    assert_eq!(removal_only.summary(), [alter("Remove", "lib/gone")]);
+    assert_eq!(removal_only.summary(), [rt.alter("Remove", "lib/gone")]);
     ran.validations[3].clean();
 
     // A build that touches only new paths is clean.
@@ -523,7 +490,7 @@ rm "$M/lib/gone" & echo $! > "$T/rm.pid"; wait $!"#,
         r#"echo new > "$M/lib/new.so"
 mkdir -p "$M/share/pkg" && printf 'x' > "$M/share/pkg/data"
 ln -s new.so "$M/lib/link.so""#,
-        &[&["--since", "build-start", "--json"]],
+        &[json_since(&[])],
     );
     let clean = ran.validations[0].clean();
     // lib/new.so, share, share/pkg, share/pkg/data, lib/link.so
@@ -541,33 +508,17 @@ fn collecting_existing_files_is_denied_and_names_the_layer() {
         "",
         "echo new > \"$M/lib/new.so\"",
         &[
-            &["--since", "build-start", "--json", "--collect", utf8(&a)],
-            &["--since", "build-start", "--json", "--collect", utf8(&new)],
-            &[
-                "--since",
-                "build-start",
-                "--json",
-                "--collect",
-                utf8(&tool),
-                "--collect",
-                utf8(&new),
-            ],
-            &[
-                "--since",
-                "build-start",
-                "--json",
-                "--collect",
-                utf8(&a),
-                "--allow",
-                "CollectExistingFiles",
-            ],
-            &["--since", "build-start", "--collect", utf8(&a)],
+            json_since(&["--collect", s(&a)]),
+            json_since(&["--collect", s(&new)]),
+            json_since(&["--collect", s(&tool), "--collect", s(&new)]),
+            json_since(&["--collect", s(&a), "--allow", "CollectExistingFiles"]),
+            human_since(&["--collect", s(&a)]),
         ],
     );
     let existing = ran.validations[0].expect_code(1);
     assert_eq!(
         existing.summary(),
-        [(s("CollectExistingFiles"), None, Some(utf8(&a).to_string()))]
+        [row("CollectExistingFiles", None, Some(&a))]
     );
     let v = existing.violation("CollectExistingFiles", &a);
     assert_eq!(v["layer"].as_str(), Some(rt.layer("base").as_str()), "{v}");
@@ -579,11 +530,7 @@ fn collecting_existing_files_is_denied_and_names_the_layer() {
     let from_top = ran.validations[2].expect_code(1);
     assert_eq!(
         from_top.summary(),
-        [(
-            s("CollectExistingFiles"),
-            None,
-            Some(utf8(&tool).to_string())
-        )]
+        [row("CollectExistingFiles", None, Some(&tool))]
     );
     let v = from_top.violation("CollectExistingFiles", &tool);
     assert_eq!(v["layer"].as_str(), Some(rt.layer("top").as_str()), "{v}");
@@ -611,23 +558,14 @@ fn deny_path_globs_deny_changes_under_them() {
         "",
         "echo new > \"$M/etc/new\"; echo new > \"$M/lib/new.so\"",
         &[
-            &["--since", "build-start", "--json", "--deny-path", "etc/**"],
-            &[
-                "--since",
-                "build-start",
-                "--json",
-                "--deny-path",
-                "share/**",
-            ],
-            &["--since", "build-start", "--deny-path", "etc/**"],
+            json_since(&["--deny-path", "etc/**"]),
+            json_since(&["--deny-path", "share/**"]),
+            human_since(&["--deny-path", "etc/**"]),
         ],
     );
     let denied = ran.validations[0].expect_code(1);
     let etc_new = rt.m("etc/new");
-    assert_eq!(
-        denied.summary(),
-        [(s("DenyPath"), None, Some(utf8(&etc_new).to_string()))]
-    );
+    assert_eq!(denied.summary(), [row("DenyPath", None, Some(&etc_new))]);
     let v = denied.violation("DenyPath", &etc_new);
     assert_eq!(v["kind"].as_str(), Some("added"), "{v}");
     assert!(v["layer"].is_null(), "{v}");
@@ -650,7 +588,7 @@ fn deny_path_globs_deny_changes_under_them() {
     let ran = rt.run(
         "",
         "echo new > \"$M/lib/new.so\"; cat \"$M/etc/conf\" > /dev/null",
-        &[&["--since", "build-start", "--json", "--deny-path", "etc/**"]],
+        &[json_since(&["--deny-path", "etc/**"])],
     );
     ran.validations[0].clean();
 }
@@ -661,95 +599,45 @@ fn rules_files_are_honoured_and_bad_rules_cannot_validate() {
         return;
     }
     let rt = Runtime::new();
-    let allow_remove = rt.path("allow-remove.yaml");
-    std::fs::write(
-        &allow_remove,
+    let allow_remove = rt.rules(
+        "allow-remove.yaml",
         "rules:\n  - allow: AlterExistingFiles\n    action: Remove\n",
-    )
-    .expect("write rules");
+    );
     // A bare list, spk's other spelling.
-    let allow_all = rt.path("allow-all.yaml");
-    std::fs::write(
-        &allow_all,
+    let allow_all = rt.rules(
+        "allow-all.yaml",
         "- allow: AlterExistingFiles\n- allow: EmptyPackage\n",
-    )
-    .expect("write rules");
-    let bad_name = rt.path("bad-name.yaml");
-    std::fs::write(&bad_name, "rules:\n  - allow: NoSuchRule\n").expect("write rules");
-    let bad_action = rt.path("bad-action.yaml");
-    std::fs::write(
-        &bad_action,
+    );
+    let bad_name = rt.rules("bad-name.yaml", "rules:\n  - allow: NoSuchRule\n");
+    let bad_action = rt.rules(
+        "bad-action.yaml",
         "rules:\n  - deny: AlterExistingFiles\n    action: Melt\n",
-    )
-    .expect("write rules");
-    let not_rules = rt.path("not-rules.yaml");
-    std::fs::write(&not_rules, "rules:\n  - permit: EmptyPackage\n").expect("write rules");
+    );
+    let not_rules = rt.rules("not-rules.yaml", "rules:\n  - permit: EmptyPackage\n");
 
+    let with_rules = |p: &Path| json_since(&["--rules", s(p)]);
     let ran = rt.run(
         "",
         "rm \"$M/lib/gone\"; echo new > \"$M/lib/new.so\"",
         &[
-            &["--since", "build-start", "--json"],
-            &[
-                "--since",
-                "build-start",
-                "--json",
-                "--rules",
-                utf8(&allow_remove),
-            ],
-            &[
-                "--since",
-                "build-start",
-                "--json",
-                "--rules",
-                utf8(&allow_all),
-            ],
+            json_since(&[]),
+            with_rules(&allow_remove),
+            with_rules(&allow_all),
             // --deny comes after the file.
-            &[
-                "--since",
-                "build-start",
-                "--json",
+            json_since(&[
                 "--rules",
-                utf8(&allow_remove),
+                s(&allow_remove),
                 "--deny",
                 "AlterExistingFiles:Remove",
-            ],
-            &[
-                "--since",
-                "build-start",
-                "--json",
-                "--rules",
-                utf8(&bad_name),
-            ],
-            &[
-                "--since",
-                "build-start",
-                "--json",
-                "--rules",
-                utf8(&bad_action),
-            ],
-            &[
-                "--since",
-                "build-start",
-                "--json",
-                "--rules",
-                utf8(&not_rules),
-            ],
-            &[
-                "--since",
-                "build-start",
-                "--json",
-                "--rules",
-                utf8(&rt.path("missing.yaml")),
-            ],
-            &["--since", "build-start", "--json", "--deny", "NoSuchRule"],
+            ]),
+            with_rules(&bad_name),
+            with_rules(&bad_action),
+            with_rules(&not_rules),
+            with_rules(&rt.path("missing.yaml")),
+            json_since(&["--deny", "NoSuchRule"]),
         ],
     );
-    let gone = (
-        s("AlterExistingFiles"),
-        Some(s("Remove")),
-        Some(utf8(&rt.m("lib/gone")).to_string()),
-    );
+    let gone = rt.alter("Remove", "lib/gone");
     assert_eq!(
         ran.validations[0].expect_code(1).summary(),
         std::slice::from_ref(&gone)
@@ -774,11 +662,7 @@ fn since_build_start_ignores_what_came_before() {
         // Breaks the default rules, before the mark.
         "printf 'setup bytes' > \"$M/lib/a.so\"; rm \"$M/lib/gone\"",
         "echo new > \"$M/lib/new.so\"",
-        &[
-            &["--since", "build-start", "--json"],
-            &["--json"],
-            &["--since", "build-start"],
-        ],
+        &[json_since(&[]), args(&["--json"]), human_since(&[])],
     );
     let since = ran.validations[0].clean();
     assert_eq!(since.json()["checked"], 1, "{}", since.stdout);
@@ -786,16 +670,12 @@ fn since_build_start_ignores_what_came_before() {
     assert!(ran.validations[2].clean().stdout.starts_with("valid: 1 "));
 
     let all = ran.validations[1].expect_code(1);
-    let alter = |action: &str, rel: &str| {
-        (
-            s("AlterExistingFiles"),
-            Some(s(action)),
-            Some(utf8(&rt.m(rel)).to_string()),
-        )
-    };
     assert_eq!(
         all.summary(),
-        [alter("Change", "lib/a.so"), alter("Remove", "lib/gone")],
+        [
+            rt.alter("Change", "lib/a.so"),
+            rt.alter("Remove", "lib/gone")
+        ],
         "{}",
         all.stdout
     );
@@ -816,32 +696,21 @@ fn identical_bytes_are_a_touch_other_bytes_a_change() {
     if !need_root() {
         return;
     }
-    let deny_touch_file = |rt: &Runtime| {
-        let p = rt.path("deny-touch.yaml");
-        std::fs::write(&p, "- deny: AlterExistingFiles\n  action: Touch\n").expect("write rules");
-        p
-    };
-    let validations = |rules: &Path| -> Vec<Vec<String>> {
-        [
-            vec!["--since", "build-start", "--json"],
-            vec![
-                "--since",
-                "build-start",
-                "--json",
-                "--deny",
-                "AlterExistingFiles:Touch",
-            ],
-            vec!["--since", "build-start", "--json", "--rules", utf8(rules)],
-            vec![
-                "--since",
-                "build-start",
-                "--deny",
-                "AlterExistingFiles:Touch",
-            ],
-        ]
-        .into_iter()
-        .map(|a| a.into_iter().map(str::to_string).collect())
-        .collect()
+    // A fresh runtime, and the validations of each build: by default, denying
+    // Touch on the command line, denying it in a rules file, and for people.
+    let runtime = || {
+        let rt = Runtime::new();
+        let rules = rt.rules(
+            "deny-touch.yaml",
+            "- deny: AlterExistingFiles\n  action: Touch\n",
+        );
+        let validations = [
+            json_since(&[]),
+            json_since(&["--deny", "AlterExistingFiles:Touch"]),
+            json_since(&["--rules", s(&rules)]),
+            human_since(&["--deny", "AlterExistingFiles:Touch"]),
+        ];
+        (rt, validations)
     };
     // The same bytes, four ways: a shell rewrite, a copy back, touch(1), and a change
     // undone. Each
@@ -858,12 +727,11 @@ fn identical_bytes_are_a_touch_other_bytes_a_change() {
             "echo other > \"$M/lib/same\"; echo same > \"$M/lib/same\"",
         ),
     ] {
-        let rt = Runtime::new();
-        let rules = deny_touch_file(&rt);
-        let ran = rt.run_owned(
+        let (rt, validations) = runtime();
+        let ran = rt.run(
             "",
             &format!("{build}\necho new > \"$M/lib/new.so\""),
-            &validations(&rules),
+            &validations,
         );
         let same = rt.m("lib/same");
         ran.validations[0].clean();
@@ -871,11 +739,7 @@ fn identical_bytes_are_a_touch_other_bytes_a_change() {
             denied.expect_code(1);
             assert_eq!(
                 denied.summary(),
-                [(
-                    s("AlterExistingFiles"),
-                    Some(s("Touch")),
-                    Some(utf8(&same).to_string())
-                )],
+                [rt.alter("Touch", "lib/same")],
                 "{how}: {}",
                 denied.stdout
             );
@@ -904,19 +768,14 @@ fn identical_bytes_are_a_touch_other_bytes_a_change() {
     }
 
     // Other bytes: a Change, denied by default.
-    let rt = Runtime::new();
-    let rules = deny_touch_file(&rt);
-    let ran = rt.run_owned("", "echo different > \"$M/lib/same\"", &validations(&rules));
+    let (rt, validations) = runtime();
+    let ran = rt.run("", "echo different > \"$M/lib/same\"", &validations);
     let same = rt.m("lib/same");
     for report in &ran.validations[..3] {
         report.expect_code(1);
         assert_eq!(
             report.summary(),
-            [(
-                s("AlterExistingFiles"),
-                Some(s("Change")),
-                Some(utf8(&same).to_string())
-            )],
+            [rt.alter("Change", "lib/same")],
             "{}",
             report.stdout
         );
@@ -936,9 +795,9 @@ fn what_cannot_be_validated_exits_2() {
         "",
         "echo new > \"$M/lib/new.so\"",
         &[
-            &["--since", "nosuchmark", "--json"],
-            &["--since", "nosuchmark"],
-            &["--since", "build-start", "--deny-path", "etc/[", "--json"],
+            args(&["--since", "nosuchmark", "--json"]),
+            args(&["--since", "nosuchmark"]),
+            args(&["--since", "build-start", "--deny-path", "etc/[", "--json"]),
         ],
     );
     ran.validations[0].one_line_error("nosuchmark");
@@ -946,10 +805,10 @@ fn what_cannot_be_validated_exits_2() {
     ran.validations[2].one_line_error("etc/[");
 
     // Outside any run: no tracker to compare with the lower layers.
-    let outcome = |args: &[&str], c: &mut Command| {
+    let outcome = |a: &[&str], c: &mut Command| {
         let out = c.output().expect("spawn spfs-changes");
         Outcome {
-            args: args.iter().map(|a| a.to_string()).collect(),
+            args: args(a),
             code: out.status.code().unwrap_or(-1),
             stdout: text(&out.stdout),
             stderr: text(&out.stderr),
@@ -958,17 +817,11 @@ fn what_cannot_be_validated_exits_2() {
     let empty = rt.path("empty-state");
     std::fs::create_dir(&empty).expect("mkdir");
     for args in [
-        vec!["validate", "--state", utf8(&empty), "--json"],
-        vec![
-            "validate",
-            "--state",
-            utf8(&empty),
-            "--since",
-            "build-start",
-        ],
+        vec!["validate", "--state", s(&empty), "--json"],
+        vec!["validate", "--state", s(&empty), "--since", "build-start"],
         // The changelog the run kept: its tracker has stopped.
-        vec!["validate", "--state", utf8(&rt.path("state")), "--json"],
-        vec!["validate", "--state", utf8(&rt.path("no-such-state"))],
+        vec!["validate", "--state", s(&rt.path("state")), "--json"],
+        vec!["validate", "--state", s(&rt.path("no-such-state"))],
     ] {
         outcome(&args, &mut cmd(&args)).one_line_error("validate");
     }
@@ -994,13 +847,7 @@ fn a_removal_before_the_mark_is_not_blamed_on_the_build() {
     let ran = rt.run(
         "rm \"$M/lib/gone\"; rm \"$M/lib/same\"",
         "mkdir \"$M/lib/same\"; echo x > \"$M/lib/same/f\"",
-        &[&[
-            "--since",
-            "build-start",
-            "--json",
-            "--allow",
-            "AlterExistingFiles:Change",
-        ]],
+        &[json_since(&["--allow", "AlterExistingFiles:Change"])],
     );
     ran.validations[0].clean();
 }
@@ -1016,26 +863,8 @@ fn removing_a_denied_tree_is_denied() {
     let ran = rt.run(
         "",
         "rm -r \"$M/etc\"; echo new > \"$M/lib/new.so\"",
-        &[
-            &[
-                "--since",
-                "build-start",
-                "--json",
-                "--allow",
-                "AlterExistingFiles",
-                "--deny-path",
-                "etc/**",
-            ],
-            &[
-                "--since",
-                "build-start",
-                "--json",
-                "--allow",
-                "AlterExistingFiles",
-                "--deny-path",
-                "etc/conf",
-            ],
-        ],
+        &["etc/**", "etc/conf"]
+            .map(|glob| json_since(&["--allow", "AlterExistingFiles", "--deny-path", glob])),
     );
     for denied in &ran.validations {
         denied.expect_code(1);

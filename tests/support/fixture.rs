@@ -1,6 +1,7 @@
 //! An overlay mounted the way spfs mounts a runtime, on scratch tmpfs mounts.
 
 use super::ops::{cpath, make_whiteout, set_times, set_xattr};
+use super::rng::SplitMix;
 use super::truth::{Truth, truth};
 use nix::mount::{MntFlags, MsFlags, mount, umount, umount2};
 use std::ffi::OsStr;
@@ -79,22 +80,6 @@ fn bytes(p: impl AsRef<[u8]>) -> Vec<u8> {
         String::from_utf8_lossy(p)
     );
     p.to_vec()
-}
-
-/// A small deterministic generator (splitmix64), so no rand crate is needed.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
 }
 
 impl LowerSpec {
@@ -402,15 +387,10 @@ fn ns_id(path: &str) -> PathBuf {
     fs::read_link(path).unwrap_or_else(|e| panic!("readlink {path}: {e}"))
 }
 
-fn mount_tmpfs(at: &Path, options: &str) {
-    mount(
-        Some("tmpfs"),
-        at,
-        Some("tmpfs"),
-        MsFlags::empty(),
-        Some(options),
-    )
-    .unwrap_or_else(|e| panic!("mount tmpfs at {}: {e}", at.display()));
+/// Mounts a tmpfs at `at`, with `options` (none: the defaults).
+pub fn mount_tmpfs(at: &Path, options: Option<&str>) {
+    mount(Some("tmpfs"), at, Some("tmpfs"), MsFlags::empty(), options)
+        .unwrap_or_else(|e| panic!("mount tmpfs at {}: {e}", at.display()));
 }
 
 /// Runs `op` again while it fails with `EBUSY`, for up to 2 s.
@@ -467,7 +447,7 @@ impl Fixture {
             mounted: false,
         };
         // From here on, Drop undoes the mounts if anything below panics.
-        mount_tmpfs(&fixture.lower_root, "mode=0755");
+        mount_tmpfs(&fixture.lower_root, Some("mode=0755"));
         for i in 0..lower.n_layers() {
             let l = fixture.lower_root.join(i.to_string());
             mkdir(&l);
@@ -485,7 +465,7 @@ impl Fixture {
             )
         })
         .expect("remount the lower tmpfs read-only");
-        mount_tmpfs(&fixture.runtime, "mode=0755");
+        mount_tmpfs(&fixture.runtime, Some("mode=0755"));
         for d in [&fixture.upper, &fixture.work, &fixture.sync] {
             mkdir(d);
         }

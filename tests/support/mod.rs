@@ -7,16 +7,19 @@
 
 pub mod fixture;
 pub mod ops;
+pub mod rng;
 pub mod tracking;
 pub mod truth;
 
 // Re-exports: a given test file uses some of them only.
 #[allow(unused_imports)]
-pub use fixture::{Fixture, LowerSpec, SPFS_OVERLAY_OPTIONS, retry_busy};
+pub use fixture::{Fixture, LowerSpec, SPFS_OVERLAY_OPTIONS, mount_tmpfs, retry_busy};
 #[allow(unused_imports)]
 pub use ops::*;
 #[allow(unused_imports)]
-pub use truth::{Truth, describe_tree, expect, truth};
+pub use rng::SplitMix;
+#[allow(unused_imports)]
+pub use truth::{Truth, describe_tree, expect, for_each_child, truth};
 
 use nix::mount::{MsFlags, mount};
 use nix::sched::{CloneFlags, unshare};

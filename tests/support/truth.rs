@@ -58,6 +58,32 @@ fn join(base: &Path, rel: &[u8]) -> PathBuf {
     }
 }
 
+/// Calls `visit(rel, path)` for each entry of the dir `rel` below `root` (`rel`
+/// empty: `root` itself), in byte order of names, with `rel` extended by the entry's
+/// name (the caller may go on into it) and `path` the entry's; `rel` is as it was
+/// afterwards. Fails, calling nothing, when the dir cannot be read.
+pub fn for_each_child(
+    root: &Path,
+    rel: &mut Vec<u8>,
+    mut visit: impl FnMut(&mut Vec<u8>, &Path),
+) -> io::Result<()> {
+    let mut names: Vec<Vec<u8>> = fs::read_dir(join(root, rel))?
+        .map(|e| e.map(|e| e.file_name().as_bytes().to_vec()))
+        .collect::<io::Result<_>>()?;
+    names.sort();
+    for name in names {
+        let len = rel.len();
+        if !rel.is_empty() {
+            rel.push(b'/');
+        }
+        rel.extend_from_slice(&name);
+        let path = join(root, rel);
+        visit(rel, &path);
+        rel.truncate(len);
+    }
+    Ok(())
+}
+
 fn lstat_opt(p: &Path) -> Option<Metadata> {
     match fs::symlink_metadata(p) {
         Ok(m) => Some(m),
@@ -237,20 +263,8 @@ fn classify(
 }
 
 fn walk(upper: &Path, lowers: &[PathBuf], rel: &mut Vec<u8>, lower_visible: bool, out: &mut Truth) {
-    let dir = join(upper, rel);
-    let mut names: Vec<Vec<u8>> = fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display()))
-        .map(|e| e.expect("read_dir entry").file_name().as_bytes().to_vec())
-        .collect();
-    names.sort();
-    for name in names {
-        let len = rel.len();
-        if !rel.is_empty() {
-            rel.push(b'/');
-        }
-        rel.extend_from_slice(&name);
-        let path = join(upper, rel);
-        let meta = fs::symlink_metadata(&path).unwrap_or_else(|e| {
+    for_each_child(upper, rel, |rel, path| {
+        let meta = fs::symlink_metadata(path).unwrap_or_else(|e| {
             panic!(
                 "lstat {} (upper changed during the walk?): {e}",
                 path.display()
@@ -261,59 +275,41 @@ fn walk(upper: &Path, lowers: &[PathBuf], rel: &mut Vec<u8>, lower_visible: bool
         } else {
             None
         };
-        let opaque = meta.is_dir() && is_opaque(&path);
-        if let Some(change) = classify(&path, &meta, opaque, lower.as_ref()) {
+        let opaque = meta.is_dir() && is_opaque(path);
+        if let Some(change) = classify(path, &meta, opaque, lower.as_ref()) {
             out.insert(rel.clone(), change);
         }
         if meta.is_dir() {
             let below_visible = !opaque && lower.as_ref().is_some_and(|(_, m)| m.is_dir());
             walk(upper, lowers, rel, below_visible, out);
         }
-        rel.truncate(len);
-    }
+    })
+    .unwrap_or_else(|e| panic!("read_dir {}: {e}", join(upper, rel).display()));
 }
 
 /// A listing of every entry below `root` (for failure messages and notes): path, type,
 /// mode, uid:gid, size or rdev or target, and all xattrs (`trusted.overlay.*` too).
 pub fn describe_tree(root: &Path) -> String {
     fn go(root: &Path, rel: &mut Vec<u8>, out: &mut String) {
-        let dir = join(root, rel);
-        let mut names: Vec<Vec<u8>> = match fs::read_dir(&dir) {
-            Ok(rd) => rd
-                .filter_map(|e| e.ok())
-                .map(|e| e.file_name().as_bytes().to_vec())
-                .collect(),
-            Err(e) => {
-                out.push_str(&format!("  <read_dir {}: {e}>\n", dir.display()));
-                return;
-            }
-        };
-        names.sort();
-        for name in names {
-            let len = rel.len();
-            if !rel.is_empty() {
-                rel.push(b'/');
-            }
-            rel.extend_from_slice(&name);
-            let p = join(root, rel);
-            if let Some(m) = lstat_opt(&p) {
+        let listed = for_each_child(root, rel, |rel, p| {
+            if let Some(m) = lstat_opt(p) {
                 let extra = match file_type(&m) {
                     FileType::File => format!("size={}", m.size()),
                     FileType::Symlink => format!(
                         "-> {}",
-                        fs::read_link(&p)
+                        fs::read_link(p)
                             .map(|t| t.display().to_string())
                             .unwrap_or_default()
                     ),
                     FileType::Dir => String::new(),
                     _ => format!("rdev={}:{}", libc::major(m.rdev()), libc::minor(m.rdev())),
                 };
-                let xa: Vec<String> = list_xattrs(&p)
+                let xa: Vec<String> = list_xattrs(p)
                     .unwrap_or_default()
                     .into_iter()
                     .map(|n| {
                         let name = String::from_utf8_lossy(&n).into_owned();
-                        let v = get_xattr(&p, &name).ok().flatten().unwrap_or_default();
+                        let v = get_xattr(p, &name).ok().flatten().unwrap_or_default();
                         format!("{name}={:?}", String::from_utf8_lossy(&v))
                     })
                     .collect();
@@ -333,7 +329,10 @@ pub fn describe_tree(root: &Path) -> String {
                     go(root, rel, out);
                 }
             }
-            rel.truncate(len);
+        });
+        if let Err(e) = listed {
+            let dir = join(root, rel);
+            out.push_str(&format!("  <read_dir {}: {e}>\n", dir.display()));
         }
     }
     let mut out = String::new();

@@ -9,10 +9,10 @@
 //! size, mtime and bytes of every entry). Next to it the script saves what the tracker
 //! says (`changes --json`).
 
+use crate::common::{cmd, file_type, net_kind, s, text};
 use crate::support::{self, LowerSpec};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
-use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -22,65 +22,11 @@ use store::{FileType, NetKind};
 /// The name of the `#[test]` that is the checker when `RESET_TEST_HOOK` is set.
 pub const HOOK_TEST: &str = "reset_test_hook";
 
-pub fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_spfs-changes"))
-}
-
-pub fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-pub fn s(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 temp path")
-}
-
-/// Single-quotes `arg` for sh.
-pub fn quote(arg: &str) -> String {
-    format!("'{}'", arg.replace('\'', "'\\''"))
-}
-
-/// `spfs-changes ARGS` with the binary's dir first on PATH and no ambient target.
-pub fn cmd(args: &[&str]) -> Command {
-    let mut c = Command::new(bin());
-    c.args(args);
-    let dir = bin().parent().expect("binary has a dir").to_path_buf();
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let mut dirs = vec![dir];
-    dirs.extend(std::env::split_paths(&path));
-    c.env("PATH", std::env::join_paths(dirs).expect("joinable PATH"));
-    c.env_remove("SPFS_CHANGES_SOCKET")
-        .env_remove("SPFS_CHANGES_STATE")
-        .env_remove("SPFS_RUNTIME")
-        .env_remove("RESET_TEST_HOOK");
-    c
-}
-
-pub fn kind_name(k: NetKind) -> &'static str {
-    match k {
-        NetKind::Added => "added",
-        NetKind::Modified => "modified",
-        NetKind::Metadata => "metadata",
-        NetKind::Removed => "removed",
-        NetKind::Replaced => "replaced",
-    }
-}
-
-pub fn type_name(t: FileType) -> &'static str {
-    match t {
-        FileType::File => "file",
-        FileType::Dir => "dir",
-        FileType::Symlink => "symlink",
-        FileType::Fifo => "fifo",
-        FileType::Socket => "socket",
-        FileType::CharDevice => "char-device",
-        FileType::BlockDevice => "block-device",
-        FileType::Whiteout => "whiteout",
-        FileType::Unknown => "unknown",
-    }
-}
-
-/// Net state, path (relative to the mount) -> (kind, type), as the CLI names them.
-pub type Net = BTreeMap<String, (String, String)>;
+/// Net state: path (relative to the mount) -> (kind, type).
+pub type Net = BTreeMap<String, (NetKind, FileType)>;
+/// What a `changes --json` document says of each path (relative to the mount): kind
+/// (none: no change now), kind before (in a since-answer), type.
+pub type Changes = BTreeMap<String, (Option<NetKind>, Option<NetKind>, FileType)>;
 /// A listing of a tree: relative path -> entry (see [`entry`]).
 pub type Tree = BTreeMap<String, Value>;
 
@@ -104,9 +50,8 @@ pub struct Step {
     pub out: String,
     pub err: String,
     pub rc: i32,
-    /// `changes --since <token taken just before the reset> --json`:
-    /// path -> (kind, before, type).
-    pub since: BTreeMap<String, (Option<String>, Option<String>, String)>,
+    /// `changes --since <token taken just before the reset> --json`.
+    pub since: Changes,
     /// The token taken before the reset.
     pub token: String,
     /// The token of the since-answer, taken after the reset.
@@ -279,13 +224,9 @@ impl Runtime {
             .expect("truth object")
             .iter()
             .map(|(k, v)| {
-                (
-                    k.clone(),
-                    (
-                        v[0].as_str().expect("kind").to_string(),
-                        v[1].as_str().expect("type").to_string(),
-                    ),
-                )
+                let kt = serde_json::from_value(v.clone())
+                    .unwrap_or_else(|e| panic!("truth of {k}: {e}: {v}"));
+                (k.clone(), kt)
             })
             .collect();
         Snap {
@@ -329,12 +270,8 @@ impl Runtime {
     }
 }
 
-/// The `changes` of a `changes --json` document: path relative to `mount` ->
-/// (kind, before, type).
-pub fn changes(
-    doc: &Value,
-    mount: &Path,
-) -> BTreeMap<String, (Option<String>, Option<String>, String)> {
+/// The `changes` of a `changes --json` document, below `mount`.
+pub fn changes(doc: &Value, mount: &Path) -> Changes {
     let prefix = format!("{}/", s(mount));
     doc["changes"]
         .as_array()
@@ -345,13 +282,13 @@ pub fn changes(
             let rel = path
                 .strip_prefix(&prefix)
                 .unwrap_or_else(|| panic!("{path} is not below {prefix}"));
-            let name = |v: &Value| v.as_str().map(str::to_string);
+            let kind = |v: &Value| v.as_str().map(net_kind);
             (
                 rel.to_string(),
                 (
-                    name(&c["kind"]),
-                    name(&c["before"]),
-                    c["type"].as_str().expect("type").to_string(),
+                    kind(&c["kind"]),
+                    kind(&c["before"]),
+                    file_type(c["type"].as_str().expect("type")),
                 ),
             )
         })
@@ -416,34 +353,12 @@ pub fn assert_net_is_truth(snap: &Snap, context: &str) {
 /// with its error (an overlay whose upper dir was edited under it may show that).
 pub fn tree(root: &Path, xattrs: bool) -> Tree {
     fn go(root: &Path, rel: &mut Vec<u8>, xattrs: bool, out: &mut Tree) {
-        let dir = if rel.is_empty() {
-            root.to_path_buf()
-        } else {
-            root.join(OsStr::from_bytes(rel))
-        };
-        let mut names: Vec<Vec<u8>> = match std::fs::read_dir(&dir) {
-            Ok(it) => it
-                .filter_map(Result::ok)
-                .map(|e| e.file_name().as_bytes().to_vec())
-                .collect(),
-            Err(e) => {
-                out.insert(format!("{}/<error>", text(rel)), json!(e.to_string()));
-                return;
-            }
-        };
-        names.sort();
-        for name in names {
-            let len = rel.len();
-            if !rel.is_empty() {
-                rel.push(b'/');
-            }
-            rel.extend_from_slice(&name);
-            let p = root.join(OsStr::from_bytes(rel));
-            match std::fs::symlink_metadata(&p) {
+        let listed =
+            support::for_each_child(root, rel, |rel, p| match std::fs::symlink_metadata(p) {
                 Ok(m) => {
-                    let mut v = entry(&p, &m);
+                    let mut v = entry(p, &m);
                     if xattrs && m.is_dir() {
-                        let opaque = support::get_xattr(&p, "trusted.overlay.opaque")
+                        let opaque = support::get_xattr(p, "trusted.overlay.opaque")
                             .ok()
                             .flatten()
                             .is_some_and(|v| v == b"y");
@@ -457,8 +372,9 @@ pub fn tree(root: &Path, xattrs: bool) -> Tree {
                 Err(e) => {
                     out.insert(text(rel), json!({ "error": e.to_string() }));
                 }
-            }
-            rel.truncate(len);
+            });
+        if let Err(e) = listed {
+            out.insert(format!("{}/<error>", text(rel)), json!(e.to_string()));
         }
     }
     let mut out = Tree::new();
@@ -537,7 +453,7 @@ pub fn hook() {
                 .collect();
             let truth: serde_json::Map<String, Value> = support::truth(&upper, &lowers)
                 .into_iter()
-                .map(|(p, (k, t))| (text(&p), json!([kind_name(k), type_name(t)])))
+                .map(|(p, kt)| (text(&p), json!(kt)))
                 .collect();
             let doc = json!({
                 "truth": truth,

@@ -2,51 +2,20 @@
 //! private mount namespace of its own process, driven line by line from the test; a
 //! guard that stops every tracker a test started; and readers of the CLI's answers.
 
+use crate::common::{bin, cmd, file_type, net_kind, no_ambient_target, ok, s, text};
 use crate::support::{LowerSpec, SPFS_OVERLAY_OPTIONS, Truth, tracking::show};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
-use store::{FileType, NetKind};
 
-pub fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_spfs-changes"))
-}
-
-/// `spfs-changes ARGS`, with no ambient target from the environment.
-pub fn cmd(args: &[&str]) -> Command {
-    let mut c = Command::new(bin());
-    c.args(args)
-        .env_remove("SPFS_CHANGES_SOCKET")
-        .env_remove("SPFS_CHANGES_STATE")
-        .env_remove("SPFS_RUNTIME");
-    c
-}
-
-pub fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-pub fn s(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 temp path")
-}
-
-/// Runs a command to its end; panics with its output unless it succeeded.
-pub fn ok(mut c: Command) -> String {
-    let out = c.output().expect("spawn spfs-changes");
-    assert!(
-        out.status.success(),
-        "{c:?} failed ({}):\n--- stdout\n{}\n--- stderr\n{}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
-}
-
-pub fn output(mut c: Command) -> Output {
-    c.output().expect("spawn spfs-changes")
+/// Sends SIGKILL to `pid`.
+pub fn sigkill(pid: u32) -> nix::Result<()> {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::SIGKILL,
+    )
 }
 
 /// The inode of a process's mount namespace (`None`: no such process).
@@ -156,7 +125,8 @@ impl FakeRuntime {
         let out = root.join("cmd.out");
         let err = root.join("runtime.err");
         let lowers = vec![lower];
-        let mut child = Command::new("unshare")
+        let mut unshare = Command::new("unshare");
+        let mut child = no_ambient_target(&mut unshare)
             .args(["-m", "--propagation", "private", "sh", "-c", RUNTIME_SCRIPT])
             .env("RT", &rt)
             .env("M", &mnt)
@@ -164,9 +134,6 @@ impl FakeRuntime {
             .env("OUT", &out)
             .env("BIN", bin())
             .env("OPTS", overlay_options(&rt, &lowers))
-            .env_remove("SPFS_CHANGES_SOCKET")
-            .env_remove("SPFS_CHANGES_STATE")
-            .env_remove("SPFS_RUNTIME")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&err).expect("create runtime.err"))
@@ -260,10 +227,7 @@ impl FakeRuntime {
         drop(self.stdin.take());
         for pid in processes_in(self.ns) {
             if pid != self.pid {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::SIGKILL,
-                );
+                let _ = sigkill(pid);
             }
         }
         let _ = self.child.wait();
@@ -280,10 +244,7 @@ impl Drop for FakeRuntime {
         if self.stdin.is_some() {
             drop(self.stdin.take());
             for pid in processes_in(self.ns) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::SIGKILL,
-                );
+                let _ = sigkill(pid);
             }
             let _ = self.child.kill();
             let _ = self.child.wait();
@@ -327,6 +288,12 @@ impl Trackers {
         self.adopt_from(&out)
     }
 
+    /// `track --pid <the runtime's pid> --mount <its mount>`, as spfs-monitor starts
+    /// one (see [`Trackers::track`]).
+    pub fn track_runtime(&mut self, rt: &FakeRuntime) -> u32 {
+        self.track(&["--pid", &rt.pid.to_string(), "--mount", s(&rt.mnt)])
+    }
+
     /// Takes the pid out of `tracking ... (tracker pid N, socket S)` and guards it.
     pub fn adopt_from(&mut self, printed: &str) -> u32 {
         let pid = tracker_pid(printed);
@@ -367,10 +334,7 @@ impl Drop for Trackers {
             }
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             if String::from_utf8_lossy(&cmdline).contains("spfs-changes") {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::SIGKILL,
-                );
+                let _ = sigkill(pid);
             }
         }
     }
@@ -394,27 +358,11 @@ pub fn net_state_of(doc: &serde_json::Value) -> Truth {
                 .strip_prefix(prefix.as_bytes())
                 .unwrap_or_else(|| panic!("{} is not below {prefix}", text(&full)))
                 .to_vec();
-            let kind = match c["kind"].as_str() {
-                Some("added") => NetKind::Added,
-                Some("modified") => NetKind::Modified,
-                Some("metadata") => NetKind::Metadata,
-                Some("removed") => NetKind::Removed,
-                Some("replaced") => NetKind::Replaced,
-                other => panic!("net state entry without a known kind: {other:?} in {c}"),
-            };
-            let ft = match c["type"].as_str().expect("type") {
-                "file" => FileType::File,
-                "dir" => FileType::Dir,
-                "symlink" => FileType::Symlink,
-                "fifo" => FileType::Fifo,
-                "socket" => FileType::Socket,
-                "char-device" => FileType::CharDevice,
-                "block-device" => FileType::BlockDevice,
-                "whiteout" => FileType::Whiteout,
-                "unknown" => FileType::Unknown,
-                other => panic!("unknown type {other:?}"),
-            };
-            (rel, (kind, ft))
+            let kind = c["kind"]
+                .as_str()
+                .unwrap_or_else(|| panic!("net state entry without a kind: {c}"));
+            let ft = file_type(c["type"].as_str().expect("type"));
+            (rel, (net_kind(kind), ft))
         })
         .collect()
 }
