@@ -2,29 +2,43 @@
 //!
 //! Trees:
 //! - `meta`: one `Meta` record (instance, last seq, retained history).
-//! - `log`: seq (u64 BE) -> `LogRecord`; seqs never restart, so a range scan from a
-//!   token's seq yields exactly the records after it.
-//! - `by_path`: path + NUL + seq (u64 BE) -> empty; per-path history without a scan
-//!   of the whole log.
-//! - `net`: path -> `NetEntry`.
+//! - `log`: first seq (u64 BE) -> a chunk of consecutive records (see `codec`); seqs
+//!   never restart, so a range scan from the chunk holding a token's seq yields
+//!   exactly the records after it. Each record names the previous record of its path
+//!   (`prev`), so a path's history is a chain back from its last record.
+//! - `net`: path -> net entry, which holds the seq of the path's last record; a
+//!   `PathMap`, i.e. buckets of neighbouring paths.
+//! - `gone`: path -> seq of its last record, for paths with records and no net entry
+//!   (a `PathMap` too). A path's last record is named by its net entry if it has one,
+//!   else by its gone entry; a gone entry left behind when a path gets a net entry
+//!   again is older than that entry, and never consulted.
+//! - `commands`: id (u64 BE) -> `(pid, command line)`; records and net entries name
+//!   their origin by id.
 //! - `marks`: name -> `Token`; `gaps`: gap number (u64 BE) -> `Gap`; `info`: free-form.
 //!
-//! Writes compute a plan first (under the writer lock, so the trees cannot move
-//! underneath), then commit it in one multi-tree transaction: a crash leaves either
-//! the whole batch or none of it.
+//! Writes plan a batch first (under the writer lock, so the trees cannot move
+//! underneath, while readers go on), then apply one atomic sled batch per tree under
+//! the state lock, so readers never see half a batch. The order (commands, log, net,
+//! gone, and `meta` last) makes a crash in between harmless: everything refers only to
+//! what was written before it, and seqs are never reused, because `open` finds records
+//! beyond `meta`'s last seq, adopts them and starts a new instance (the net state may
+//! lag behind them, and the tracker rescans on start anyway).
 
-use crate::codec::{decode, encode, key_u64, u64_key};
+use crate::codec::{
+    ChunkReader, ChunkWriter, Link, RecordHead, Small, StoredNet, decode, decode_gone, decode_net,
+    encode, encode_gone, encode_net, key_u64, u64_key,
+};
+use crate::commands::{Commands, Interner, Resolver};
 use crate::error::StoreError;
 use crate::model::*;
+use crate::pathmap::{PathMap, Writes};
 use crate::token::check_mark_name;
 use serde::{Deserialize, Serialize};
-use sled::Transactional;
-use sled::transaction::TransactionError;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, Hasher};
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const META_KEY: &[u8] = b"state";
@@ -57,6 +71,16 @@ impl Meta {
     }
 }
 
+/// What only the writer touches.
+struct Writer {
+    /// The chunk the last batch ended in, while it has room: the next batch extends
+    /// it instead of starting a chunk of its own (tracker batches are often tiny).
+    tail: Option<ChunkWriter>,
+    next_command: u64,
+    /// A commit failed half-way: `recover` before writing again.
+    broken: bool,
+}
+
 /// The changelog of one runtime.
 ///
 /// Safe to share between threads: writers are serialised by an internal lock and
@@ -66,16 +90,19 @@ pub struct Store {
     db: sled::Db,
     pub(crate) meta: sled::Tree,
     pub(crate) log: sled::Tree,
-    pub(crate) by_path: sled::Tree,
-    pub(crate) net: sled::Tree,
+    pub(crate) net: PathMap,
+    pub(crate) gone: PathMap,
+    pub(crate) commands: Commands,
     pub(crate) marks: sled::Tree,
     pub(crate) gaps: sled::Tree,
     pub(crate) info: sled::Tree,
     /// Key of this store in `OPEN_DIRS`.
     registered: PathBuf,
-    /// Cached `meta`; the lock also orders writers against readers, because sled
-    /// readers outside a transaction could otherwise see half a batch.
+    /// Cached `meta`; writers hold it exclusively while they write the trees, because
+    /// sled readers could otherwise see half a batch.
     state: RwLock<Meta>,
+    /// Serialises writers; taken before `state`.
+    writer: Mutex<Writer>,
 }
 
 impl std::fmt::Debug for Store {
@@ -104,8 +131,11 @@ impl Drop for Store {
 pub const DB_DIR_NAME: &str = "changelog.sled";
 
 /// sled's page cache; its default (1 GiB) would let a tracker of a large runtime grow
-/// far beyond what a background process should hold.
-const CACHE_BYTES: u64 = 64 * 1024 * 1024;
+/// far beyond what a background process should hold. sled counts the cache in
+/// serialized bytes and holds more than that in memory; with buckets and chunks, a
+/// changelog of 1M changed paths is about 45 MiB in all, and this much keeps its hot
+/// part (the recent log, the buckets being written) without slowing queries measurably.
+const CACHE_BYTES: u64 = 32 * 1024 * 1024;
 
 fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
     sled::Config::new()
@@ -131,29 +161,48 @@ fn open_db_after_close(dir: &Path) -> Result<sled::Db, StoreError> {
     }
 }
 
-/// What one `apply` or `rebuild` will write.
+type NetState = Option<(NetKind, FileType)>;
+
+/// What a batch knows and does about one path.
 #[derive(Default)]
-struct Plan {
-    records: Vec<LogRecord>,
-    net_put: Vec<(Vec<u8>, NetEntry)>,
-    net_del: Vec<Vec<u8>>,
-    last_seq: u64,
+struct Slot {
+    /// Net entry before the batch.
+    old: Option<StoredNet>,
+    /// Seq of the path's last record so far (before the batch: from `old` or `gone`).
+    last: Option<u64>,
+    /// The batch wrote a record for the path.
+    recorded: bool,
+    /// `Some(origin id)` when the path's last record is an observation of the batch.
+    observed: Option<Option<u64>>,
+    /// The net state changes: to this.
+    changed: Option<NetState>,
 }
 
-impl Plan {
-    fn is_empty(&self) -> bool {
-        self.records.is_empty() && self.net_put.is_empty() && self.net_del.is_empty()
+impl Slot {
+    fn looked_up(old: Option<StoredNet>, gone: Option<u64>) -> Slot {
+        Slot {
+            old,
+            last: old.map(|e| e.seq).or(gone),
+            ..Slot::default()
+        }
     }
 }
 
-/// The last record a batch writes for one path.
-struct Last<'a> {
-    seq: u64,
-    /// `Some(origin)` when that record is an observation.
-    observed: Option<Option<&'a Origin>>,
+/// What one `apply` or `rebuild` will write.
+struct Plan<'a> {
+    commands: Writes,
+    new_commands: Vec<(u64, Arc<Origin>)>,
+    next_command: u64,
+    log: Writes,
+    /// The chunk the batch ends in.
+    tail: Option<ChunkWriter>,
+    /// Sorted by path; `None` removes.
+    net: Vec<(&'a [u8], Option<Small>)>,
+    /// Sorted by path.
+    gone: Vec<(&'a [u8], Option<Small>)>,
+    records: u64,
+    last_seq: u64,
 }
-
-type NetState = Option<(NetKind, FileType)>;
 
 impl Store {
     /// Opens or creates the changelog in `dir` (the sled db is `dir/changelog.sled`).
@@ -178,8 +227,9 @@ impl Store {
         let store = Store {
             meta: tree("meta")?,
             log: tree("log")?,
-            by_path: tree("by_path")?,
-            net: tree("net")?,
+            net: PathMap::open(tree("net")?, "net entry")?,
+            gone: PathMap::open(tree("gone")?, "gone entry")?,
+            commands: Commands::new(tree("commands")?),
             marks: tree("marks")?,
             gaps: tree("gaps")?,
             info: tree("info")?,
@@ -193,6 +243,11 @@ impl Store {
                 instance_start: 0,
                 gap_count: 0,
             }),
+            writer: Mutex::new(Writer {
+                tail: None,
+                next_command: 0,
+                broken: false,
+            }),
         };
         // From here on `Drop` marks the dir closed again, whatever happens next.
         open_dirs.insert(key, true);
@@ -200,7 +255,7 @@ impl Store {
         let meta = match store.meta.get(META_KEY)? {
             Some(bytes) => decode::<Meta>(&bytes).map_err(|e| e.context("meta record"))?,
             None => {
-                if store.log.first()?.is_some() || store.net.first()?.is_some() {
+                if store.log.first()?.is_some() || !store.net.is_empty() {
                     return Err(StoreError::Corrupt {
                         what: "meta record missing from a changelog that holds records".into(),
                     });
@@ -219,6 +274,7 @@ impl Store {
             }
         };
         *store.write_state() = meta;
+        store.adopt_orphans(&mut store.writer())?;
         Ok(store)
     }
 
@@ -237,12 +293,98 @@ impl Store {
         self.state.write().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn writer(&self) -> MutexGuard<'_, Writer> {
+        // A panic mid-write leaves the trees possibly ahead of `meta`: recover first.
+        self.writer.lock().unwrap_or_else(|e| {
+            let mut w = e.into_inner();
+            w.broken = true;
+            w
+        })
+    }
+
+    /// A writer lock with the trees consistent with `meta`.
+    fn ready_writer(&self) -> Result<MutexGuard<'_, Writer>, StoreError> {
+        let mut writer = self.writer();
+        if writer.broken {
+            self.recover(&mut writer)?;
+        }
+        Ok(writer)
+    }
+
     /// Current position: current instance and seq of the last record written.
     pub fn token(&self) -> Token {
         self.read_state().token()
     }
 
-    /// Appends the observations, applies the net updates, all or nothing.
+    /// Brings `meta` up to the log after an interrupted write: records beyond its last
+    /// seq are adopted (everything written after them refers to them, so keeping them
+    /// keeps the trees consistent) and a new instance begins, because the net state
+    /// may lag behind them until the tracker's rescan.
+    fn recover(&self, writer: &mut Writer) -> Result<(), StoreError> {
+        writer.tail = None;
+        // The in-memory bounds may have missed a bucket write.
+        self.net.reload()?;
+        self.gone.reload()?;
+        self.adopt_orphans(writer)
+    }
+
+    /// The part of `recover` that `open` needs (the bounds are fresh there).
+    fn adopt_orphans(&self, writer: &mut Writer) -> Result<(), StoreError> {
+        writer.tail = None;
+        writer.next_command = self.commands.next_id()?;
+        let meta = *self.read_state();
+        let last = self.log_last_seq()?;
+        if last > meta.last_seq {
+            let gap = Gap {
+                seq: last + 1,
+                time_ns: now_ns(),
+                old_instance: meta.instance,
+                new_instance: new_instance(meta.instance),
+                reason: format!(
+                    "recovered from an interrupted write ({} records beyond the last \
+                     committed one)",
+                    last - meta.last_seq
+                ),
+            };
+            let new_meta = Meta {
+                instance: gap.new_instance,
+                last_seq: last,
+                instance_start: last,
+                gap_count: meta.gap_count + 1,
+                ..meta
+            };
+            let mut state = self.write_state();
+            self.gaps.insert(u64_key(meta.gap_count), encode(&gap))?;
+            self.meta.insert(META_KEY, encode(&new_meta))?;
+            *state = new_meta;
+            tracing::warn!(
+                old = %format_args!("{:016x}", gap.old_instance),
+                new = %format_args!("{:016x}", gap.new_instance),
+                "{}", gap.reason
+            );
+        }
+        writer.broken = false;
+        Ok(())
+    }
+
+    /// Seq of the last record in the log (0: none).
+    fn log_last_seq(&self) -> Result<u64, StoreError> {
+        let Some((key, bytes)) = self.log.last()? else {
+            return Ok(0);
+        };
+        let first = key_u64(&key).map_err(|e| e.context("log"))?;
+        let mut reader =
+            ChunkReader::new(first, &bytes).map_err(|e| e.context(chunk_place(first)))?;
+        let mut last = 0;
+        while let Some(head) = reader.next().map_err(|e| e.context(chunk_place(first)))? {
+            last = head.seq;
+        }
+        Ok(last)
+    }
+
+    /// Appends the observations and applies the net updates. Readers see all of a batch
+    /// or none of it; a crash in the middle leaves what reached the log, adopted by the
+    /// next `open` into a new instance (see the module docs).
     ///
     /// Records get consecutive seqs in observation order, then one `Reclassified`
     /// record per net change of a path the batch has no observation for (in path
@@ -251,24 +393,73 @@ impl Store {
         for o in &batch.observations {
             check_path(&o.path)?;
         }
-        let mut updates: BTreeMap<Vec<u8>, NetState> = BTreeMap::new();
         for u in &batch.net {
             check_path(&u.path)?;
-            // Later updates of the same path win: they describe a later state.
-            updates.insert(u.path.clone(), u.state);
         }
-        let mut state = self.write_state();
-        let plan = self.plan(&state, &batch.observations, &updates)?;
-        if plan.is_empty() {
-            return Ok(state.token());
+        // Sorted by path; later updates of the same path win: they describe a later
+        // state.
+        let mut updates: Vec<(&[u8], NetState)> = batch
+            .net
+            .iter()
+            .map(|u| (u.path.as_slice(), u.state))
+            .collect();
+        updates.sort_by(|a, b| a.0.cmp(b.0));
+        updates.dedup_by(|later, earlier| {
+            let same = later.0 == earlier.0;
+            if same {
+                earlier.1 = later.1;
+            }
+            same
+        });
+
+        let mut writer = self.ready_writer()?;
+        let meta = *self.read_state();
+        // What the trees say about each path, one bucket read for neighbours.
+        let mut paths: Vec<&[u8]> = batch
+            .observations
+            .iter()
+            .map(|o| o.path.as_slice())
+            .chain(updates.iter().map(|u| u.0))
+            .collect();
+        paths.sort_unstable();
+        paths.dedup();
+        let mut old: Vec<Option<StoredNet>> = vec![None; paths.len()];
+        self.net.get_sorted(&paths, |i, v| {
+            old[i] = Some(decode_net(v)?);
+            Ok(())
+        })?;
+        let mut gone: Vec<Option<u64>> = vec![None; paths.len()];
+        if !self.gone.is_empty() {
+            let absent: Vec<usize> = (0..paths.len()).filter(|&i| old[i].is_none()).collect();
+            let absent_paths: Vec<&[u8]> = absent.iter().map(|&i| paths[i]).collect();
+            self.gone.get_sorted(&absent_paths, |j, v| {
+                gone[absent[j]] = Some(decode_gone(v)?);
+                Ok(())
+            })?;
         }
-        let meta = Meta {
+        let mut slots: HashMap<&[u8], Slot> = paths
+            .iter()
+            .zip(old.into_iter().zip(gone))
+            .map(|(p, (old, gone))| (*p, Slot::looked_up(old, gone)))
+            .collect();
+
+        let plan = self.plan(
+            &meta,
+            &mut writer,
+            &batch.observations,
+            &updates,
+            &mut slots,
+        );
+        if plan.records == 0 {
+            writer.tail = plan.tail;
+            return Ok(meta.token());
+        }
+        let new_meta = Meta {
             last_seq: plan.last_seq,
-            ..*state
+            ..meta
         };
-        self.commit(&plan, &meta, None)?;
-        *state = meta;
-        Ok(meta.token())
+        self.commit(&mut writer, plan, &new_meta, None)?;
+        Ok(new_meta.token())
     }
 
     /// Rebuilds the net state after a loss of history and starts a new instance.
@@ -278,205 +469,299 @@ impl Store {
     /// the new instance, so its tokens see them.
     pub fn rebuild(
         &self,
-        entries: Vec<(Vec<u8>, NetKind, FileType)>,
+        mut entries: Vec<(Vec<u8>, NetKind, FileType)>,
         reason: &str,
     ) -> Result<Gap, StoreError> {
-        let mut updates: BTreeMap<Vec<u8>, NetState> = BTreeMap::new();
         for (path, _, _) in &entries {
             check_path(path)?;
         }
-        let mut state = self.write_state();
-        for item in self.net.iter() {
-            let (path, _) = item?;
-            updates.insert(path.to_vec(), None);
+        // Sorted, the last of equal paths kept.
+        entries.reverse();
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        entries.dedup_by(|a, b| a.0 == b.0);
+
+        let mut writer = self.ready_writer()?;
+        let meta = *self.read_state();
+        // Walk the net state and the entries side by side: only differences are kept.
+        let mut removed: Vec<(Vec<u8>, StoredNet)> = Vec::new();
+        let mut changed: Vec<(usize, Option<StoredNet>)> = Vec::new();
+        let mut next = 0;
+        self.net.scan(b"", |path, value| {
+            let entry = decode_net(value)?;
+            while next < entries.len() && entries[next].0.as_slice() < path {
+                changed.push((next, None));
+                next += 1;
+            }
+            match entries.get(next) {
+                Some((p, kind, file_type)) if p.as_slice() == path => {
+                    if (*kind, *file_type) != (entry.kind, entry.file_type) {
+                        changed.push((next, Some(entry)));
+                    }
+                    next += 1;
+                }
+                _ => removed.push((path.to_vec(), entry)),
+            }
+            Ok(true)
+        })?;
+        changed.extend((next..entries.len()).map(|i| (i, None)));
+
+        let mut gone: Vec<Option<u64>> = vec![None; changed.len()];
+        if !self.gone.is_empty() {
+            let absent: Vec<usize> = (0..changed.len())
+                .filter(|&j| changed[j].1.is_none())
+                .collect();
+            let absent_paths: Vec<&[u8]> = absent
+                .iter()
+                .map(|&j| entries[changed[j].0].0.as_slice())
+                .collect();
+            self.gone.get_sorted(&absent_paths, |k, v| {
+                gone[absent[k]] = Some(decode_gone(v)?);
+                Ok(())
+            })?;
         }
-        for (path, kind, file_type) in entries {
-            updates.insert(path, Some((kind, file_type)));
+        let mut slots: HashMap<&[u8], Slot> = HashMap::with_capacity(removed.len() + changed.len());
+        let mut updates: Vec<(&[u8], NetState)> = Vec::with_capacity(slots.capacity());
+        for (path, entry) in &removed {
+            slots.insert(path, Slot::looked_up(Some(*entry), None));
+            updates.push((path, None));
         }
-        let plan = self.plan(&state, &[], &updates)?;
+        for ((i, old), gone) in changed.iter().zip(gone) {
+            let (path, kind, file_type) = &entries[*i];
+            slots.insert(path, Slot::looked_up(*old, gone));
+            updates.push((path, Some((*kind, *file_type))));
+        }
+        updates.sort_by(|a, b| a.0.cmp(b.0));
+
+        let plan = self.plan(&meta, &mut writer, &[], &updates, &mut slots);
         let gap = Gap {
-            seq: state.last_seq + 1,
+            seq: meta.last_seq + 1,
             time_ns: now_ns(),
-            old_instance: state.instance,
-            new_instance: new_instance(state.instance),
+            old_instance: meta.instance,
+            new_instance: new_instance(meta.instance),
             reason: reason.to_owned(),
         };
-        let meta = Meta {
+        let new_meta = Meta {
             instance: gap.new_instance,
             last_seq: plan.last_seq,
-            instance_start: state.last_seq,
-            gap_count: state.gap_count + 1,
-            ..*state
+            instance_start: meta.last_seq,
+            gap_count: meta.gap_count + 1,
+            ..meta
         };
-        self.commit(&plan, &meta, Some((state.gap_count, &gap)))?;
-        *state = meta;
+        let records = plan.records;
+        self.commit(&mut writer, plan, &new_meta, Some((meta.gap_count, &gap)))?;
         tracing::info!(
             old = %format_args!("{:016x}", gap.old_instance),
             new = %format_args!("{:016x}", gap.new_instance),
-            reclassified = plan.records.len(),
+            reclassified = records,
             reason,
             "changelog rebuilt"
         );
         Ok(gap)
     }
 
-    /// Works out the records and net writes of a batch; reads only.
-    fn plan(
+    /// Works out the records and tree writes of a batch; reads nothing: `slots` holds
+    /// what the batch needs to know of every path it names.
+    fn plan<'a>(
         &self,
         meta: &Meta,
-        observations: &[Observation],
-        updates: &BTreeMap<Vec<u8>, NetState>,
-    ) -> Result<Plan, StoreError> {
-        // Net state of every touched path before the batch.
-        let mut old: BTreeMap<&[u8], Option<NetEntry>> = BTreeMap::new();
-        let touched = observations
-            .iter()
-            .map(|o| o.path.as_slice())
-            .chain(updates.keys().map(Vec::as_slice));
-        for path in touched {
-            if !old.contains_key(path) {
-                old.insert(path, self.net_entry(path)?);
-            }
-        }
-        let old_entry = |path: &[u8]| old.get(path).and_then(Option::as_ref);
-
-        let links = rename_links(observations, meta.last_seq);
-        let mut plan = Plan::default();
+        writer: &mut Writer,
+        observations: &'a [Observation],
+        updates: &[(&'a [u8], NetState)],
+        slots: &mut HashMap<&'a [u8], Slot>,
+    ) -> Plan<'a> {
+        let mut interner = Interner::new(&self.commands, writer.next_command);
+        let mut log = Writes::default();
         let mut seq = meta.last_seq;
-        let mut last: BTreeMap<&[u8], Last<'_>> = BTreeMap::new();
+        let mut chunk = match writer.tail.take() {
+            Some(tail) if tail.next_seq() == seq + 1 && tail.extendable() => tail,
+            _ => ChunkWriter::new(seq + 1),
+        };
+        let mut records = 0;
+        let mut push = |head: &RecordHead, path: &[u8]| {
+            if chunk.is_full() {
+                log.insert(&chunk.key(), chunk.bytes());
+                chunk = ChunkWriter::new(head.seq);
+            }
+            chunk.push(head, path);
+            records += 1;
+        };
+
+        let links = rename_links(observations);
         for (o, link) in observations.iter().zip(links) {
             seq += 1;
-            plan.records.push(LogRecord {
-                seq,
-                time_ns: o.time_ns,
-                action: o.action,
-                path: o.path.clone(),
-                file_type: o.file_type,
-                origin: o.origin.clone(),
-                link,
-                before: old_entry(&o.path).map(|e| e.kind),
-            });
-            last.insert(
-                &o.path,
-                Last {
+            let slot = slots
+                .get_mut(o.path.as_slice())
+                .expect("every observed path has a slot");
+            let origin = o.origin.as_ref().map(|origin| interner.id(origin));
+            push(
+                &RecordHead {
                     seq,
-                    observed: Some(o.origin.as_ref()),
+                    time_ns: o.time_ns,
+                    action: o.action,
+                    file_type: o.file_type,
+                    origin,
+                    link,
+                    before: slot.old.map(|e| e.kind),
+                    prev: slot.last,
                 },
+                &o.path,
             );
+            slot.last = Some(seq);
+            slot.recorded = true;
+            slot.observed = Some(origin);
         }
 
         let now = now_ns();
-        let mut changed: BTreeSet<&[u8]> = BTreeSet::new();
-        for (path, new) in updates {
-            let current = old_entry(path).map(|e| (e.kind, e.file_type));
-            if *new == current {
+        let mut net: Vec<(&'a [u8], Option<Small>)> = Vec::new();
+        for &(path, new) in updates {
+            let slot = slots.get_mut(path).expect("every updated path has a slot");
+            let current = slot.old.map(|e| (e.kind, e.file_type));
+            if new == current {
                 continue;
             }
-            changed.insert(path);
-            if !last.contains_key(path.as_slice()) {
+            slot.changed = Some(new);
+            if slot.observed.is_none() {
                 seq += 1;
-                plan.records.push(LogRecord {
-                    seq,
-                    time_ns: now,
-                    action: Action::Reclassified,
-                    path: path.clone(),
-                    file_type: new
-                        .or(current)
-                        .map_or(FileType::Unknown, |(_, file_type)| file_type),
-                    origin: None,
-                    link: None,
-                    before: current.map(|(kind, _)| kind),
-                });
-                last.insert(
-                    path,
-                    Last {
+                push(
+                    &RecordHead {
                         seq,
-                        observed: None,
+                        time_ns: now,
+                        action: Action::Reclassified,
+                        file_type: new
+                            .or(current)
+                            .map_or(FileType::Unknown, |(_, file_type)| file_type),
+                        origin: None,
+                        link: Link::None,
+                        before: current.map(|(kind, _)| kind),
+                        prev: slot.last,
                     },
+                    path,
                 );
+                slot.last = Some(seq);
+                slot.recorded = true;
             }
-            let Some(last) = last.get(path.as_slice()) else {
-                continue; // inserted just above or by an observation
-            };
-            match new {
-                Some((kind, file_type)) => {
-                    let origin = match last.observed {
-                        Some(origin) => origin.cloned(),
-                        None => old_entry(path).and_then(|e| e.origin.clone()),
-                    };
-                    plan.net_put.push((
-                        path.clone(),
-                        NetEntry {
-                            kind: *kind,
-                            file_type: *file_type,
-                            origin,
-                            seq: last.seq,
-                        },
-                    ));
-                }
-                None => plan.net_del.push(path.clone()),
-            }
+            let entry = new.map(|(kind, file_type)| StoredNet {
+                kind,
+                file_type,
+                origin: match slot.observed {
+                    Some(origin) => origin,
+                    None => slot.old.and_then(|e| e.origin),
+                },
+                seq: slot.last.unwrap_or(seq),
+            });
+            net.push((path, entry.as_ref().map(encode_net)));
         }
-        // Observed paths whose net state stays: the entry still names its last change.
-        for (path, last) in &last {
-            if changed.contains(path) {
+        // The last record went into `chunk`: write it when there was one.
+        if records > 0 {
+            log.insert(&chunk.key(), chunk.bytes());
+        }
+
+        let mut gone = Vec::new();
+        let sorted = net.len();
+        for (path, slot) in slots.iter() {
+            if !slot.recorded {
                 continue;
             }
-            if let (Some(entry), Some(origin)) = (old_entry(path), last.observed) {
-                plan.net_put.push((
-                    path.to_vec(),
-                    NetEntry {
-                        origin: origin.cloned(),
-                        seq: last.seq,
-                        ..entry.clone()
-                    },
-                ));
+            let last = slot.last.unwrap_or(seq);
+            let exists = match slot.changed {
+                Some(new) => new.is_some(),
+                None => {
+                    // Observed, net state unchanged: the entry names its last change.
+                    if let (Some(old), Some(origin)) = (slot.old, slot.observed) {
+                        let entry = StoredNet {
+                            origin,
+                            seq: last,
+                            ..old
+                        };
+                        net.push((path, Some(encode_net(&entry))));
+                    }
+                    slot.old.is_some()
+                }
+            };
+            if !exists {
+                gone.push((*path, Some(encode_gone(last))));
             }
         }
-        plan.last_seq = seq;
-        Ok(plan)
+        if net.len() > sorted {
+            net.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        }
+        gone.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        Plan {
+            commands: std::mem::take(&mut interner.rows),
+            next_command: interner.next_id(),
+            new_commands: std::mem::take(&mut interner.new),
+            log,
+            tail: (!chunk.is_empty()).then_some(chunk),
+            net,
+            gone,
+            records,
+            last_seq: seq,
+        }
     }
 
-    /// Writes a plan, the new meta and maybe a gap in one transaction.
-    fn commit(&self, plan: &Plan, meta: &Meta, gap: Option<(u64, &Gap)>) -> Result<(), StoreError> {
-        // Encode outside the transaction: its closure may run more than once.
-        let mut log = sled::Batch::default();
-        let mut by_path = sled::Batch::default();
-        for r in &plan.records {
-            log.insert(&u64_key(r.seq), encode(r));
-            by_path.insert(path_seq_key(&r.path, r.seq), &[][..]);
+    /// Writes a plan, maybe a gap, and the new meta, one tree after the other in an
+    /// order that leaves every prefix consistent (see the module docs), while readers
+    /// wait.
+    fn commit(
+        &self,
+        writer: &mut Writer,
+        plan: Plan<'_>,
+        meta: &Meta,
+        gap: Option<(u64, &Gap)>,
+    ) -> Result<(), StoreError> {
+        // Reads of the buckets to rewrite: before readers are held off.
+        let (net, gone) = match (self.net.plan(&plan.net), self.gone.plan(&plan.gone)) {
+            (Ok(net), Ok(gone)) => (net, gone),
+            (Err(e), _) | (_, Err(e)) => {
+                writer.tail = None;
+                return Err(e);
+            }
+        };
+        let mut state = self.write_state();
+        let written = (|| {
+            plan.commands.apply(&self.commands.tree)?;
+            plan.log.apply(&self.log)?;
+            self.net.apply(net)?;
+            self.gone.apply(gone)?;
+            if let Some((n, gap)) = gap {
+                self.gaps.insert(u64_key(n), encode(gap))?;
+            }
+            self.meta.insert(META_KEY, encode(meta))?;
+            Ok::<(), StoreError>(())
+        })();
+        if let Err(e) = written {
+            writer.broken = true;
+            return Err(e);
         }
-        let mut net = sled::Batch::default();
-        for (path, entry) in &plan.net_put {
-            net.insert(path.as_slice(), encode(entry));
-        }
-        for path in &plan.net_del {
-            net.remove(path.as_slice());
-        }
-        let meta_bytes = encode(meta);
-        let gap_row = gap.map(|(n, g)| (u64_key(n), encode(g)));
-        (&self.meta, &self.log, &self.by_path, &self.net, &self.gaps)
-            .transaction(|(meta_t, log_t, by_path_t, net_t, gaps_t)| {
-                log_t.apply_batch(&log)?;
-                by_path_t.apply_batch(&by_path)?;
-                net_t.apply_batch(&net)?;
-                if let Some((key, bytes)) = &gap_row {
-                    gaps_t.insert(&key[..], bytes.as_slice())?;
-                }
-                meta_t.insert(META_KEY, meta_bytes.as_slice())?;
-                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
-            })
-            .map_err(|e| match e {
-                TransactionError::Abort(()) => StoreError::Transaction("aborted".into()),
-                TransactionError::Storage(e) => StoreError::Transaction(e.to_string()),
-            })
+        self.commands.remember(plan.new_commands);
+        writer.tail = plan.tail;
+        writer.next_command = plan.next_command;
+        *state = *meta;
+        Ok(())
+    }
+
+    pub(crate) fn stored_net(&self, path: &[u8]) -> Result<Option<StoredNet>, StoreError> {
+        self.net.get(path, decode_net)
+    }
+
+    pub(crate) fn net_entry_with(
+        resolver: &mut Resolver<'_>,
+        e: StoredNet,
+    ) -> Result<NetEntry, StoreError> {
+        Ok(NetEntry {
+            kind: e.kind,
+            file_type: e.file_type,
+            origin: resolver.origin(e.origin)?,
+            seq: e.seq,
+        })
     }
 
     pub fn net_entry(&self, path: &[u8]) -> Result<Option<NetEntry>, StoreError> {
-        self.net
-            .get(path)?
-            .map(|bytes| decode(&bytes).map_err(|e| e.context(net_place(path))))
-            .transpose()
+        let _state = self.read_state();
+        let Some(e) = self.stored_net(path)? else {
+            return Ok(None);
+        };
+        Store::net_entry_with(&mut Resolver::new(&self.commands), e).map(Some)
     }
 
     /// Net entries strictly below `dir`, sorted (an empty `dir` is the root).
@@ -486,38 +771,84 @@ impl Store {
             prefix.push(b'/');
         }
         let _state = self.read_state();
-        self.net
-            .scan_prefix(&prefix)
-            .map(|item| {
-                let (path, bytes) = item?;
-                let entry = decode(&bytes).map_err(|e| e.context(net_place(&path)))?;
-                Ok((path.to_vec(), entry))
-            })
-            .collect()
+        let mut resolver = Resolver::new(&self.commands);
+        let mut out = Vec::new();
+        self.net.scan(&prefix, |path, value| {
+            if !path.starts_with(&prefix) {
+                return Ok(false);
+            }
+            let entry = Store::net_entry_with(&mut resolver, decode_net(value)?)?;
+            out.push((path.to_vec(), entry));
+            Ok(true)
+        })?;
+        Ok(out)
     }
 
     /// Every record of one path, in seq order.
     pub fn history(&self, path: &[u8]) -> Result<Vec<LogRecord>, StoreError> {
-        let mut prefix = path.to_vec();
-        prefix.push(0);
         let _state = self.read_state();
+        let mut next = match self.stored_net(path)? {
+            Some(e) => Some(e.seq),
+            None => self.gone.get(path, decode_gone)?,
+        };
+        let mut resolver = Resolver::new(&self.commands);
+        let mut chunk: Option<(u64, sled::IVec)> = None;
         let mut out = Vec::new();
-        for item in self.by_path.scan_prefix(&prefix) {
-            let (key, _) = item?;
-            let seq = key_u64(&key[prefix.len()..]).map_err(|e| e.context("by-path index"))?;
-            // A record missing from the log was truncated; its index entry is stale.
-            if let Some(record) = self.log_record(seq)? {
-                out.push(record);
-            }
+        while let Some(seq) = next {
+            // A record missing from the log was truncated, and so is what precedes it.
+            let Some(head) = self.find_record(seq, path, &mut chunk)? else {
+                break;
+            };
+            out.push(LogRecord {
+                seq,
+                time_ns: head.time_ns,
+                action: head.action,
+                path: path.to_vec(),
+                file_type: head.file_type,
+                origin: resolver.origin(head.origin)?,
+                link: head.link.seq(seq),
+                before: head.before,
+            });
+            next = head.prev;
         }
+        out.reverse();
         Ok(out)
     }
 
-    pub(crate) fn log_record(&self, seq: u64) -> Result<Option<LogRecord>, StoreError> {
-        self.log
-            .get(u64_key(seq))?
-            .map(|bytes| decode(&bytes).map_err(|e| e.context(format_args!("log record {seq}"))))
-            .transpose()
+    /// The record `seq`, which must be of `path`; `chunk` keeps the last chunk read.
+    fn find_record(
+        &self,
+        seq: u64,
+        path: &[u8],
+        chunk: &mut Option<(u64, sled::IVec)>,
+    ) -> Result<Option<RecordHead>, StoreError> {
+        let held = matches!(chunk, Some((first, _)) if *first <= seq);
+        if !held {
+            *chunk = match self.log.get_lt(u64_key(seq.saturating_add(1)))? {
+                Some((key, bytes)) => Some((key_u64(&key).map_err(|e| e.context("log"))?, bytes)),
+                None => None,
+            };
+        }
+        let Some((first, bytes)) = chunk.as_ref() else {
+            return Ok(None);
+        };
+        let place = || chunk_place(*first);
+        let mut reader = ChunkReader::new(*first, bytes).map_err(|e| e.context(place()))?;
+        while let Some(head) = reader.next().map_err(|e| e.context(place()))? {
+            if head.seq == seq {
+                if reader.path() != path {
+                    return Err(StoreError::Corrupt {
+                        what: format!(
+                            "history of \"{}\" leads to log record {seq} of \"{}\"",
+                            path.escape_ascii(),
+                            reader.path().escape_ascii()
+                        ),
+                    });
+                }
+                return Ok(Some(head));
+            }
+        }
+        Ok(None)
     }
 
     /// Names the current position; re-marking a name moves it.
@@ -573,7 +904,7 @@ impl Store {
             instance: state.instance,
             next_seq: state.last_seq + 1,
             log_records: (state.last_seq + 1).saturating_sub(state.oldest_seq),
-            net_paths: self.net.len() as u64,
+            net_paths: self.net.len()?,
             marks: self.marks.len() as u64,
             gaps: self.gaps.len() as u64,
             db_bytes: self.db.size_on_disk()?,
@@ -597,18 +928,17 @@ impl Store {
     }
 }
 
-/// Seqs of the other half for each observation: a `RenamedFrom` directly followed by
-/// a `RenamedTo` are the two halves of one rename.
-fn rename_links(observations: &[Observation], last_seq: u64) -> Vec<Option<u64>> {
-    let mut links = vec![None; observations.len()];
+/// The other half's direction for each observation: a `RenamedFrom` directly
+/// followed by a `RenamedTo` are the two halves of one rename.
+fn rename_links(observations: &[Observation]) -> Vec<Link> {
+    let mut links = vec![Link::None; observations.len()];
     let mut i = 0;
     while i + 1 < observations.len() {
         if observations[i].action == Action::RenamedFrom
             && observations[i + 1].action == Action::RenamedTo
         {
-            let from = last_seq + 1 + i as u64;
-            links[i] = Some(from + 1);
-            links[i + 1] = Some(from);
+            links[i] = Link::Next;
+            links[i + 1] = Link::Prev;
             i += 2;
         } else {
             i += 1;
@@ -617,16 +947,8 @@ fn rename_links(observations: &[Observation], last_seq: u64) -> Vec<Option<u64>>
     links
 }
 
-pub(crate) fn path_seq_key(path: &[u8], seq: u64) -> Vec<u8> {
-    let mut key = Vec::with_capacity(path.len() + 9);
-    key.extend_from_slice(path);
-    key.push(0);
-    key.extend_from_slice(&u64_key(seq));
-    key
-}
-
-pub(crate) fn net_place(path: &[u8]) -> String {
-    format!("net entry \"{}\"", path.escape_ascii())
+pub(crate) fn chunk_place(first: u64) -> String {
+    format!("log records from {first}")
 }
 
 fn check_path(path: &[u8]) -> Result<(), StoreError> {

@@ -37,8 +37,8 @@ pub enum StoreError {
         "bad mark name {0:?}: a mark name is 1 to 256 bytes, has no whitespace and does not look like a token"
     )]
     BadMarkName(String),
-    /// Paths index the by-path tree as `path + NUL + seq`, so an empty path or one
-    /// holding NUL would corrupt the index; the kernel never produces either.
+    /// The kernel never produces an empty path or one holding NUL, so either is a bug
+    /// of the caller, refused before it reaches the changelog.
     #[error("bad path \"{}\": {why}", path.escape_ascii())]
     BadPath { path: Vec<u8>, why: &'static str },
 }

@@ -10,6 +10,8 @@ pub mod error;
 pub mod model;
 
 mod changelog;
+mod commands;
+mod pathmap;
 mod query;
 mod token;
 

@@ -1,7 +1,8 @@
 //! Answering queries: the whole net state, or what changed since a position.
 
-use crate::changelog::{Meta, Store, net_place};
-use crate::codec::{decode, key_u64, u64_key};
+use crate::changelog::{Meta, Store, chunk_place};
+use crate::codec::{ChunkReader, RecordHead, StoredNet, decode_net, key_u64, u64_key};
+use crate::commands::Resolver;
 use crate::error::StoreError;
 use crate::model::*;
 use globset::{Glob, GlobSet, GlobSetBuilder};
@@ -80,7 +81,7 @@ fn under(path: &[u8], prefix: &[u8]) -> bool {
 /// What the records after a position say about one path.
 struct Seen {
     before: Option<NetKind>,
-    last: LogRecord,
+    last: RecordHead,
 }
 
 impl Store {
@@ -127,36 +128,40 @@ impl Store {
 
     /// The whole net state under the filter, in O(entries under the prefixes).
     fn full(&self, filter: &Filter) -> Result<Vec<Change>, StoreError> {
-        let mut rows: Vec<sled::Result<(sled::IVec, sled::IVec)>> = Vec::new();
-        let mut scans: Vec<sled::Iter> = Vec::new();
+        let mut out = Vec::new();
+        let mut resolver = Resolver::new(&self.commands);
+        let mut add = |path: &[u8], value: &[u8]| {
+            if filter.matches(path) {
+                let entry = decode_net(value)?;
+                out.push(Change {
+                    path: path.to_vec(),
+                    kind: Some(entry.kind),
+                    before: None,
+                    file_type: entry.file_type,
+                    origin: resolver.origin(entry.origin)?,
+                    seq: entry.seq,
+                });
+            }
+            Ok::<(), StoreError>(())
+        };
         if filter.prefixes.is_empty() {
-            scans.push(self.net.iter());
+            self.net
+                .scan(b"", |path, value| add(path, value).map(|()| true))?;
         }
         for p in &filter.prefixes {
             // The prefix itself, then what lies below it: a plain byte-prefix scan
-            // would also walk "a-b" for "a", and overlap the scan of "a-b".
-            if let Some(bytes) = self.net.get(p)? {
-                rows.push(Ok((sled::IVec::from(p.as_slice()), bytes)));
+            // would also walk "a-b" for "a".
+            if let Some(value) = self.net.get(p, |v| Ok(v.to_vec()))? {
+                add(p, &value)?;
             }
             let mut dir = p.clone();
             dir.push(b'/');
-            scans.push(self.net.scan_prefix(dir));
-        }
-        let mut out = Vec::new();
-        for item in rows.into_iter().chain(scans.into_iter().flatten()) {
-            let (path, bytes) = item?;
-            if !filter.matches(&path) {
-                continue;
-            }
-            let entry: NetEntry = decode(&bytes).map_err(|e| e.context(net_place(&path)))?;
-            out.push(Change {
-                path: path.to_vec(),
-                kind: Some(entry.kind),
-                before: None,
-                file_type: entry.file_type,
-                origin: entry.origin,
-                seq: entry.seq,
-            });
+            self.net.scan(&dir, |path, value| {
+                if !path.starts_with(&dir) {
+                    return Ok(false);
+                }
+                add(path, value).map(|()| true)
+            })?;
         }
         // Prefix scans come one after the other; "a/x" sorts after "a-b".
         if !filter.prefixes.is_empty() {
@@ -169,34 +174,49 @@ impl Store {
     fn since(&self, seq: u64, filter: &Filter) -> Result<Vec<Change>, StoreError> {
         let mut seen: BTreeMap<Vec<u8>, Seen> = BTreeMap::new();
         let start = seq.saturating_add(1);
-        for item in self.log.range(u64_key(start)..) {
+        // The chunk holding `start` begins at or before it.
+        let from = match self.log.get_lt(u64_key(start.saturating_add(1)))? {
+            Some((key, _)) => key_u64(&key).map_err(|e| e.context("log"))?,
+            None => start,
+        };
+        for item in self.log.range(u64_key(from)..) {
             let (key, bytes) = item?;
-            let record: LogRecord = decode(&bytes)
-                .map_err(|e| e.context(format_args!("log record {:?}", key_u64(&key).ok())))?;
-            if !filter.matches(&record.path) {
-                continue;
-            }
-            match seen.get_mut(&record.path) {
-                Some(s) => s.last = record,
-                None => {
-                    seen.insert(
-                        record.path.clone(),
-                        Seen {
-                            before: record.before,
-                            last: record,
-                        },
-                    );
+            let first = key_u64(&key).map_err(|e| e.context("log"))?;
+            let mut reader =
+                ChunkReader::new(first, &bytes).map_err(|e| e.context(chunk_place(first)))?;
+            while let Some(head) = reader.next().map_err(|e| e.context(chunk_place(first)))? {
+                let path = reader.path();
+                if head.seq < start || !filter.matches(path) {
+                    continue;
+                }
+                match seen.get_mut(path) {
+                    Some(s) => s.last = head,
+                    None => {
+                        seen.insert(
+                            path.to_vec(),
+                            Seen {
+                                before: head.before,
+                                last: head,
+                            },
+                        );
+                    }
                 }
             }
         }
+        let paths: Vec<&[u8]> = seen.keys().map(Vec::as_slice).collect();
+        let mut entries: Vec<Option<StoredNet>> = vec![None; paths.len()];
+        self.net.get_sorted(&paths, |i, value| {
+            entries[i] = Some(decode_net(value)?);
+            Ok(())
+        })?;
+        let mut resolver = Resolver::new(&self.commands);
         let mut out = Vec::with_capacity(seen.len());
-        for (path, s) in seen {
-            let entry = self.net_entry(&path)?;
+        for ((path, s), entry) in seen.into_iter().zip(entries) {
             if entry.is_none() && s.before.is_none() {
                 continue; // came and went within the window
             }
             let (file_type, origin) = match &entry {
-                Some(e) => (e.file_type, e.origin.clone()),
+                Some(e) => (e.file_type, e.origin),
                 None => (s.last.file_type, s.last.origin),
             };
             out.push(Change {
@@ -204,7 +224,7 @@ impl Store {
                 kind: entry.map(|e| e.kind),
                 before: s.before,
                 file_type,
-                origin,
+                origin: resolver.origin(origin)?,
                 seq: s.last.seq,
             });
         }

@@ -1,6 +1,6 @@
 //! Unit tests of the public API against real sled databases in temp dirs.
 
-use crate::codec::{encode, u64_key};
+use crate::codec::{FORMAT_VERSION, encode, u64_key};
 use crate::*;
 use std::path::Path;
 
@@ -713,7 +713,7 @@ fn corrupt_records_are_errors() {
     // Garbage in the log.
     store
         .log
-        .insert(u64_key(1), &b"\x01\xff\xff\xff"[..])
+        .insert(u64_key(1), &[FORMAT_VERSION, 0xff, 0xff, 0xff][..])
         .unwrap();
     let err = store.query(&since(t0)).unwrap_err();
     assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
@@ -728,11 +728,11 @@ fn corrupt_records_are_errors() {
         store.query(&since(t0)),
         Err(StoreError::Format {
             found: 7,
-            expected: 1
+            expected: FORMAT_VERSION
         })
     ));
     // Garbage in the net state.
-    store.net.insert(b"a", &b""[..]).unwrap();
+    store.net.tree.insert(b"a", &b""[..]).unwrap();
     assert!(matches!(
         store.query(&Query::default()),
         Err(StoreError::Corrupt { .. })
@@ -746,7 +746,7 @@ fn corrupt_records_are_errors() {
         Err(StoreError::Corrupt { .. })
     ));
     // Garbage in marks and gaps.
-    store.marks.insert(b"m", &b"\x01"[..]).unwrap();
+    store.marks.insert(b"m", &[FORMAT_VERSION][..]).unwrap();
     assert!(matches!(store.marks(), Err(StoreError::Corrupt { .. })));
     store.gaps.insert(u64_key(0), &b"junk"[..]).unwrap();
     assert!(store.gaps().is_err());
@@ -756,11 +756,48 @@ fn corrupt_records_are_errors() {
 fn corrupt_meta_fails_open() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
-    store.meta.insert(b"state", &b"\x01"[..]).unwrap();
+    store.meta.insert(b"state", &[FORMAT_VERSION][..]).unwrap();
     drop(store);
     let err = Store::open(dir.path()).unwrap_err();
     assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
     assert!(err.to_string().contains("meta"), "{err}");
+}
+
+#[test]
+fn old_format_is_refused() {
+    // A changelog written by a build with the version 1 layout (bincode records, one
+    // per key) is refused with a clear error, not misread.
+    let dir = tempfile::tempdir().unwrap();
+    drop(Store::open(dir.path()).unwrap());
+    // sled's threads let go of the lock a moment after the drop.
+    let db = (0..100)
+        .find_map(|_| {
+            let db = sled::open(dir.path().join(DB_DIR_NAME)).ok();
+            if db.is_none() {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            db
+        })
+        .expect("reopen the sled db");
+    let meta = db.open_tree("meta").unwrap();
+    meta.insert(b"state", &[1, 9, 3, 1, 0, 0][..]).unwrap();
+    db.flush().unwrap();
+    drop((meta, db));
+    let err = Store::open(dir.path()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Format {
+                found: 1,
+                expected: FORMAT_VERSION
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        err.to_string(),
+        format!("changelog record has format version 1, this build reads version {FORMAT_VERSION}")
+    );
 }
 
 #[test]
@@ -860,4 +897,125 @@ fn reopen_right_after_drop() {
         create(&s, format!("p{i}").as_bytes(), i);
         assert_eq!(s.token().seq, u64::from(i) + 1);
     }
+}
+
+#[test]
+fn interrupted_write_is_adopted_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    create(&store, b"a", 1);
+    let t1 = store.token();
+    create(&store, b"b", 2);
+    let t2 = store.token();
+    // A crash after the trees but before `meta` took the second batch.
+    let meta = crate::changelog::Meta {
+        instance: t1.instance,
+        last_seq: t1.seq,
+        oldest_seq: 1,
+        instance_start: 0,
+        gap_count: 0,
+    };
+    store.meta.insert(b"state", encode(&meta)).unwrap();
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    let now = store.token();
+    // The records are kept (seqs are never handed out twice), in a new instance.
+    assert_eq!(now.seq, t2.seq);
+    assert_ne!(now.instance, t1.instance);
+    let gaps = store.gaps().unwrap();
+    assert_eq!(gaps.len(), 1);
+    assert_eq!(
+        (gaps[0].old_instance, gaps[0].new_instance, gaps[0].seq),
+        (t1.instance, now.instance, t2.seq + 1)
+    );
+    assert_eq!(
+        store.query(&since(t1)).unwrap().fresh,
+        Some(FreshReason::OtherInstance {
+            asked: t1.instance,
+            current: now.instance
+        })
+    );
+    assert_eq!(store.history(b"b").unwrap()[0].seq, t2.seq);
+    let t3 = create(&store, b"c", 3);
+    assert_eq!(t3.seq, t2.seq + 1);
+    assert_eq!(paths(&store.query(&since(now)).unwrap()), vec![&b"c"[..]]);
+    drop(store);
+    // Nothing to adopt the second time.
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.token(), t3);
+    assert_eq!(store.gaps().unwrap().len(), 1);
+}
+
+#[test]
+fn origins_beyond_the_command_cache() {
+    // More command-line bytes than the in-memory cache holds, over a reopen: every id
+    // must still resolve to its own origin.
+    let dir = tempfile::tempdir().unwrap();
+    let origin = |i: u32| Origin {
+        pid: i,
+        command: [
+            vec![b'a' + (i % 26) as u8; 100_000],
+            i.to_le_bytes().to_vec(),
+        ]
+        .concat(),
+    };
+    let path = |i: u32| format!("d/f{i:03}").into_bytes();
+    for round in 0..2 {
+        let store = Store::open(dir.path()).unwrap();
+        let mut b = Batch::default();
+        for i in 0..60u32 {
+            b.observations.push(Observation {
+                action: Action::Written,
+                path: path(i),
+                file_type: FileType::File,
+                // Each process writes twice, another one in between.
+                origin: Some(origin(i / 2 + round * 30)),
+                time_ns: u64::from(i),
+            });
+            b.net.push(set(&path(i), NetKind::Modified, FileType::File));
+        }
+        store.apply(&b).unwrap();
+        for i in 0..60u32 {
+            let want = Some(origin(i / 2 + round * 30));
+            assert_eq!(store.net_entry(&path(i)).unwrap().unwrap().origin, want);
+            let hist = store.history(&path(i)).unwrap();
+            assert_eq!(hist.last().unwrap().origin, want);
+        }
+        let all = store.query(&Query::default()).unwrap();
+        assert_eq!(all.changes.len(), 60);
+        for (i, c) in all.changes.iter().enumerate() {
+            assert_eq!(c.origin, Some(origin(i as u32 / 2 + round * 30)));
+        }
+    }
+}
+
+#[test]
+fn long_batches_span_log_chunks() {
+    let (_d, store) = open();
+    let t0 = store.token();
+    // Records of one path far apart, with thousands of others in between and after.
+    let mut b = Batch::default();
+    for i in 0..3000u32 {
+        let p = if i % 1000 == 0 {
+            b"x".to_vec()
+        } else {
+            format!("y/{i}").into_bytes()
+        };
+        b.observations
+            .push(obs(Action::Written, &p, FileType::File, i));
+    }
+    let t = store.apply(&b).unwrap();
+    assert_eq!(t.seq, 3000);
+    let seqs: Vec<u64> = store.history(b"x").unwrap().iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, vec![1, 1001, 2001]);
+    // Small batches extend the last chunk; every position is a valid start.
+    for i in 0..300u32 {
+        create(&store, format!("z/{i}").as_bytes(), i);
+    }
+    for start in [0, 1, 255, 256, 257, 2999, 3000, 3150, 3299] {
+        let cs = store.query(&since(Token { seq: start, ..t0 })).unwrap();
+        let want = 300 - start.saturating_sub(3000) as usize;
+        assert_eq!(cs.changes.len(), want, "since {start}");
+    }
+    assert_eq!(store.history(b"z/299").unwrap()[0].seq, 3300);
 }
