@@ -197,8 +197,8 @@ fn supervise(runtime: &mut Runtime, tracker: &Tracker, server: &Server) -> anyho
 /// The pid of a tracker answering on `socket`, if one does.
 fn running_tracker(socket: &Path) -> Option<String> {
     let mut client = Client::connect(socket).ok()?;
-    match client.call(&Request::Status).ok()? {
-        Response::Status(_) => {}
+    match client.call(&Request::Runtime).ok()? {
+        Response::Runtime(_) => {}
         _ => return None,
     }
     let pid = std::fs::read_to_string(socket.with_file_name("tracker.pid")).unwrap_or_default();

@@ -13,7 +13,7 @@ use crate::sys::{self, FanotifyGroup};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// One `read(2)` worth of records.
 pub(crate) struct Chunk {
@@ -100,38 +100,51 @@ impl Backlog {
     }
 }
 
+/// How long a writer's command line read from /proc is reused for its next events.
+const COMMAND_TTL: Duration = Duration::from_millis(200);
+
 /// Reads until `stop` is set or reading fails (the failure lands in the backlog).
 pub(crate) fn run(group: FanotifyGroup, backlog: Arc<Backlog>, stop: Arc<AtomicBool>) {
+    let mut buf = vec![0u8; READ_BUF];
+    let mut known: HashMap<i32, (Vec<u8>, Instant)> = HashMap::new();
     while !stop.load(Ordering::SeqCst) {
         match group.wait(Duration::from_millis(100)) {
             Ok(false) => continue,
             Ok(true) => {}
             Err(e) => return backlog.fail(format!("polling fanotify: {e}")),
         }
-        // Drain what is queued now, a buffer at a time.
+        // Drain what is queued now, a buffer at a time; each chunk keeps only the
+        // bytes read, so the backlog's memory is what it counts.
         loop {
-            let mut bytes = vec![0u8; READ_BUF];
-            let n = match group.read(&mut bytes) {
+            let n = match group.read(&mut buf) {
                 Ok(n) => n,
                 Err(e) => return backlog.fail(format!("reading fanotify: {e}")),
             };
             if n == 0 {
                 break;
             }
-            bytes.truncate(n);
-            let commands = commands_of(&bytes);
+            let bytes = buf[..n].to_vec();
+            let commands = commands_of(&bytes, &mut known);
             backlog.push(Chunk { bytes, commands }, &stop);
         }
     }
 }
 
-fn commands_of(bytes: &[u8]) -> HashMap<i32, Vec<u8>> {
+/// The command lines of the writers in `bytes`, read from /proc unless read moments
+/// ago (pids are not reused that fast).
+fn commands_of(
+    bytes: &[u8],
+    known: &mut HashMap<i32, (Vec<u8>, Instant)>,
+) -> HashMap<i32, Vec<u8>> {
+    let now = Instant::now();
+    known.retain(|_, (_, at)| now.duration_since(*at) < COMMAND_TTL);
     let mut commands = HashMap::new();
     for event in fid::events(bytes).flatten() {
-        if event.pid > 0 {
-            commands
+        if event.pid > 0 && !commands.contains_key(&event.pid) {
+            let (command, _) = known
                 .entry(event.pid)
-                .or_insert_with(|| sys::command_of(event.pid as u32));
+                .or_insert_with(|| (sys::command_of(event.pid as u32), now));
+            commands.insert(event.pid, command.clone());
         }
     }
     commands
