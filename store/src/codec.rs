@@ -107,6 +107,17 @@ fn put_varint(out: &mut Vec<u8>, mut n: u64) {
     out.push(n as u8);
 }
 
+/// Writes `path` front-coded against `prev`, the path written before it:
+/// `[shared prefix len][suffix len][suffix]`; `path` becomes the new `prev`.
+fn put_path(out: &mut Vec<u8>, prev: &mut Vec<u8>, path: &[u8]) {
+    let shared = prev.iter().zip(path).take_while(|(a, b)| a == b).count();
+    put_varint(out, shared as u64);
+    put_varint(out, (path.len() - shared) as u64);
+    out.extend_from_slice(&path[shared..]);
+    prev.truncate(shared);
+    prev.extend_from_slice(&path[shared..]);
+}
+
 /// A bounds-checked cursor over a record.
 struct Reader<'a> {
     buf: &'a [u8],
@@ -340,19 +351,9 @@ impl BucketWriter {
 
     pub fn push(&mut self, path: &[u8], value: &[u8]) {
         debug_assert!(self.is_empty() || self.path.as_slice() < path);
-        let shared = self
-            .path
-            .iter()
-            .zip(path)
-            .take_while(|(a, b)| a == b)
-            .count();
-        put_varint(&mut self.bytes, shared as u64);
-        put_varint(&mut self.bytes, (path.len() - shared) as u64);
-        self.bytes.extend_from_slice(&path[shared..]);
+        put_path(&mut self.bytes, &mut self.path, path);
         put_varint(&mut self.bytes, value.len() as u64);
         self.bytes.extend_from_slice(value);
-        self.path.truncate(shared);
-        self.path.extend_from_slice(&path[shared..]);
     }
 
     pub fn finish(self) -> Vec<u8> {
@@ -530,15 +531,7 @@ impl ChunkWriter {
         out.push(file_type_code(r.file_type) | origin_mode << 4 | u8::from(r.prev.is_some()) << 6);
         let delta = r.time_ns.wrapping_sub(self.time_ns) as i64;
         put_varint(out, ((delta << 1) ^ (delta >> 63)) as u64);
-        let shared = self
-            .path
-            .iter()
-            .zip(path)
-            .take_while(|(a, b)| a == b)
-            .count();
-        put_varint(out, shared as u64);
-        put_varint(out, (path.len() - shared) as u64);
-        out.extend_from_slice(&path[shared..]);
+        put_path(out, &mut self.path, path);
         if origin_mode == 2 {
             put_varint(out, r.origin.unwrap_or_default());
             self.origin = r.origin;
@@ -546,8 +539,6 @@ impl ChunkWriter {
         if let Some(prev) = r.prev {
             put_varint(out, r.seq - prev);
         }
-        self.path.truncate(shared);
-        self.path.extend_from_slice(&path[shared..]);
         self.time_ns = r.time_ns;
         self.count += 1;
     }

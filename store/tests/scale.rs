@@ -2,8 +2,10 @@
 //! of up to thousands of records, so that net buckets split, empty and move, and log
 //! chunks fill up and are extended across batches. Same semantics as `model.rs`.
 
+mod common;
+
+use common::{ACTIONS, KINDS, Model, history};
 use proptest::prelude::*;
-use std::collections::{BTreeMap, BTreeSet};
 use store::*;
 
 const DIRS: u32 = 12;
@@ -19,39 +21,30 @@ fn path_of(n: u32) -> Vec<u8> {
     }
 }
 
-const KINDS: &[NetKind] = &[
-    NetKind::Added,
-    NetKind::Modified,
-    NetKind::Metadata,
-    NetKind::Removed,
-    NetKind::Replaced,
-];
-const ACTIONS: &[Action] = &[
-    Action::Created,
-    Action::Written,
-    Action::Attrib,
-    Action::Deleted,
-    Action::RenamedFrom,
-    Action::RenamedTo,
-];
+/// The actions a storm cycles through: all but `Reset`.
+const STORM_ACTIONS: &[Action] = match ACTIONS.split_last() {
+    Some((Action::Reset, rest)) => rest,
+    _ => panic!("ACTIONS ends with Reset"),
+};
+
+/// A run of `len` paths from `first`, with every `step`-th one touched; `clear`: the
+/// run is deleted instead of created or changed.
+#[derive(Debug, Clone)]
+struct Storm {
+    first: u32,
+    len: u32,
+    step: u32,
+    clear: bool,
+    observe: bool,
+    kind: usize,
+    pid: u32,
+}
 
 #[derive(Debug, Clone)]
 enum Op {
-    /// A run of `len` paths from `first` (a storm), with every `step`-th one touched;
-    /// `clear`: the run is deleted instead of created or changed.
-    Storm {
-        first: u32,
-        len: u32,
-        step: u32,
-        clear: bool,
-        observe: bool,
-        kind: usize,
-        pid: u32,
-    },
+    Storm(Storm),
     Mark,
-    Rebuild {
-        keep_every: u32,
-    },
+    Rebuild { keep_every: u32 },
     Reopen,
 }
 
@@ -65,14 +58,16 @@ fn op() -> impl Strategy<Value = Op> {
         0..KINDS.len(),
         0u32..40,
     )
-        .prop_map(|(first, len, step, clear, observe, kind, pid)| Op::Storm {
-            first,
-            len,
-            step,
-            clear,
-            observe,
-            kind,
-            pid,
+        .prop_map(|(first, len, step, clear, observe, kind, pid)| {
+            Op::Storm(Storm {
+                first,
+                len,
+                step,
+                clear,
+                observe,
+                kind,
+                pid,
+            })
         });
     prop_oneof![
         10 => storm,
@@ -94,210 +89,42 @@ fn origin(pid: u32) -> Option<Origin> {
     })
 }
 
-fn storm(
-    first: u32,
-    len: u32,
-    step: u32,
-    clear: bool,
-    observe: bool,
-    kind: usize,
-    pid: u32,
-) -> Batch {
-    let mut b = Batch::default();
-    let total = DIRS * FILES;
-    for i in (0..len).step_by(step as usize) {
-        let path = path_of((first + i) % total);
-        let kind = KINDS[(kind + i as usize) % KINDS.len()];
-        if observe || i % 3 == 0 {
-            b.observations.push(Observation {
-                action: ACTIONS[(i as usize + pid as usize) % ACTIONS.len()],
-                path: path.clone(),
-                file_type: if clear {
-                    FileType::Unknown
-                } else {
-                    FileType::File
-                },
-                origin: origin(pid + i % 2),
-                time_ns: u64::from(first) * 1_000_000 + u64::from(i),
-            });
-        }
-        if i % 5 != 4 {
-            b.net.push(NetUpdate {
-                path,
-                state: (!clear).then_some((kind, FileType::File)),
-            });
-        }
-    }
-    b
-}
-
-#[derive(Default)]
-struct Model {
-    net: BTreeMap<Vec<u8>, NetEntry>,
-    records: Vec<LogRecord>,
-    last_seq: u64,
-}
-
-impl Model {
-    fn apply(&mut self, observations: &[Observation], net: &[NetUpdate]) {
-        let old = self.net.clone();
-        let mut seq = self.last_seq;
-        let mut last: BTreeMap<Vec<u8>, (u64, Option<Option<Origin>>)> = BTreeMap::new();
-        let mut linked_prev = false;
-        for (i, o) in observations.iter().enumerate() {
-            seq += 1;
-            let mut link = None;
-            if linked_prev {
-                link = Some(seq - 1);
-                linked_prev = false;
-            } else if o.action == Action::RenamedFrom
-                && observations.get(i + 1).map(|n| n.action) == Some(Action::RenamedTo)
-            {
-                link = Some(seq + 1);
-                linked_prev = true;
-            }
-            self.records.push(LogRecord {
-                seq,
-                time_ns: o.time_ns,
-                action: o.action,
-                path: o.path.clone(),
-                file_type: o.file_type,
-                origin: o.origin.clone(),
-                link,
-                before: old.get(&o.path).map(|e| e.kind),
-            });
-            last.insert(o.path.clone(), (seq, Some(o.origin.clone())));
-        }
-        let mut updates = BTreeMap::new();
-        for u in net {
-            updates.insert(u.path.clone(), u.state);
-        }
-        let mut changed = BTreeSet::new();
-        for (path, new) in &updates {
-            let cur = old.get(path).map(|e| (e.kind, e.file_type));
-            if *new == cur {
-                continue;
-            }
-            changed.insert(path.clone());
-            if !last.contains_key(path) {
-                seq += 1;
-                self.records.push(LogRecord {
-                    seq,
-                    time_ns: 0,
-                    action: Action::Reclassified,
+impl Storm {
+    fn batch(&self) -> Batch {
+        let mut b = Batch::default();
+        let total = DIRS * FILES;
+        for i in (0..self.len).step_by(self.step as usize) {
+            let path = path_of((self.first + i) % total);
+            let kind = KINDS[(self.kind + i as usize) % KINDS.len()];
+            if self.observe || i % 3 == 0 {
+                b.observations.push(Observation {
+                    action: STORM_ACTIONS[(i as usize + self.pid as usize) % STORM_ACTIONS.len()],
                     path: path.clone(),
-                    file_type: new.or(cur).unwrap().1,
-                    origin: None,
-                    link: None,
-                    before: cur.map(|c| c.0),
+                    file_type: if self.clear {
+                        FileType::Unknown
+                    } else {
+                        FileType::File
+                    },
+                    origin: origin(self.pid + i % 2),
+                    time_ns: u64::from(self.first) * 1_000_000 + u64::from(i),
                 });
-                last.insert(path.clone(), (seq, None));
             }
-            let (lseq, observed) = last[path].clone();
-            match new {
-                Some((kind, file_type)) => {
-                    let origin = match observed {
-                        Some(o) => o,
-                        None => old.get(path).and_then(|e| e.origin.clone()),
-                    };
-                    self.net.insert(
-                        path.clone(),
-                        NetEntry {
-                            kind: *kind,
-                            file_type: *file_type,
-                            origin,
-                            seq: lseq,
-                        },
-                    );
-                }
-                None => {
-                    self.net.remove(path);
-                }
-            }
-        }
-        for (path, (lseq, observed)) in last {
-            if changed.contains(&path) {
-                continue;
-            }
-            if let (Some(e), Some(origin)) = (self.net.get_mut(&path), observed) {
-                e.seq = lseq;
-                e.origin = origin;
-            }
-        }
-        self.last_seq = seq;
-    }
-
-    fn since(&self, seq: u64, prefix: &[u8]) -> Vec<Change> {
-        let under = |p: &[u8]| {
-            p.strip_prefix(prefix)
-                .is_some_and(|r| prefix.is_empty() || r.is_empty() || r[0] == b'/')
-        };
-        let mut seen: BTreeMap<Vec<u8>, (Option<NetKind>, &LogRecord)> = BTreeMap::new();
-        for r in self
-            .records
-            .iter()
-            .filter(|r| r.seq > seq && under(&r.path))
-        {
-            seen.entry(r.path.clone())
-                .and_modify(|s| s.1 = r)
-                .or_insert((r.before, r));
-        }
-        seen.into_iter()
-            .filter_map(|(path, (before, last))| {
-                let e = self.net.get(&path);
-                if e.is_none() && before.is_none() {
-                    return None;
-                }
-                Some(Change {
-                    kind: e.map(|e| e.kind),
-                    before,
-                    file_type: e.map_or(last.file_type, |e| e.file_type),
-                    origin: e.map_or(last.origin.clone(), |e| e.origin.clone()),
-                    seq: last.seq,
+            if i % 5 != 4 {
+                b.net.push(NetUpdate {
                     path,
-                })
-            })
-            .collect()
-    }
-
-    fn full(&self, prefix: &[u8]) -> Vec<Change> {
-        self.since(0, prefix)
-            .into_iter()
-            .filter(|c| c.kind.is_some())
-            .map(|mut c| {
-                let e = &self.net[&c.path];
-                c.before = None;
-                c.seq = e.seq;
-                c
-            })
-            .collect()
-    }
-}
-
-fn zero_reclassified_times(records: &mut [LogRecord]) {
-    for r in records {
-        if r.action == Action::Reclassified {
-            r.time_ns = 0;
+                    state: (!self.clear).then_some((kind, FileType::File)),
+                });
+            }
         }
+        b
     }
 }
 
-fn check(store: &Store, model: &Model, tokens: &[Token], probe: u32) -> Result<(), TestCaseError> {
+fn check(store: &Store, model: &Model, probe: u32) -> Result<(), TestCaseError> {
     let now = store.token();
     prop_assert_eq!(now.seq, model.last_seq);
     let full = store.query(&Query::default()).unwrap();
-    let want: Vec<Change> = model
-        .net
-        .iter()
-        .map(|(path, e)| Change {
-            path: path.clone(),
-            kind: Some(e.kind),
-            before: None,
-            file_type: e.file_type,
-            origin: e.origin.clone(),
-            seq: e.seq,
-        })
-        .collect();
+    let want = model.full();
     prop_assert_eq!(full.changes.len(), want.len());
     prop_assert!(full.changes == want, "full net state differs");
     for prefix in [
@@ -310,12 +137,12 @@ fn check(store: &Store, model: &Model, tokens: &[Token], probe: u32) -> Result<(
         };
         let got = store.query(&q).unwrap().changes;
         prop_assert!(
-            got == model.full(prefix),
+            got == model.full_under(prefix),
             "prefix {:?} differs",
             prefix.escape_ascii().to_string()
         );
     }
-    for t in tokens.iter().filter(|t| t.instance == now.instance) {
+    for t in model.tokens.iter().filter(|t| t.instance == now.instance) {
         let cs = store
             .query(&Query {
                 since: Some(Since::Token(*t)),
@@ -338,15 +165,11 @@ fn check(store: &Store, model: &Model, tokens: &[Token], probe: u32) -> Result<(
     prop_assert_eq!(store.stats().unwrap().net_paths, model.net.len() as u64);
     for n in (probe..DIRS * FILES).step_by(97) {
         let p = path_of(n);
-        let mut hist = store.history(&p).unwrap();
-        zero_reclassified_times(&mut hist);
-        let want: Vec<LogRecord> = model
-            .records
-            .iter()
-            .filter(|r| r.path == p)
-            .cloned()
-            .collect();
-        prop_assert!(hist == want, "history of {} differs", p.escape_ascii());
+        prop_assert!(
+            history(store, &p) == model.history(&p),
+            "history of {} differs",
+            p.escape_ascii()
+        );
         prop_assert_eq!(store.net_entry(&p).unwrap(), model.net.get(&p).cloned());
     }
     Ok(())
@@ -360,12 +183,12 @@ proptest! {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Some(Store::open(dir.path()).unwrap());
         let mut model = Model::default();
-        let mut tokens = vec![store.as_ref().unwrap().token()];
+        model.tokens.push(store.as_ref().unwrap().token());
         for (step, op) in ops.into_iter().enumerate() {
             let s = store.as_ref().unwrap();
             match op {
-                Op::Storm { first, len, step, clear, observe, kind, pid } => {
-                    let b = storm(first, len, step, clear, observe, kind, pid);
+                Op::Storm(storm) => {
+                    let b = storm.batch();
                     let t = s.apply(&b).unwrap();
                     model.apply(&b.observations, &b.net);
                     prop_assert_eq!(t.seq, model.last_seq);
@@ -388,17 +211,8 @@ proptest! {
                         .collect();
                     entries.extend((0..300).map(|n| (path_of(n * 13 % (DIRS * FILES)), NetKind::Added, FileType::Dir)));
                     let gap = s.rebuild(entries.clone(), "test").unwrap();
-                    let mut updates: Vec<NetUpdate> = model
-                        .net
-                        .keys()
-                        .map(|p| NetUpdate { path: p.clone(), state: None })
-                        .collect();
-                    updates.extend(entries.into_iter().map(|(path, k, f)| NetUpdate {
-                        path,
-                        state: Some((k, f)),
-                    }));
-                    model.apply(&[], &updates);
-                    tokens.push(Token { instance: gap.new_instance, seq: before.seq });
+                    model.rebuild(entries);
+                    model.tokens.push(Token { instance: gap.new_instance, seq: before.seq });
                 }
                 Op::Reopen => {
                     drop(store.take());
@@ -406,8 +220,8 @@ proptest! {
                 }
             }
             let s = store.as_ref().unwrap();
-            check(s, &model, &tokens, step as u32 % 97)?;
-            tokens.push(s.token());
+            check(s, &model, step as u32 % 97)?;
+            model.tokens.push(s.token());
         }
     }
 }

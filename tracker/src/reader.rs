@@ -100,6 +100,12 @@ impl Backlog {
     }
 }
 
+/// Pause between drains of a busy kernel queue; far below what fills it (16384
+/// events).
+const READ_PAUSE: Duration = Duration::from_millis(3);
+/// Events again within this long of the last ones mean writers are busy.
+const BUSY_GAP: Duration = Duration::from_millis(20);
+
 /// How long a writer's command line read from /proc is reused for its next events.
 const COMMAND_TTL: Duration = Duration::from_millis(200);
 
@@ -107,6 +113,7 @@ const COMMAND_TTL: Duration = Duration::from_millis(200);
 pub(crate) fn run(group: FanotifyGroup, backlog: Arc<Backlog>, stop: Arc<AtomicBool>) {
     let mut buf = vec![0u8; READ_BUF];
     let mut known: HashMap<i32, (Vec<u8>, Instant)> = HashMap::new();
+    let mut last_drain = Instant::now() - BUSY_GAP;
     while !stop.load(Ordering::SeqCst) {
         match group.wait(Duration::from_millis(100)) {
             Ok(false) => continue,
@@ -115,6 +122,7 @@ pub(crate) fn run(group: FanotifyGroup, backlog: Arc<Backlog>, stop: Arc<AtomicB
         }
         // Drain what is queued now, a buffer at a time; each chunk keeps only the
         // bytes read, so the backlog's memory is what it counts.
+        let mut drained = 0;
         loop {
             let n = match group.read(&mut buf) {
                 Ok(n) => n,
@@ -123,9 +131,21 @@ pub(crate) fn run(group: FanotifyGroup, backlog: Arc<Backlog>, stop: Arc<AtomicB
             if n == 0 {
                 break;
             }
+            drained += n;
             let bytes = buf[..n].to_vec();
             let commands = commands_of(&bytes, &mut known);
             backlog.push(Chunk { bytes, commands }, &stop);
+        }
+        // While events keep coming, let them gather for a moment: the kernel merges
+        // repeated events on the same file (every write(2) is one) while they wait in
+        // its queue. The first events after a quiet spell (a lone change, a sync
+        // cookie) are read at once.
+        let now = Instant::now();
+        if drained > 0 && now.duration_since(last_drain) < BUSY_GAP {
+            std::thread::sleep(READ_PAUSE);
+        }
+        if drained > 0 {
+            last_drain = now;
         }
     }
 }
