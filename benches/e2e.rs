@@ -1761,7 +1761,7 @@ fn section_reset(b: &mut Bench) {
         b.med(
             sec,
             &case,
-            "status round trip (CLI handshake)",
+            "status round trip (socket)",
             "ms",
             &status[i],
         );
