@@ -23,7 +23,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
-use nix::sched::{CloneFlags, unshare};
 use tracker::Status;
 use tracker::control::{Client, Request, Response};
 
@@ -50,15 +49,7 @@ fn main() {
     // started later inherits the private namespace, and /proc/<our pid>/root (which
     // the tracker uses to reach the runtime) shows it. Nothing mounted here is seen
     // outside, and all of it goes away with the process.
-    unshare(CloneFlags::CLONE_NEWNS).expect("unshare(CLONE_NEWNS)");
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .expect("mount --make-rprivate /");
+    tracker::sys::enter_private_mount_ns().expect("a private mount namespace");
 
     let opts = Opts::parse();
     let started = Instant::now();
@@ -1758,13 +1749,7 @@ fn section_reset(b: &mut Bench) {
             "ms",
             &floor[i],
         );
-        b.med(
-            sec,
-            &case,
-            "status round trip (socket)",
-            "ms",
-            &status[i],
-        );
+        b.med(sec, &case, "status round trip (socket)", "ms", &status[i]);
         b.val(
             sec,
             &case,

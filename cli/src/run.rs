@@ -7,7 +7,6 @@ use crate::target::{RUNS_DIR, SOCKET_NAME};
 use anyhow::{Context, bail};
 use clap::Args;
 use nix::mount::{MsFlags, mount};
-use nix::sched::{CloneFlags, unshare};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
@@ -64,15 +63,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&state).with_context(|| format!("state dir {}", state.display()))?;
     let state = state.canonicalize()?;
 
-    unshare(CloneFlags::CLONE_NEWNS).context("cannot create a private mount namespace")?;
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .context("cannot make the mount namespace private")?;
+    tracker::sys::enter_private_mount_ns().context("cannot create a private mount namespace")?;
 
     let runtime = &args.runtime_dir;
     std::fs::create_dir_all(runtime)

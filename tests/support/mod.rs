@@ -21,8 +21,6 @@ pub use rng::SplitMix;
 #[allow(unused_imports)]
 pub use truth::{Truth, describe_tree, expect, for_each_child, truth};
 
-use nix::mount::{MsFlags, mount};
-use nix::sched::{CloneFlags, unshare};
 use std::path::Path;
 use std::process::Command;
 
@@ -60,15 +58,7 @@ pub fn in_private_mount_ns<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'st
     }
     let handle = builder
         .spawn(move || {
-            unshare(CloneFlags::CLONE_NEWNS).expect("unshare(CLONE_NEWNS)");
-            mount(
-                None::<&str>,
-                "/",
-                None::<&str>,
-                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-                None::<&str>,
-            )
-            .expect("mount --make-rprivate /");
+            tracker::sys::enter_private_mount_ns().expect("a private mount namespace");
             f()
         })
         .expect("spawn the private mount namespace thread");

@@ -207,6 +207,22 @@ pub fn fork_single_threaded() -> io::Result<Option<u32>> {
     }
 }
 
+/// Moves the calling thread into a mount namespace of its own in which every mount is
+/// private: what it mounts is seen nowhere else and goes away with it. (For a
+/// thread, `unshare(CLONE_NEWNS)` also unshares its filesystem context.)
+pub fn enter_private_mount_ns() -> io::Result<()> {
+    use nix::mount::{MsFlags, mount};
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )?;
+    Ok(())
+}
+
 /// The command line of a process, NULs turned into spaces, or empty when it is gone.
 pub fn command_of(pid: u32) -> Vec<u8> {
     let mut cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
