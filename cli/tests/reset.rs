@@ -205,10 +205,9 @@ fn checked_step(rt: &Runtime, prev: &Snap, case: &Case) -> Step {
 type KindChanges = BTreeMap<String, (Option<NetKind>, Option<NetKind>)>;
 
 /// Every record of `path` in the kept changelog between `step`'s tokens (before and
-/// after its reset) is a reset, and there is one. Below a dir the reset removed, the
-/// tracker may log entries it no longer could resolve as `Reclassified` (by their
-/// parent's removal) instead: allowed when `below_a_target`.
-fn assert_logged_as_reset(store: &store::Store, step: &Step, path: &str, below_a_target: bool) {
+/// after its reset) is a reset by the resetting process, and there is one, also below
+/// a dir the reset removed.
+fn assert_logged_as_reset(store: &store::Store, step: &Step, path: &str) {
     let from: Token = step.token.parse().expect("a token");
     let to: Token = step.end_token.parse().expect("a token");
     assert_eq!(from.instance, to.instance, "step {}: a gap", step.name);
@@ -221,9 +220,11 @@ fn assert_logged_as_reset(store: &store::Store, step: &Step, path: &str, below_a
         .iter()
         .map(|r| (r.seq, r.action, r.origin.as_ref().map(|o| o.pid)))
         .collect();
-    let ok = |a: Action| a == Action::Reset || (below_a_target && a == Action::Reclassified);
     assert!(
-        !during.is_empty() && during.iter().all(|r| ok(r.action)),
+        !during.is_empty()
+            && during
+                .iter()
+                .all(|r| r.action == Action::Reset && r.origin.is_some()),
         "step {}: {path} must be logged as a reset between {from} and {to}: (seq, action, pid) {brief:?}",
         step.name
     );
@@ -286,10 +287,9 @@ fn run_cases(lower: &LowerSpec, changes: &str, before: Net, cases: &[Case]) {
 
     // Each reset is in the log as a reset.
     let store = store::Store::open(&rt.state).expect("the kept changelog");
-    for (step, case) in done.iter().zip(cases) {
+    for step in &done {
         for p in step.since.keys().filter(|p| step.since[*p].0.is_none()) {
-            let is_target = case.targets.iter().any(|(t, _)| t == p);
-            assert_logged_as_reset(&store, step, p, !is_target);
+            assert_logged_as_reset(&store, step, p);
         }
     }
     eprintln!("{} steps in {:?}", cases.len(), started.elapsed());

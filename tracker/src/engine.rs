@@ -490,6 +490,8 @@ struct Pending {
     seen: HashSet<(Action, Vec<u8>, u32)>,
     /// Paths created in this batch.
     created: HashSet<Vec<u8>>,
+    /// Dirs removed in this batch, with who removed them.
+    removed_dirs: Vec<(Vec<u8>, Option<Origin>, u64)>,
     cookie: u64,
     overflow: bool,
 }
@@ -696,6 +698,7 @@ impl Watcher {
             if ondir {
                 self.resolver.invalidate();
                 p.subtrees.insert(path.clone());
+                p.removed_dirs.push((path.clone(), origin.clone(), time_ns));
             }
         }
         if event.mask & (sys::FAN_MODIFY | sys::FAN_CLOSE_WRITE) != 0 {
@@ -736,9 +739,30 @@ impl Watcher {
         // Dirs cached by an earlier batch may have moved since.
         self.classifier.forget();
         let store = self.shared.store.clone();
+        let resetting = self
+            .shared
+            .resetting
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default();
         for dir in &p.subtrees {
             for (path, _) in store.net_under(dir)? {
                 p.dirty.insert(path);
+            }
+        }
+        // What a reset removed along with a dir was reset too, by the same process.
+        for (dir, origin, time_ns) in std::mem::take(&mut p.removed_dirs) {
+            if !origin.as_ref().is_some_and(|o| resetting.contains(&o.pid)) {
+                continue;
+            }
+            for (path, entry) in store.net_under(&dir)? {
+                p.observations.push(Observation {
+                    action: Action::Reset,
+                    path,
+                    file_type: entry.file_type,
+                    origin: origin.clone(),
+                    time_ns,
+                });
             }
         }
         for dir in &p.walks {
@@ -788,12 +812,6 @@ impl Watcher {
                 time_ns,
             });
         }
-        let resetting = self
-            .shared
-            .resetting
-            .lock()
-            .map(|s| s.clone())
-            .unwrap_or_default();
         for o in &mut p.observations {
             if o.origin
                 .as_ref()
