@@ -133,6 +133,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .args(rest)
         .env("SPFS_CHANGES_SOCKET", &socket)
         .env("SPFS_CHANGES_STATE", &state)
+        .env("PATH", path_with_self()?)
         .status()
         .with_context(|| format!("cannot run {}", program.to_string_lossy()))?;
 
@@ -158,6 +159,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .or_else(|| status.signal().map(|s| 128 + s))
         .unwrap_or(1);
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+}
+
+/// PATH with this binary's dir first, so `spfs-changes` (and `spfs changes`) inside
+/// the command reach this same build, installed or not.
+fn path_with_self() -> anyhow::Result<std::ffi::OsString> {
+    let exe = std::env::current_exe().context("cannot find this binary")?;
+    let mut dirs: Vec<PathBuf> = exe.parent().map(Path::to_path_buf).into_iter().collect();
+    dirs.extend(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()));
+    std::env::join_paths(dirs).context("cannot build PATH for the command")
 }
 
 /// A new dir under RUNS_DIR, and `latest` pointing at it.
