@@ -166,7 +166,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 fn path_with_self() -> anyhow::Result<std::ffi::OsString> {
     let exe = std::env::current_exe().context("cannot find this binary")?;
     let mut dirs: Vec<PathBuf> = exe.parent().map(Path::to_path_buf).into_iter().collect();
-    dirs.extend(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()));
+    dirs.extend(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    ));
     std::env::join_paths(dirs).context("cannot build PATH for the command")
 }
 
