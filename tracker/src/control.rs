@@ -176,10 +176,6 @@ impl Server {
     pub fn stop_requested(&self, timeout: Duration) -> bool {
         self.stop_requests.recv_timeout(timeout).is_ok()
     }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
 }
 
 impl Drop for Server {

@@ -505,7 +505,7 @@ impl Watcher {
             if let Err(e) = self.take_relayer() {
                 break Err(e.to_string());
             }
-            let chunks = match self.backlog.take_all(Duration::from_millis(100)) {
+            let chunks = match self.backlog.take_batch(Duration::from_millis(100)) {
                 Ok(c) => c,
                 Err(why) => break Err(why),
             };
@@ -551,7 +551,6 @@ impl Watcher {
         let now_ns = now_ns();
         let mut count = 0u64;
         for chunk in chunks {
-            let mut commands = chunk.commands;
             for event in fid::events(&chunk.bytes) {
                 let event = match event {
                     Ok(e) => e,
@@ -578,12 +577,10 @@ impl Watcher {
                     }
                     continue;
                 }
+                // The reader read every writer's command line along with its events.
                 let origin = (event.pid > 0).then(|| Origin {
                     pid: event.pid as u32,
-                    command: commands
-                        .entry(event.pid)
-                        .or_insert_with(|| sys::command_of(event.pid as u32))
-                        .clone(),
+                    command: chunk.commands.get(&event.pid).cloned().unwrap_or_default(),
                 });
                 self.handle_event(&event, origin, now_ns, &mut p)?;
             }
@@ -765,23 +762,31 @@ impl Watcher {
                 });
             }
         }
+        // A walk classifies what it finds: those paths need no second look.
+        let mut states = HashMap::new();
         for dir in &p.walks {
             let mut found = Vec::new();
             if let Err(e) = self.classifier.walk(dir, &mut found) {
                 self.inspect_failed(dir, &e);
             }
-            p.dirty.extend(found.into_iter().map(|(path, _, _)| path));
+            for (path, kind, file_type) in found {
+                p.dirty.insert(path.clone());
+                states.insert(path, Some((kind, file_type)));
+            }
         }
         let mut net = Vec::with_capacity(p.dirty.len());
-        let mut states = HashMap::new();
         for path in &p.dirty {
-            let state = match self.classifier.classify(path) {
-                Ok(s) => s,
-                Err(e) => {
-                    // Leave the recorded state alone rather than guess; counted in status.
-                    self.inspect_failed(path, &e);
-                    continue;
-                }
+            let state = match states.get(path) {
+                Some(known) => *known,
+                None => match self.classifier.classify(path) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        // Leave the recorded state alone rather than guess; counted in
+                        // status.
+                        self.inspect_failed(path, &e);
+                        continue;
+                    }
+                },
             };
             states.insert(path.clone(), state);
             net.push(NetUpdate {

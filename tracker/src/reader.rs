@@ -5,8 +5,8 @@
 //! changes is much slower than reading them, so a dedicated thread only reads: it
 //! moves raw records into a bounded backlog in memory, together with the command line
 //! of each writer read right away (short-lived writers are gone a few ms later). The
-//! watcher takes everything backlogged at once, so the busier the writers, the larger
-//! (and cheaper per event) its batches.
+//! watcher takes what is backlogged (up to `MAX_BATCH`) at once, so the busier the
+//! writers, the larger (and cheaper per event) its batches.
 
 use crate::fid;
 use crate::sys::{self, FanotifyGroup};
@@ -70,7 +70,7 @@ impl Backlog {
 
     /// What is backlogged, up to `MAX_BATCH` bytes, waiting up to `timeout` for
     /// something to arrive.
-    pub fn take_all(&self, timeout: Duration) -> Result<Vec<Chunk>, String> {
+    pub fn take_batch(&self, timeout: Duration) -> Result<Vec<Chunk>, String> {
         let Ok(mut s) = self.state.lock() else {
             return Err("the event reader panicked".into());
         };

@@ -33,8 +33,6 @@ pub struct Resolver {
     upper: Vec<u8>,
     sync: Vec<u8>,
     cache: HashMap<Handle, Place>,
-    pub hits: u64,
-    pub misses: u64,
 }
 
 impl Resolver {
@@ -48,8 +46,6 @@ impl Resolver {
             upper: upper_path.as_os_str().as_bytes().to_vec(),
             sync: sync_path.as_os_str().as_bytes().to_vec(),
             cache: HashMap::new(),
-            hits: 0,
-            misses: 0,
         })
     }
 
@@ -57,10 +53,8 @@ impl Resolver {
     pub fn dir(&mut self, handle: HandleRef<'_>) -> io::Result<Option<Place>> {
         let key = handle.to_owned();
         if let Some(place) = self.cache.get(&key) {
-            self.hits += 1;
             return Ok(Some(place.clone()));
         }
-        self.misses += 1;
         let place = self.lookup(handle)?;
         if let Some(place) = &place {
             self.remember(key, place.clone());
