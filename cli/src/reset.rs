@@ -7,7 +7,6 @@ use crate::target::{self, Target};
 use anyhow::{Context, bail};
 use clap::Args;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
 use std::process::ExitCode;
 use tracker::control::{Request, Response, RuntimeInfo};
 use tracker::reset::{MountSpec, Outcome};
@@ -87,16 +86,14 @@ pub fn reset(args: ResetArgs) -> anyhow::Result<ExitCode> {
 /// Joins the runtime's mount namespace (when not already in it) and leaves any dir
 /// of the overlay, so this process does not keep it busy.
 fn enter(runtime: &RuntimeInfo) -> anyhow::Result<()> {
-    let own = std::fs::metadata("/proc/thread-self/ns/mnt")?.ino();
-    if own != runtime.mount_ns {
-        let ns = std::fs::File::open(format!("/proc/{}/ns/mnt", runtime.pid))
-            .with_context(|| format!("cannot reach the runtime through pid {}", runtime.pid))?;
-        if std::fs::metadata(format!("/proc/{}/ns/mnt", runtime.pid))?.ino() != runtime.mount_ns {
-            bail!("pid {} is no longer in the runtime", runtime.pid);
-        }
-        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNS)
-            .context("cannot enter the runtime's mount namespace")?;
+    if tracker::sys::own_mount_ns() == Some(runtime.mount_ns) {
+        std::env::set_current_dir("/")?;
+        return Ok(());
     }
-    std::env::set_current_dir("/")?;
-    Ok(())
+    tracker::sys::join_mount_ns(runtime.pid, Some(runtime.mount_ns)).with_context(|| {
+        format!(
+            "cannot enter the runtime's mount namespace through pid {}",
+            runtime.pid
+        )
+    })
 }

@@ -119,7 +119,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let here = RuntimeInfo {
         mount_point: args.mount.clone(),
         pid: std::process::id(),
-        mount_ns: tracker::runtime::own_mount_ns().unwrap_or(0),
+        mount_ns: tracker::sys::own_mount_ns().unwrap_or(0),
     };
     let server = Server::start(
         tracker.clone(),

@@ -212,8 +212,6 @@ fn running_tracker(socket: &Path) -> Option<String> {
 fn leave_runtime_ns() -> anyhow::Result<()> {
     let (pid, _) = tracker::runtime::outside_process()
         .context("cannot leave the runtime's mount namespace: no process outside it found")?;
-    let ns = std::fs::File::open(format!("/proc/{pid}/ns/mnt"))
-        .and_then(|ns| Ok(nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNS)?))
-        .and_then(|()| std::env::set_current_dir("/"));
-    ns.with_context(|| format!("cannot leave the runtime's mount namespace for pid {pid}'s"))
+    tracker::sys::join_mount_ns(pid, None)
+        .with_context(|| format!("cannot leave the runtime's mount namespace for pid {pid}'s"))
 }

@@ -5,6 +5,7 @@ use crate::classify::{Classifier, join_rel};
 use crate::fid::{self, DirEntryRef, Handle};
 use crate::reader::{self, Backlog, Chunk};
 use crate::resolve::{Place, Resolver};
+use crate::runtime::runtime_path;
 use crate::sys::{self, FanotifyGroup};
 use nix::fcntl::{OFlag, openat};
 use nix::sys::stat::Mode;
@@ -403,23 +404,6 @@ impl Drop for Tracker {
         self.halt();
         let _ = self.shared.store.flush();
     }
-}
-
-/// A path as the runtime names it: without the `/proc/<pid>/root` it is reached by.
-fn runtime_path(p: &Path) -> String {
-    let s = p.to_string_lossy();
-    if let Some(rest) = s.strip_prefix("/proc/")
-        && let Some((pid, tail)) = rest.split_once("/root")
-        && pid.chars().all(|c| c.is_ascii_digit())
-        && (tail.is_empty() || tail.starts_with('/'))
-    {
-        return if tail.is_empty() {
-            "/".into()
-        } else {
-            tail.to_string()
-        };
-    }
-    s.into_owned()
 }
 
 fn poisoned() -> TrackerError {

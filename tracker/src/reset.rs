@@ -15,6 +15,7 @@
 
 use crate::TrackerError;
 use crate::mountinfo::{self, MountEntry};
+use crate::sys;
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
 use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
 use nix::mount::{MntFlags, MsFlags};
@@ -249,7 +250,7 @@ pub struct Holder {
 /// through mount `mount_id`, or a mapping on `dev`.
 pub fn holders(dev: u64, mount_id: u64) -> Vec<Holder> {
     let mut out = Vec::new();
-    for pid in pids() {
+    for pid in sys::pids() {
         let base = PathBuf::from(format!("/proc/{pid}"));
         let on_dev = |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.dev() == dev);
         let mut holds = tasks(pid)
@@ -305,16 +306,6 @@ fn open_mounts(pid: u32) -> Vec<(PathBuf, u64)> {
         .collect()
 }
 
-fn pids() -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .map(|it| {
-            it.filter_map(Result::ok)
-                .filter_map(|e| e.file_name().to_str()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// Devices of the files a process has mapped (`/proc/<pid>/maps` spells them hex).
 fn maps_devs(pid: u32) -> HashSet<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
@@ -334,54 +325,42 @@ fn maps_devs(pid: u32) -> HashSet<u64> {
 /// After our unmount: anything that shows an overlay superblock may still use the
 /// upper dir. `None` when nothing does.
 fn still_in_use(spec: &MountSpec) -> Option<String> {
-    let mut seen_ns = HashSet::new();
     // Mount ids are unique across namespaces: one that no namespace shows is detached.
     let mut mounted_ids = HashSet::new();
-    for pid in pids() {
-        for task in tasks(pid) {
-            let Ok(ns) = std::fs::metadata(task.join("ns/mnt")).map(|m| m.ino()) else {
+    for (pid, task, mounts) in namespaces() {
+        for e in mounts {
+            mounted_ids.insert(e.id);
+            // Our superblock's device number is free once it is gone, and the next
+            // filesystem mounted anywhere may get it: only an overlay on our upper
+            // dir (the same inode, whatever path that namespace names it by), or
+            // one with our number whose upper dir is out of reach, counts.
+            let Some(layers) = e.overlay_layers() else {
                 continue;
             };
-            if !seen_ns.insert(ns) {
-                continue;
+            let upper = task
+                .join("root")
+                .join(layers.upper.strip_prefix("/").unwrap_or(&layers.upper));
+            let upper = std::fs::metadata(upper).map(|m| (m.dev(), m.ino()));
+            let same_dev = libc::makedev(e.dev.0, e.dev.1) == spec.dev;
+            let same_upper = upper.as_ref().is_ok_and(|id| *id == spec.upper_id);
+            if same_dev && (same_upper || upper.is_err()) {
+                return Some(format!(
+                    "the overlay is still mounted at {} in the mount namespace of pid {pid}",
+                    e.mount_point.display()
+                ));
             }
-            let Ok(text) = std::fs::read(task.join("mountinfo")) else {
-                continue;
-            };
-            for e in mountinfo::parse(&text) {
-                mounted_ids.insert(e.id);
-                // Our superblock's device number is free once it is gone, and the next
-                // filesystem mounted anywhere may get it: only an overlay on our upper
-                // dir (the same inode, whatever path that namespace names it by), or
-                // one with our number whose upper dir is out of reach, counts.
-                let Some(layers) = e.overlay_layers() else {
-                    continue;
-                };
-                let upper = task
-                    .join("root")
-                    .join(layers.upper.strip_prefix("/").unwrap_or(&layers.upper));
-                let upper = std::fs::metadata(upper).map(|m| (m.dev(), m.ino()));
-                let same_dev = libc::makedev(e.dev.0, e.dev.1) == spec.dev;
-                let same_upper = upper.as_ref().is_ok_and(|id| *id == spec.upper_id);
-                if same_dev && (same_upper || upper.is_err()) {
-                    return Some(format!(
-                        "the overlay is still mounted at {} in the mount namespace of pid {pid}",
-                        e.mount_point.display()
-                    ));
-                }
-                if same_upper {
-                    return Some(format!(
-                        "another overlay on the same upper dir is mounted at {} (namespace of pid {pid})",
-                        e.mount_point.display()
-                    ));
-                }
+            if same_upper {
+                return Some(format!(
+                    "another overlay on the same upper dir is mounted at {} (namespace of pid {pid})",
+                    e.mount_point.display()
+                ));
             }
         }
     }
     // Open files on an overlay that no namespace shows any more (detached lazily):
     // it might use this upper dir.
     let mut fresh_ids: Option<HashSet<u64>> = None;
-    for pid in pids() {
+    for pid in sys::pids() {
         for (fd, id) in open_mounts(pid) {
             if mounted_ids.contains(&id) || !is_overlay(&fd) {
                 continue;
@@ -400,9 +379,18 @@ fn still_in_use(spec: &MountSpec) -> Option<String> {
 
 /// The ids of the mounts of every mount namespace in use.
 fn all_mount_ids() -> HashSet<u64> {
+    namespaces()
+        .into_iter()
+        .flat_map(|(_, _, mounts)| mounts.into_iter().map(|e| e.id))
+        .collect()
+}
+
+/// Each mount namespace in use, once: a process in it, the thread's `/proc` dir
+/// that shows it, and its mounts.
+fn namespaces() -> Vec<(u32, PathBuf, Vec<MountEntry>)> {
     let mut seen_ns = HashSet::new();
-    let mut ids = HashSet::new();
-    for pid in pids() {
+    let mut out = Vec::new();
+    for pid in sys::pids() {
         for task in tasks(pid) {
             let Ok(ns) = std::fs::metadata(task.join("ns/mnt")).map(|m| m.ino()) else {
                 continue;
@@ -410,11 +398,11 @@ fn all_mount_ids() -> HashSet<u64> {
             if seen_ns.insert(ns)
                 && let Ok(text) = std::fs::read(task.join("mountinfo"))
             {
-                ids.extend(mountinfo::parse(&text).into_iter().map(|e| e.id));
+                out.push((pid, task, mountinfo::parse(&text)));
             }
         }
     }
-    ids
+    out
 }
 
 fn is_overlay(p: &Path) -> bool {

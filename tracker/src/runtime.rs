@@ -7,6 +7,7 @@
 //! "witness"), and only at start: afterwards it works from descriptors.
 
 use crate::mountinfo::{self, MountEntry, OverlayLayers};
+use crate::sys::{self, mount_ns_of, own_mount_ns};
 use crate::{Layout, TrackerError};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -232,6 +233,23 @@ impl Runtime {
     }
 }
 
+/// A path as the runtime names it: without the `/proc/<pid>/root` it is reached by.
+pub(crate) fn runtime_path(p: &Path) -> String {
+    let s = p.to_string_lossy();
+    if let Some(rest) = s.strip_prefix("/proc/")
+        && let Some((pid, tail)) = rest.split_once("/root")
+        && pid.chars().all(|c| c.is_ascii_digit())
+        && (tail.is_empty() || tail.starts_with('/'))
+    {
+        return if tail.is_empty() {
+            "/".into()
+        } else {
+            tail.to_string()
+        };
+    }
+    s.into_owned()
+}
+
 fn layers_of(entry: &MountEntry, mount_point: &Path) -> Result<OverlayLayers, TrackerError> {
     if entry.fs_type != "overlay" {
         return Err(TrackerError::Attach(format!(
@@ -255,11 +273,6 @@ fn read_mountinfo(reach: &Reach) -> Result<Vec<MountEntry>, TrackerError> {
     };
     let text = std::fs::read(&path).map_err(TrackerError::io("cannot read", &path))?;
     Ok(mountinfo::parse(&text))
-}
-
-/// The inode of a process's mount namespace.
-fn mount_ns_of(pid: u32) -> std::io::Result<u64> {
-    Ok(std::fs::metadata(format!("/proc/{pid}/ns/mnt"))?.ino())
 }
 
 /// A process to take the mount namespace of when leaving a runtime's, with that
@@ -286,18 +299,10 @@ fn parent_of(pid: u32) -> Option<u32> {
     rest.split_whitespace().nth(1)?.parse().ok()
 }
 
-pub fn own_mount_ns() -> Option<u64> {
-    std::fs::metadata("/proc/thread-self/ns/mnt")
-        .ok()
-        .map(|m| m.ino())
-}
-
 /// Any process whose mount namespace is `ns`.
 fn find_process_in(ns: u64) -> Option<u32> {
-    std::fs::read_dir("/proc")
-        .ok()?
-        .filter_map(Result::ok)
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+    sys::pids()
+        .into_iter()
         .find(|&pid| mount_ns_of(pid).ok() == Some(ns))
 }
 

@@ -223,6 +223,48 @@ pub fn enter_private_mount_ns() -> io::Result<()> {
     Ok(())
 }
 
+/// Every process id in /proc.
+pub fn pids() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .map(|it| {
+            it.filter_map(Result::ok)
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The inode of a process's mount namespace: what tells namespaces apart.
+pub fn mount_ns_of(pid: u32) -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata(format!("/proc/{pid}/ns/mnt"))?.ino())
+}
+
+/// The inode of the calling thread's mount namespace.
+pub fn own_mount_ns() -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/thread-self/ns/mnt")
+        .ok()
+        .map(|m| m.ino())
+}
+
+/// Moves this (single-threaded) process into the mount namespace of `pid` and to `/`
+/// there, so it holds no dir of the namespace it left. With `expect`, refuses when
+/// that namespace is not the one expected (the pid was reused).
+pub fn join_mount_ns(pid: u32, expect: Option<u64>) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/mnt"))?;
+    if let Some(expected) = expect
+        && ns.metadata()?.ino() != expected
+    {
+        return Err(io::Error::other(format!(
+            "pid {pid} is no longer in that mount namespace"
+        )));
+    }
+    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNS)?;
+    std::env::set_current_dir("/")
+}
+
 /// The command line of a process, NULs turned into spaces, or empty when it is gone.
 pub fn command_of(pid: u32) -> Vec<u8> {
     let mut cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
