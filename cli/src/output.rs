@@ -72,7 +72,8 @@ pub fn diff_line(c: &Change, mount: &Path) -> String {
     }
 }
 
-fn full_path(mount: &Path, rel: &[u8]) -> Vec<u8> {
+/// A changelog path (relative to the upper dir) as seen under the mount.
+pub fn full_path(mount: &Path, rel: &[u8]) -> Vec<u8> {
     let mut p = mount.as_os_str().as_bytes().to_vec();
     if !p.ends_with(b"/") {
         p.push(b'/');

@@ -2,11 +2,10 @@
 //! without ever editing the layers of a mounted overlay.
 
 use crate::TargetArgs;
-use crate::output::{escape, kind_name};
+use crate::output::{escape, full_path, kind_name};
 use crate::target::{self, Target};
 use anyhow::{Context, bail};
 use clap::Args;
-use std::os::unix::ffi::OsStrExt;
 use std::process::ExitCode;
 use tracker::control::{Request, Response, RuntimeInfo};
 use tracker::reset::{MountSpec, Outcome};
@@ -72,9 +71,7 @@ pub fn reset(args: ResetArgs) -> anyhow::Result<ExitCode> {
         }
         Outcome::Done { .. } => {
             for t in &targets {
-                let mut full = mount.as_os_str().as_bytes().to_vec();
-                full.push(b'/');
-                full.extend_from_slice(&t.path);
+                let full = full_path(&mount, &t.path);
                 let was = t.kind.map_or("unchanged", kind_name);
                 println!("reset {} (was {was})", escape(&full));
             }

@@ -98,6 +98,15 @@ fn live(socket: &Path) -> anyhow::Result<Target> {
     })
 }
 
+/// `p` without the mount (when under it) and without leading slashes: how the
+/// changelog names paths.
+pub fn relative_to(mount: &Path, p: &Path) -> Vec<u8> {
+    let p = p.strip_prefix(mount).unwrap_or(p);
+    let bytes = p.as_os_str().as_bytes();
+    let start = bytes.iter().position(|&b| b != b'/').unwrap_or(bytes.len());
+    bytes[start..].to_vec()
+}
+
 impl Target {
     pub fn mount(&self) -> &Path {
         match self {
@@ -107,15 +116,11 @@ impl Target {
 
     /// A path as the user wrote it (`/spfs/lib`, `lib/`, `/lib`) relative to the mount.
     pub fn relative(&self, p: &Path) -> Vec<u8> {
-        let p = p.strip_prefix(self.mount()).unwrap_or(p);
-        let mut bytes = p.as_os_str().as_bytes();
-        while let Some(rest) = bytes.strip_prefix(b"/") {
-            bytes = rest;
+        let mut bytes = relative_to(self.mount(), p);
+        while bytes.last() == Some(&b'/') {
+            bytes.pop();
         }
-        while let Some(rest) = bytes.strip_suffix(b"/") {
-            bytes = rest;
-        }
-        bytes.to_vec()
+        bytes
     }
 
     pub fn changes(&mut self, query: Query) -> anyhow::Result<ChangeSet> {

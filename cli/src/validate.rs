@@ -1,13 +1,12 @@
 //! `spfs-changes validate`: spk's build validation rules over the changelog.
 
 use crate::TargetArgs;
-use crate::output::{escape, kind_name};
+use crate::output::{escape, full_path, kind_name};
 use crate::target::{self, Target};
 use anyhow::{Context, bail};
 use clap::Args;
 use serde::Deserialize;
 use serde_json::json;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use tracker::control::{Request, Response};
@@ -90,15 +89,7 @@ fn run(args: &ValidateArgs) -> anyhow::Result<(Report, PathBuf)> {
     for r in &args.deny {
         rules.set(r, true)?;
     }
-    let relative = |p: &Path| -> Vec<u8> {
-        let p = p.strip_prefix(&mount).unwrap_or(p);
-        p.as_os_str()
-            .as_bytes()
-            .iter()
-            .copied()
-            .skip_while(|&b| b == b'/')
-            .collect()
-    };
+    let relative = |p: &Path| target::relative_to(&mount, p);
     // Globs may be written relative to the mount or under it (`/spfs/etc/**`).
     rules.deny_paths = args
         .deny_paths
@@ -154,13 +145,6 @@ fn apply_rules_file(rules: &mut Rules, file: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn full(mount: &Path, rel: &[u8]) -> Vec<u8> {
-    let mut p = mount.as_os_str().as_bytes().to_vec();
-    p.push(b'/');
-    p.extend_from_slice(rel);
-    p
-}
-
 fn action_name(a: AlterAction) -> &'static str {
     match a {
         AlterAction::Change => "Change",
@@ -188,7 +172,7 @@ fn print_human(report: &Report, mount: &Path) -> std::io::Result<()> {
         )?;
     }
     for v in &report.violations {
-        let path = escape(&full(mount, &v.path));
+        let path = escape(&full_path(mount, &v.path));
         let layer = v
             .layer
             .as_deref()
@@ -232,7 +216,7 @@ fn print_json(report: &Report, mount: &Path) -> std::io::Result<()> {
         .violations
         .iter()
         .map(|v| {
-            let path = full(mount, &v.path);
+            let path = full_path(mount, &v.path);
             let mut j = json!({
                 "rule": format!("{:?}", v.rule),
                 "action": v.action.map(action_name),
