@@ -1,7 +1,7 @@
 //! File operations that have no (installed) shell command, as plain syscalls, and
 //! mount-table helpers.
 
-use std::ffi::{CString, OsStr};
+use std::ffi::CString;
 use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -182,50 +182,32 @@ pub fn thread_mountinfo() -> String {
         .expect("read /proc/thread-self/mountinfo")
 }
 
-/// The mount points listed in a mountinfo text (field 5, octal escapes undone).
+/// The mount points listed in a mountinfo text (octal escapes undone).
 pub fn mount_points(mountinfo: &str) -> Vec<PathBuf> {
-    mountinfo
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|field| {
-            let b = field.as_bytes();
-            let mut out = Vec::with_capacity(b.len());
-            let mut i = 0;
-            while i < b.len() {
-                if b[i] == b'\\'
-                    && i + 3 < b.len()
-                    && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-                {
-                    out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-                    i += 4;
-                } else {
-                    out.push(b[i]);
-                    i += 1;
-                }
-            }
-            PathBuf::from(OsStr::from_bytes(&out))
-        })
+    tracker::mountinfo::parse(mountinfo.as_bytes())
+        .into_iter()
+        .map(|e| e.mount_point)
         .collect()
 }
 
 /// The mount options and filesystem type of the mount at `point` in a mountinfo text
 /// (the last one when several are stacked): `(fstype, mount options, super options)`.
 pub fn mount_entry(mountinfo: &str, point: &Path) -> Option<(String, String, String)> {
-    let points = mount_points(mountinfo);
-    mountinfo
-        .lines()
-        .zip(points)
-        .filter(|(_, p)| p == point)
-        .last()
-        .and_then(|(line, _)| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            let sep = fields.iter().position(|f| *f == "-")?;
-            Some((
-                fields.get(sep + 1)?.to_string(),
-                fields.get(5)?.to_string(),
-                fields.get(sep + 3)?.to_string(),
-            ))
+    let entries = tracker::mountinfo::parse(mountinfo.as_bytes());
+    let e = tracker::mountinfo::find_mount(&entries, point)?;
+    let super_options: Vec<String> = e
+        .super_options
+        .iter()
+        .map(|(k, v)| match v {
+            Some(v) => format!("{k}={}", String::from_utf8_lossy(v)),
+            None => k.clone(),
         })
+        .collect();
+    Some((
+        e.fs_type.clone(),
+        e.mount_options.join(","),
+        super_options.join(","),
+    ))
 }
 
 /// The 64-bit unique id (never reused) of the mount `path` is on, from
