@@ -25,6 +25,9 @@
 use crate::TrackerError;
 use crate::classify::Classifier;
 use serde::{Deserialize, Serialize};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 use store::{FileType, FreshReason, NetKind, Origin, Query, Since, Store, Token};
 
 /// How an existing (lower) file was altered, as spk names it.
@@ -166,6 +169,8 @@ pub fn validate(
         })
     };
     let deny_paths = glob_set(&rules.deny_paths)?;
+    // Matched on the path's bytes: globset takes them as they are on Unix.
+    let denied = |path: &[u8]| deny_paths.is_match(Path::new(OsStr::from_bytes(path)));
     let mut violations = Vec::new();
     let mut installed = false;
     for c in &set.changes {
@@ -175,7 +180,7 @@ pub fn validate(
         {
             installed = true;
         }
-        if deny_paths.is_match(std::ffi::OsStr::new(&*String::from_utf8_lossy(&c.path))) {
+        if denied(&c.path) {
             violations.push(Violation {
                 rule: RuleName::DenyPath,
                 action: None,
@@ -228,7 +233,7 @@ pub fn validate(
                         origin: c.origin.clone(),
                     });
                 }
-                if deny_paths.is_match(std::ffi::OsStr::new(&*String::from_utf8_lossy(&path))) {
+                if denied(&path) {
                     violations.push(Violation {
                         rule: RuleName::DenyPath,
                         action: None,
