@@ -270,20 +270,18 @@ impl Classifier {
     pub fn lower_tree(&self, rel: &[u8]) -> io::Result<Vec<(Vec<u8>, usize, bool)>> {
         let mut seen = std::collections::HashSet::new();
         let mut out = Vec::new();
-        for (index, layer) in self.lowers.iter().enumerate() {
-            let mut fd = dup(layer.as_fd())?;
-            let mut reachable = true;
-            for c in rel.split(|&b| b == b'/').filter(|c| !c.is_empty()) {
-                match open_dir(fd.as_fd(), OsStr::from_bytes(c))? {
-                    Some(next) => fd = next,
-                    None => {
-                        reachable = false;
+        // The same layer lookup as for one path: a whiteout or non-dir hides the
+        // layers below, an opaque dir hides them for what is under it.
+        for (index, layer) in self.lower_dir(rel)?.iter().enumerate() {
+            match layer {
+                LayerDir::Missing => continue,
+                LayerDir::Blocked => break,
+                LayerDir::Dir { fd, opaque } => {
+                    collect_tree(dup(fd.as_fd())?, rel.to_vec(), index, &mut seen, &mut out)?;
+                    if *opaque {
                         break;
                     }
                 }
-            }
-            if reachable {
-                collect_tree(fd, rel.to_vec(), index, &mut seen, &mut out)?;
             }
         }
         out.sort();
@@ -605,4 +603,53 @@ fn user_xattrs(e: &Entry<'_>) -> io::Result<Xattrs> {
 
 fn xattrs_differ(a: &Entry<'_>, b: &Entry<'_>) -> io::Result<bool> {
     Ok(user_xattrs(a)? != user_xattrs(b)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two lower layers; in the top one `d` is opaque and `w` a whiteout.
+    #[test]
+    fn lower_tree_stops_at_opaque_dirs_and_whiteouts() {
+        if !nix::unistd::geteuid().is_root() {
+            assert_ne!(
+                std::env::var("CI").as_deref(),
+                Ok("true"),
+                "CI must run this test as root"
+            );
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), b"skipped: needs root\n");
+            return;
+        }
+        let root = tempfile::tempdir().expect("temp dir");
+        let (upper, top, bottom) = (
+            root.path().join("u"),
+            root.path().join("t"),
+            root.path().join("b"),
+        );
+        for d in [&upper, &top.join("d"), &bottom.join("d"), &bottom.join("w")] {
+            std::fs::create_dir_all(d).expect("mkdir");
+        }
+        std::fs::write(top.join("d/a"), "a").expect("write");
+        std::fs::write(bottom.join("d/b"), "b").expect("write");
+        std::fs::write(bottom.join("w/x"), "x").expect("write");
+        xattr::set(top.join("d"), OPAQUE_XATTR, b"y").expect("set the opaque xattr");
+        nix::sys::stat::mknod(&top.join("w"), SFlag::S_IFCHR, Mode::empty(), 0).expect("whiteout");
+        let c = Classifier::new(&upper, &[top, bottom.clone()]).expect("layers");
+        assert_eq!(
+            c.lower_tree(b"d").expect("d"),
+            vec![(b"d/a".to_vec(), 0, false)]
+        );
+        assert!(c.lower_tree(b"w").expect("w").is_empty());
+        // Without the top layer, both trees come from the bottom one.
+        let c = Classifier::new(&upper, &[bottom]).expect("layers");
+        assert_eq!(
+            c.lower_tree(b"d").expect("d"),
+            vec![(b"d/b".to_vec(), 0, false)]
+        );
+        assert_eq!(
+            c.lower_tree(b"w").expect("w"),
+            vec![(b"w/x".to_vec(), 0, false)]
+        );
+    }
 }
