@@ -18,3 +18,21 @@ pub mod validate;
 
 pub use engine::{Config, Layout, Status, Tracker};
 pub use error::TrackerError;
+
+#[cfg(test)]
+mod test_support {
+    /// True as root. Otherwise says `skipped: needs root` where the test harness does
+    /// not swallow it (straight to fd 2), or fails under CI=true, where tests must run.
+    pub fn need_root() -> bool {
+        if nix::unistd::geteuid().is_root() {
+            return true;
+        }
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "CI must run this test as root"
+        );
+        let _ = std::io::Write::write_all(&mut std::io::stderr(), b"skipped: needs root\n");
+        false
+    }
+}
