@@ -8,6 +8,7 @@ pub mod control;
 mod engine;
 mod error;
 pub mod fid;
+pub mod masks;
 pub mod mountinfo;
 mod reader;
 pub mod reset;
