@@ -1,5 +1,6 @@
 //! `spfs-changes reset`: put selected paths back to what the lower layers hold,
-//! without ever editing the layers of a mounted overlay.
+//! without ever editing the layers of a mounted overlay: with the overlay unmounted
+//! when it can be, else (it is busy) by writing through the mount.
 
 use crate::TargetArgs;
 use crate::output::{escape, full_path, kind_name};
@@ -39,10 +40,10 @@ pub fn reset(args: ResetArgs) -> anyhow::Result<ExitCode> {
     let Response::Runtime(runtime) = client.call(&Request::Runtime)? else {
         bail!("the tracker did not say where its runtime is");
     };
-    let Response::ResetPlan(targets) = client.call(&Request::ResetPlan(patterns.clone()))? else {
+    let Response::ResetPlan(plan) = client.call(&Request::ResetPlan(patterns.clone()))? else {
         bail!("the tracker gave no reset plan");
     };
-    if targets.is_empty() {
+    if plan.targets.is_empty() {
         println!("nothing to reset: no change matches {}", patterns.join(" "));
         return Ok(ExitCode::SUCCESS);
     }
@@ -50,32 +51,43 @@ pub fn reset(args: ResetArgs) -> anyhow::Result<ExitCode> {
     let spec = MountSpec::current(&runtime.mount_point)?;
     let me = std::process::id();
     client.call(&Request::ResetBegin(me))?;
-    let paths: Vec<Vec<u8>> = targets.iter().map(|c| c.path.clone()).collect();
-    let outcome = tracker::reset::execute(&spec, &paths);
+    let mut progress = |p: tracker::restore::Progress<'_>| {
+        eprintln!(
+            "reset: refilling {}: {} entries",
+            escape(&full_path(&mount, p.path)),
+            p.entries
+        );
+    };
+    let outcome = tracker::reset::execute(&spec, &plan, &mut progress);
     client.call(&Request::ResetEnd(me))?;
-    match outcome? {
-        Outcome::Busy { holders } => {
+    let through = match outcome? {
+        Outcome::ThroughMount { holders, .. } => {
             let who: Vec<String> = holders
                 .iter()
                 .map(|h| format!("pid {} ({})", h.pid, h.command))
                 .collect();
-            bail!(
-                "{} is busy, nothing was changed: held by {}",
+            Some(format!(
+                " through the mount: {} is busy (held by {})",
                 runtime.mount_point.display(),
                 if who.is_empty() {
                     "an unknown process".to_string()
                 } else {
                     who.join(", ")
                 }
-            );
+            ))
         }
-        Outcome::Done { .. } => {
-            for t in &targets {
-                let full = full_path(&mount, &t.path);
-                let was = t.kind.map_or("unchanged", kind_name);
-                println!("reset {} (was {was})", escape(&full));
-            }
-        }
+        Outcome::Done { .. } => None,
+    };
+    for (i, t) in plan.targets.iter().enumerate() {
+        let full = full_path(&mount, &t.path);
+        let was = t.kind.map_or("unchanged", kind_name);
+        // The first line names the holders, the others only say how.
+        let how = match &through {
+            None => "",
+            Some(first) if i == 0 => first.as_str(),
+            Some(_) => " through the mount",
+        };
+        println!("reset {} (was {was}){how}", escape(&full));
     }
     Ok(ExitCode::SUCCESS)
 }

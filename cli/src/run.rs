@@ -3,7 +3,7 @@
 //! without an spfs install and for tests.
 
 use crate::output::{self, Format};
-use crate::target::{RUNS_DIR, SOCKET_NAME};
+use crate::target::RUNS_DIR;
 use anyhow::{Context, bail};
 use clap::Args;
 use nix::mount::{MsFlags, mount};
@@ -13,9 +13,8 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
-use tracker::control::{RuntimeInfo, Server};
-use tracker::{Config, Layout, Tracker};
+use tracker::runtime::Runtime;
+use tracker::service::Service;
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -79,8 +78,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let upper = runtime.join("upper");
     let work = runtime.join("work");
     let empty_lower = runtime.join("lower");
-    let sync_dir = runtime.join("spfs-changes-sync");
-    for d in [&upper, &work, &empty_lower, &sync_dir] {
+    for d in [&upper, &work, &empty_lower] {
         std::fs::create_dir(d).with_context(|| format!("cannot create {}", d.display()))?;
     }
     let mut lowers = args.lowers.clone();
@@ -104,29 +102,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     )
     .with_context(|| format!("cannot mount the overlay at {}", args.mount.display()))?;
 
-    let layout = Layout {
-        mount: args.mount.clone(),
-        upper,
-        work,
-        lowers,
-    };
-    let tracker = Arc::new(Tracker::start(Config::new(
-        layout,
-        state.clone(),
-        sync_dir,
-    ))?);
-    let socket = state.join(SOCKET_NAME);
-    let here = RuntimeInfo {
-        mount_point: args.mount.clone(),
-        pid: std::process::id(),
-        mount_ns: tracker::sys::own_mount_ns().unwrap_or(0),
-    };
-    let server = Server::start(
-        tracker.clone(),
-        &socket,
-        nix::unistd::getuid().as_raw(),
-        here,
-    )?;
+    // The same service `track` runs, over the runtime just made: it follows remounts
+    // of it as part of every sync.
+    let service = Service::start(Runtime::here(&args.mount)?, state.clone())?;
+    let socket = service.socket();
 
     let (program, rest) = args.command.split_first().context("no command given")?;
     let status = std::process::Command::new(program)
@@ -137,18 +116,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .status()
         .with_context(|| format!("cannot run {}", program.to_string_lossy()))?;
 
-    let set = tracker.query(&store::Query::default())?;
+    let set = service.tracker().query(&store::Query::default())?;
     output::write_changes(
         &mut std::io::stdout().lock(),
         &set,
         &args.mount,
         Format::Diff,
     )?;
-    drop(server);
-    match Arc::try_unwrap(tracker) {
-        Ok(t) => t.stop()?,
-        Err(_) => bail!("the control socket still holds the tracker"),
-    }
+    service.stop()?;
     eprintln!(
         "spfs-changes: changelog kept in {} (spfs-changes changes --state {})",
         state.display(),

@@ -13,7 +13,7 @@ use tracker::control::{Client, Request, Response};
 pub const RUNS_DIR: &str = "/var/lib/spfs-changes/runs";
 /// Where `track` keeps each attached runtime's changelog, by runtime key.
 pub const RUNTIMES_DIR: &str = "/var/lib/spfs-changes/runtimes";
-pub const SOCKET_NAME: &str = "control.sock";
+pub use tracker::service::SOCKET_NAME;
 
 pub enum Target {
     Live {

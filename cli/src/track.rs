@@ -7,11 +7,10 @@ use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::time::Duration;
-use tracker::control::{Client, Request, Response, Server};
-use tracker::runtime::{Liveness, Runtime};
-use tracker::{Config, Tracker, sys};
+use tracker::control::{Client, Request, Response};
+use tracker::runtime::Runtime;
+use tracker::service::Service;
+use tracker::sys;
 
 #[derive(Args)]
 pub struct TrackArgs {
@@ -28,9 +27,6 @@ pub struct TrackArgs {
     #[arg(long)]
     state: Option<PathBuf>,
 }
-
-/// How often the tracker checks that its runtime still exists.
-const LIFETIME_CHECK: Duration = Duration::from_millis(250);
 
 pub fn track(args: TrackArgs) -> anyhow::Result<ExitCode> {
     if !nix::unistd::geteuid().is_root() {
@@ -55,12 +51,11 @@ pub fn track(args: TrackArgs) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
-    let sync_dir = runtime.sync_dir()?;
     if args.foreground {
         if runtime.contains_self() {
             leave_runtime_ns()?;
         }
-        serve(runtime, state, sync_dir, None)?;
+        serve(runtime, state, None)?;
         return Ok(ExitCode::SUCCESS);
     }
     let (read_end, write_end) = nix::unistd::pipe()?;
@@ -89,7 +84,7 @@ pub fn track(args: TrackArgs) -> anyhow::Result<ExitCode> {
             drop(read_end);
             // Errors before the tracker is up went to the parent through the pipe;
             // later ones are logged by `serve`.
-            let code = i32::from(daemon(runtime, state, sync_dir, write_end).is_err());
+            let code = i32::from(daemon(runtime, state, write_end).is_err());
             std::process::exit(code);
         }
     }
@@ -97,12 +92,7 @@ pub fn track(args: TrackArgs) -> anyhow::Result<ExitCode> {
 
 /// The detached child: its own session, out of the runtime's namespace, stdio away
 /// from the terminal (logs go to the state dir).
-fn daemon(
-    runtime: Runtime,
-    state: PathBuf,
-    sync_dir: PathBuf,
-    ready: OwnedFd,
-) -> anyhow::Result<()> {
+fn daemon(runtime: Runtime, state: PathBuf, ready: OwnedFd) -> anyhow::Result<()> {
     let mut ready = std::fs::File::from(ready);
     let result = (|| -> anyhow::Result<()> {
         nix::unistd::setsid()?;
@@ -123,75 +113,31 @@ fn daemon(
         let _ = writeln!(ready, "error: {}", crate::one_line(&e));
         return Err(e);
     }
-    serve(runtime, state, sync_dir, Some(ready))
+    serve(runtime, state, Some(ready))
 }
 
 /// Runs the tracker and its socket until the runtime ends or a client says stop.
-fn serve(
-    mut runtime: Runtime,
-    state: PathBuf,
-    sync_dir: PathBuf,
-    mut ready: Option<std::fs::File>,
-) -> anyhow::Result<()> {
-    let started = (|| -> anyhow::Result<_> {
-        let config = Config::new(runtime.layout(), state.clone(), sync_dir);
-        let tracker = Arc::new(Tracker::start(config)?);
-        let socket = state.join(SOCKET_NAME);
-        let server = Server::start(tracker.clone(), &socket, runtime.owner_uid, runtime.info())?;
-        std::fs::write(
-            state.join("tracker.pid"),
-            format!("{}\n", std::process::id()),
-        )?;
-        Ok((tracker, server, socket))
-    })();
-    let (tracker, server, socket) = match started {
+fn serve(runtime: Runtime, state: PathBuf, mut ready: Option<std::fs::File>) -> anyhow::Result<()> {
+    let mount = runtime.mount_point.clone();
+    let mut service = match Service::start(runtime, state) {
         Ok(s) => s,
         Err(e) => {
+            let e = anyhow::Error::from(e);
             if let Some(ready) = &mut ready {
                 let _ = writeln!(ready, "error: {}", crate::one_line(&e));
             }
             return Err(e);
         }
     };
-    if let Some(mut ready) = ready.take() {
-        let _ = writeln!(ready, "ok socket {}", socket.display());
-    } else {
-        eprintln!(
-            "tracking {} (socket {})",
-            runtime.mount_point.display(),
-            socket.display()
-        );
-    }
-    let result = supervise(&mut runtime, &tracker, &server);
-    if let Err(e) = &result {
-        tracing::error!(error = %crate::one_line(e), "tracker ended");
-    }
-    drop(server);
-    let _ = std::fs::remove_file(state.join("tracker.pid"));
-    match Arc::try_unwrap(tracker) {
-        Ok(t) => t.stop()?,
-        Err(_) => bail!("the control socket still holds the tracker"),
-    }
-    result
-}
-
-/// Waits for a stop request or the end of the runtime, following remounts.
-fn supervise(runtime: &mut Runtime, tracker: &Tracker, server: &Server) -> anyhow::Result<()> {
-    loop {
-        if server.stop_requested(LIFETIME_CHECK) {
-            tracing::info!("stop requested");
-            break;
+    let socket = service.socket();
+    match ready.take() {
+        Some(mut ready) => {
+            let _ = writeln!(ready, "ok socket {}", socket.display());
         }
-        match runtime.check() {
-            Liveness::Alive => server.set_runtime(runtime.info()),
-            Liveness::Gone => {
-                tracing::info!("the runtime is gone");
-                break;
-            }
-            Liveness::Relayered(lowers) => tracker.relayer(lowers)?,
-        }
+        None => eprintln!("tracking {} (socket {})", mount.display(), socket.display()),
     }
-    Ok(())
+    service.supervise();
+    Ok(service.stop()?)
 }
 
 /// The pid of a tracker answering on `socket`, if one does.
@@ -201,7 +147,8 @@ fn running_tracker(socket: &Path) -> Option<String> {
         Response::Runtime(_) => {}
         _ => return None,
     }
-    let pid = std::fs::read_to_string(socket.with_file_name("tracker.pid")).unwrap_or_default();
+    let pid = std::fs::read_to_string(socket.with_file_name(tracker::service::PID_FILE_NAME))
+        .unwrap_or_default();
     Some(pid.trim().to_string())
         .filter(|p| !p.is_empty())
         .or(Some("?".into()))

@@ -58,7 +58,7 @@ pub enum Response {
     Token(Token),
     Status(Box<Status>),
     Runtime(RuntimeInfo),
-    ResetPlan(Vec<store::Change>),
+    ResetPlan(crate::reset::ResetPlan),
     Validation(Box<crate::validate::Report>),
     Done,
     Stopping,
@@ -267,7 +267,7 @@ fn answer(tracker: &Tracker, req: Request) -> Response {
                 .and_then(|p| {
                     tracker
                         .sync()
-                        .and_then(|_| crate::reset::plan(tracker.store(), &p))
+                        .and_then(|_| crate::reset::plan(tracker.store(), &p, &tracker.masks()))
                 })
                 .map(Response::ResetPlan)
         }

@@ -3,10 +3,11 @@
 use crate::TrackerError;
 use crate::classify::{Classifier, join_rel};
 use crate::fid::{self, DirEntryRef, Handle};
+use crate::masks::Masks;
 use crate::reader::{self, Backlog, Chunk};
 use crate::resolve::{Place, Resolver};
-use crate::runtime::runtime_path;
-use crate::sys::{self, FanotifyGroup};
+use crate::runtime::{Runtime, runtime_path};
+use crate::sys::{self, FanotifyGroup, MountGroup};
 use nix::fcntl::{OFlag, openat};
 use nix::sys::stat::Mode;
 use nix::unistd::{UnlinkatFlags, unlinkat};
@@ -42,6 +43,11 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// A dir on the upper dir's filesystem, outside upper and work, for sync cookies.
     pub sync_dir: PathBuf,
+    /// The environment's masks at start (see `masks`); empty outside spfs.
+    pub masks: Masks,
+    /// The runtime the layout was read from: when given, the tracker follows its
+    /// remounts (new lower layers, new masks) as part of every sync.
+    pub runtime: Option<Runtime>,
 }
 
 impl Config {
@@ -50,7 +56,25 @@ impl Config {
             layout,
             state_dir,
             sync_dir,
+            masks: Masks::default(),
+            runtime: None,
         }
+    }
+
+    /// The layout, state and sync dirs, and masks of `runtime`, which the tracker
+    /// then follows across remounts.
+    pub fn for_runtime(
+        runtime: Runtime,
+        state_dir: PathBuf,
+        sync_dir: PathBuf,
+    ) -> Result<Self, TrackerError> {
+        Ok(Self {
+            layout: runtime.layout(),
+            state_dir,
+            sync_dir,
+            masks: runtime.masks()?,
+            runtime: Some(runtime),
+        })
     }
 }
 
@@ -107,8 +131,10 @@ struct Shared {
     synced: Condvar,
     /// Processes putting paths back (`reset`): what they do is logged as a reset.
     resetting: Mutex<HashSet<u32>>,
-    /// New lower layers to classify against, set by `relayer`.
-    relayer: Mutex<Option<Vec<PathBuf>>>,
+    /// The environment's masks (spfs's whiteouts for paths its layers delete).
+    masks: std::sync::RwLock<Masks>,
+    /// The lower layers now (top-most first): a remount can change them.
+    lowers: std::sync::RwLock<Vec<PathBuf>>,
     counters: Counters,
 }
 
@@ -136,7 +162,7 @@ impl Tracker {
         for lower in &layout.lowers {
             std::fs::metadata(lower).map_err(TrackerError::io("lower dir", lower))?;
         }
-        let degraded = check_placement(&config)?;
+        let mut degraded = check_placement(&config)?;
         std::fs::create_dir_all(&config.state_dir).map_err(TrackerError::io(
             "cannot create state dir",
             &config.state_dir,
@@ -183,7 +209,8 @@ impl Tracker {
             next_cookie: AtomicU64::new(0),
             sync: Mutex::new(SyncState::default()),
             synced: Condvar::new(),
-            relayer: Mutex::new(None),
+            masks: std::sync::RwLock::new(config.masks.clone()),
+            lowers: std::sync::RwLock::new(layout.lowers.clone()),
             resetting: Mutex::new(HashSet::new()),
             counters: Counters::default(),
         });
@@ -196,8 +223,21 @@ impl Tracker {
                 .store
                 .set_info(key, std::os::unix::ffi::OsStrExt::as_bytes(value))?;
         }
+        let mounts = config.runtime.clone().map(|runtime| {
+            let group = match runtime.mount_group() {
+                Ok(g) => Some(g),
+                Err(e) => {
+                    degraded.push(format!(
+                        "mount events of the runtime's namespace are not available ({e}; Linux 6.15+): remounts are noticed when a query syncs"
+                    ));
+                    None
+                }
+            };
+            MountWatch { runtime, group }
+        });
         let backlog = Arc::new(Backlog::default());
         let mut watcher = Watcher {
+            mounts,
             backlog: backlog.clone(),
             resolver,
             classifier,
@@ -246,6 +286,25 @@ impl Tracker {
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The lower layers as of the last sync (top-most first, reachable from here):
+    /// remounts change them.
+    pub fn lowers(&self) -> Vec<PathBuf> {
+        self.shared
+            .lowers
+            .read()
+            .map(|l| l.clone())
+            .unwrap_or_else(|_| self.config.layout.lowers.clone())
+    }
+
+    /// The environment's masks as last read (a copy: they change at remounts).
+    pub fn masks(&self) -> Masks {
+        self.shared
+            .masks
+            .read()
+            .map(|m| m.clone())
+            .unwrap_or_default()
     }
 
     /// Returns once every change completed before the call is in the changelog.
@@ -325,11 +384,19 @@ impl Tracker {
         rules: &crate::validate::Rules,
     ) -> Result<crate::validate::Report, TrackerError> {
         self.sync()?;
-        let layout = &self.config.layout;
-        let layers = Classifier::new(&layout.upper, &layout.lowers)
-            .map_err(TrackerError::io("cannot open the layers of", &layout.upper))?;
-        let names: Vec<String> = layout.lowers.iter().map(|l| runtime_path(l)).collect();
-        crate::validate::validate(&self.shared.store, &layers, &names, since, rules)
+        let upper = &self.config.layout.upper;
+        let lowers = self.lowers();
+        let layers = Classifier::new(upper, &lowers)
+            .map_err(TrackerError::io("cannot open the layers of", upper))?;
+        let names: Vec<String> = lowers.iter().map(|l| runtime_path(l)).collect();
+        crate::validate::validate(
+            &self.shared.store,
+            &layers,
+            &names,
+            &self.masks(),
+            since,
+            rules,
+        )
     }
 
     /// Marks the changes process `pid` makes from now on as a reset.
@@ -351,13 +418,6 @@ impl Tracker {
             .map_err(|_| poisoned())?
             .remove(&pid);
         synced
-    }
-
-    /// The overlay was mounted again over other lower layers (spfs does so after a
-    /// commit): classify against them from now on, after a rescan.
-    pub fn relayer(&self, lowers: Vec<PathBuf>) -> Result<(), TrackerError> {
-        *self.shared.relayer.lock().map_err(|_| poisoned())? = Some(lowers);
-        self.sync().map(|_| ())
     }
 
     pub fn status(&self) -> Result<Status, TrackerError> {
@@ -450,8 +510,16 @@ fn check_placement(config: &Config) -> Result<Vec<String>, TrackerError> {
     Ok(degraded)
 }
 
+/// The runtime whose remounts the watcher follows, and the group that reports them.
+struct MountWatch {
+    runtime: Runtime,
+    /// `None` on kernels without mount events: mountinfo is then read at each sync.
+    group: Option<MountGroup>,
+}
+
 /// The watcher thread's state.
 struct Watcher {
+    mounts: Option<MountWatch>,
     backlog: Arc<Backlog>,
     resolver: Resolver,
     classifier: Classifier,
@@ -486,7 +554,7 @@ impl Watcher {
             if self.shared.stop_flag.load(Ordering::SeqCst) {
                 break Ok(());
             }
-            if let Err(e) = self.take_relayer() {
+            if let Err(e) = self.follow_mounts(false) {
                 break Err(e.to_string());
             }
             let chunks = match self.backlog.take_batch(Duration::from_millis(100)) {
@@ -509,28 +577,99 @@ impl Watcher {
         }
     }
 
-    fn take_relayer(&mut self) -> Result<(), TrackerError> {
-        let lowers = match self.shared.relayer.lock() {
-            Ok(mut pending) => pending.take(),
-            Err(_) => return Err(poisoned()),
+    /// Follows a remount of the runtime's overlay: when it now has other lower
+    /// layers (spfs commit, edit, reset, spk builds), classifies against them, with
+    /// the masks spfs wrote for the new stack. Looks when the mount group reported
+    /// something, or, without one, when `at_sync` (a sync cookie is to be answered).
+    fn follow_mounts(&mut self, at_sync: bool) -> Result<(), TrackerError> {
+        let Some(m) = &mut self.mounts else {
+            return Ok(());
         };
-        if let Some(lowers) = lowers {
-            self.classifier = self
-                .classifier
-                .relayered(&lowers)
-                .map_err(TrackerError::io(
-                    "cannot open the new lower layers of",
-                    self.classifier.upper(),
-                ))?;
-            self.rescan("the overlay was mounted again over other lower layers")?;
+        let look = match &m.group {
+            // A read error cannot say nothing changed.
+            Some(group) => group.drain().unwrap_or(true),
+            None => at_sync,
+        };
+        if !look {
+            return Ok(());
+        }
+        let Some(lowers) = m.runtime.new_layers() else {
+            return Ok(());
+        };
+        let masks = m.runtime.masks();
+        self.classifier = self
+            .classifier
+            .relayered(&lowers)
+            .map_err(TrackerError::io(
+                "cannot open the new lower layers of",
+                self.classifier.upper(),
+            ))?;
+        if let Ok(mut l) = self.shared.lowers.write() {
+            l.clone_from(&lowers);
+        }
+        match masks {
+            Ok(masks) => {
+                if let Ok(mut m) = self.shared.masks.write() {
+                    *m = masks;
+                }
+            }
+            // Keep the old ones: spfs rewrites those at every mount, and a guess could
+            // make a reset remove one.
+            Err(e) => tracing::warn!(error = %e, "cannot read the masks of the new stack"),
+        }
+        tracing::info!(
+            layers = lowers.len(),
+            "the overlay was mounted again over other lower layers"
+        );
+        self.reclassify_all()
+    }
+
+    /// Classifies every path of the upper dir again (after the lower layers changed)
+    /// and records what differs as `Reclassified`: no history was lost, so the
+    /// instance stays and marks keep their meaning.
+    fn reclassify_all(&mut self) -> Result<(), TrackerError> {
+        self.resolver.invalidate();
+        self.classifier.forget();
+        let mut found = Vec::new();
+        self.classify_io(|c| c.walk(b"", &mut found))?;
+        let mut now: HashMap<Vec<u8>, (NetKind, FileType)> = found
+            .into_iter()
+            .map(|(path, kind, ft)| (path, (kind, ft)))
+            .collect();
+        let time_ns = now_ns();
+        let mut batch = Batch::default();
+        let reclassified =
+            |batch: &mut Batch, path: Vec<u8>, state: Option<(NetKind, FileType)>, ft| {
+                batch.observations.push(Observation {
+                    action: Action::Reclassified,
+                    path: path.clone(),
+                    file_type: ft,
+                    origin: None,
+                    time_ns,
+                });
+                batch.net.push(NetUpdate { path, state });
+            };
+        for (path, entry) in self.shared.store.net_under(b"")? {
+            match now.remove(&path) {
+                Some(state) if state == (entry.kind, entry.file_type) => {}
+                Some(state) => reclassified(&mut batch, path, Some(state), state.1),
+                None => reclassified(&mut batch, path, None, entry.file_type),
+            }
+        }
+        let mut added: Vec<_> = now.into_iter().collect();
+        added.sort_by(|a, b| a.0.cmp(&b.0));
+        for (path, state) in added {
+            reclassified(&mut batch, path, Some(state), state.1);
+        }
+        if !batch.net.is_empty() {
+            self.shared.store.apply(&batch)?;
         }
         Ok(())
     }
 
     fn process(&mut self, chunks: Vec<Chunk>) -> Result<(), TrackerError> {
         let started = Instant::now();
-        // Before this batch's cookies are acknowledged.
-        self.take_relayer()?;
+        self.follow_mounts(false)?;
         let mut p = Pending::default();
         let now_ns = now_ns();
         let mut count = 0u64;
@@ -857,6 +996,9 @@ impl Watcher {
             p.cookie = p.cookie.max(issued);
         }
         if p.cookie > 0 {
+            // A remount that ended before the sync began is part of what it
+            // guarantees (its mount events are queued by then).
+            self.follow_mounts(true)?;
             if let Ok(mut s) = self.shared.sync.lock() {
                 s.reached = s.reached.max(p.cookie);
             }

@@ -13,7 +13,9 @@ pub mod mountinfo;
 mod reader;
 pub mod reset;
 pub mod resolve;
+pub mod restore;
 pub mod runtime;
+pub mod service;
 pub mod sys;
 pub mod validate;
 

@@ -368,10 +368,13 @@ mod tests {
         }
     }
 
-    /// Each case: layers bottom-up as `kind path` entries, and the masks that survive.
+    /// A named case: layers bottom-up as `kind path` entries, and the masks that
+    /// survive.
+    type MergeCase<'a> = (&'a str, &'a [&'a [&'a str]], &'a [&'a str]);
+
     #[test]
     fn merge_follows_spfs_update_rule() {
-        let cases: &[(&str, &[&[&str]], &[&str])] = &[
+        let cases: &[MergeCase] = &[
             (
                 "a mask survives",
                 &[&["file etc/b"], &["tree etc", "mask etc/b"]],

@@ -8,18 +8,28 @@
 //! overlay on the same upper dir, and open files on detached overlays are looked for.
 //! Only then are the targets removed from the upper dir, through `openat2` with
 //! `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS` so that nothing planted in the upper dir can
-//! lead outside it; then the overlay is mounted again with the same options.
+//! lead outside it, the environment's masks at and below them are put back (spfs's
+//! whiteouts for what its layers delete), and the overlay is mounted again with the
+//! same options.
+//!
+//! When the kernel refuses the unmount because the overlay is busy, the targets are
+//! put back by writing through the mount instead (see [`crate::restore`]), which is
+//! legal while it is mounted.
 //!
 //! Targets come from the changelog (net entries matching spfs's gitignore-style
 //! patterns), so finding them never walks the upper dir.
 
 use crate::TrackerError;
+use crate::masks::Masks;
 use crate::mountinfo::{self, MountEntry};
+use crate::restore::{self, Layers, Progress};
 use crate::sys;
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
+use nix::errno::Errno;
 use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
 use nix::mount::{MntFlags, MsFlags};
-use nix::unistd::UnlinkatFlags;
+use nix::sys::stat::{Mode, SFlag};
+use nix::unistd::{Gid, Uid, UnlinkatFlags};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashSet};
 use std::ffi::OsStr;
@@ -27,7 +37,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use store::{Change, FileType, Query, Store};
+use store::{Change, FileType, NetKind, Query, Store};
 
 /// spfs's reset patterns (gitignore lines: `file.*`, `dir1/`, `/file`, `*`), matched
 /// against changed paths and their parent dirs.
@@ -103,8 +113,25 @@ fn literal_prefix(pattern: &str) -> Option<Vec<u8>> {
     (!literal.is_empty()).then(|| literal.join("/").into_bytes())
 }
 
-/// The changes a reset with `patterns` would put back, from the changelog.
-pub fn plan(store: &Store, patterns: &Patterns) -> Result<Vec<Change>, TrackerError> {
+/// What a reset will put back: the top-most changed paths matching the patterns, and
+/// the environment's masks at and below them, which the reset must leave (or put back)
+/// in place.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResetPlan {
+    /// The top-most changed paths to put back, in path order.
+    pub targets: Vec<Change>,
+    /// The changed paths below a target: removing a target from the upper dir takes
+    /// them with it, putting it back through the mount does them one by one.
+    pub covered: Vec<Change>,
+    /// The environment's masks at or below a target.
+    pub masks: Masks,
+}
+
+/// The changes a reset with `patterns` would put back, from the changelog (never a
+/// walk of the upper dir). A path that is one of the environment's `masks` and is
+/// `Removed` (its whiteout is intact) is not a target: there is nothing to put back.
+/// Fails when the changelog cannot be read.
+pub fn plan(store: &Store, patterns: &Patterns, masks: &Masks) -> Result<ResetPlan, TrackerError> {
     let query = Query {
         prefixes: patterns.prefixes.clone(),
         ..Query::default()
@@ -114,19 +141,40 @@ pub fn plan(store: &Store, patterns: &Patterns) -> Result<Vec<Change>, TrackerEr
         .changes
         .into_iter()
         .filter(|c| patterns.matches(&c.path, c.file_type == FileType::Dir))
+        .filter(|c| !(masks.contains(&c.path) && c.kind == Some(NetKind::Removed)))
         .collect();
     // Removing a dir removes what is below it: keep only the top-most targets.
     targets.sort_by(|a, b| a.path.cmp(&b.path));
     let mut kept: Vec<Change> = Vec::with_capacity(targets.len());
+    let mut covered = Vec::new();
+    // The top-most target that is a prefix of the next paths: in byte order, a dir's
+    // subtree is not contiguous (`d-x` sorts between `d` and `d/x`), so keep a stack.
+    let mut open: Vec<usize> = Vec::new();
     for t in targets {
-        let covered = kept.last().is_some_and(|k| {
-            t.path.starts_with(&k.path) && t.path.get(k.path.len()) == Some(&b'/')
-        });
-        if !covered {
+        // Every path that starts with a target's bytes sorts in one run after it.
+        while open
+            .last()
+            .is_some_and(|&i| !t.path.starts_with(&kept[i].path))
+        {
+            open.pop();
+        }
+        let below = |k: &Change| t.path.get(k.path.len()) == Some(&b'/');
+        if open.iter().any(|&i| below(&kept[i])) {
+            covered.push(t);
+        } else {
+            open.push(kept.len());
             kept.push(t);
         }
     }
-    Ok(kept)
+    let mut under = BTreeSet::new();
+    for t in &kept {
+        under.extend(masks.under(&t.path).cloned());
+    }
+    Ok(ResetPlan {
+        targets: kept,
+        covered,
+        masks: Masks::new(under),
+    })
 }
 
 /// Where the overlay is and how it was mounted, read from this namespace's mountinfo.
@@ -135,6 +183,8 @@ pub struct MountSpec {
     pub mount_point: PathBuf,
     pub upper: PathBuf,
     pub work: PathBuf,
+    /// The lower dirs, top-most first.
+    pub lowers: Vec<PathBuf>,
     flags: MsFlags,
     data: String,
     /// `st_dev` of the overlay's superblock (its dirs; its other files report the
@@ -147,7 +197,9 @@ pub struct MountSpec {
 }
 
 impl MountSpec {
-    /// The overlay at `mount_point` in the caller's mount namespace.
+    /// The overlay at `mount_point` in the caller's mount namespace. Fails when
+    /// nothing or no writable overlay is mounted there, or its upper dir cannot be
+    /// reached.
     pub fn current(mount_point: &Path) -> Result<MountSpec, TrackerError> {
         let text = std::fs::read("/proc/thread-self/mountinfo").map_err(TrackerError::io(
             "cannot read",
@@ -172,6 +224,7 @@ impl MountSpec {
             mount_point: mount_point.to_path_buf(),
             upper: layers.upper,
             work: layers.work,
+            lowers: layers.lowers,
             flags: mount_flags(entry),
             data: mount_data(entry)?,
             dev,
@@ -413,35 +466,165 @@ fn is_overlay(p: &Path) -> bool {
 /// What a reset did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
+    /// The overlay was unmounted, `removed` entries went from the upper dir, the
+    /// masks at or below the targets were put back, and it was mounted again.
     Done { removed: usize },
-    Busy { holders: Vec<Holder> },
+    /// The overlay was busy (held by `holders`), so the targets were put back by
+    /// writing through the mount; `restored` changed paths were put back.
+    ThroughMount {
+        holders: Vec<Holder>,
+        restored: usize,
+    },
 }
 
-/// Removes `targets` (upper-relative paths) from the upper dir of the overlay at
-/// `spec.mount_point`, with the overlay unmounted, and mounts it again. Must run in
-/// the runtime's mount namespace.
-pub fn execute(spec: &MountSpec, targets: &[Vec<u8>]) -> Result<Outcome, TrackerError> {
+/// Puts the targets of `plan` back to what the lower layers hold on the overlay at
+/// `spec.mount_point`. Must run in the runtime's mount namespace, outside the mount
+/// (its cwd and root elsewhere).
+///
+/// When the overlay can be unmounted (without `MNT_DETACH`), removes the targets from
+/// the upper dir, puts back the environment's masks at or below them, and mounts it
+/// again: [`Outcome::Done`]. When the kernel refuses because it is busy, writes the
+/// lower layers' state through the mount instead ([`restore::through_mount`];
+/// `progress` hears of long refills): [`Outcome::ThroughMount`].
+///
+/// Fails (nothing changed) when another mount namespace still mounts the overlay or
+/// another overlay uses its upper dir; fails naming the path when an edit fails, with
+/// the overlay mounted again either way (or the error says how to mount it).
+pub fn execute(
+    spec: &MountSpec,
+    plan: &ResetPlan,
+    progress: &mut dyn FnMut(Progress<'_>),
+) -> Result<Outcome, TrackerError> {
     if let Err(e) = nix::mount::umount2(&spec.mount_point, MntFlags::empty()) {
-        if e == nix::errno::Errno::EBUSY {
-            return Ok(Outcome::Busy {
-                holders: holders(spec.dev, spec.mount_id),
-            });
+        if e == Errno::EBUSY {
+            let holders = holders(spec.dev, spec.mount_id);
+            let changes: Vec<Change> = plan.targets.iter().chain(&plan.covered).cloned().collect();
+            let layers = Layers {
+                mount_point: &spec.mount_point,
+                upper: &spec.upper,
+                lowers: &spec.lowers,
+            };
+            let restored = restore::through_mount(layers, &changes, &plan.masks, progress)?;
+            return Ok(Outcome::ThroughMount { holders, restored });
         }
         return Err(TrackerError::Reset(format!(
             "cannot unmount {}: {e}",
             spec.mount_point.display()
         )));
     }
+    let targets: Vec<Vec<u8>> = plan.targets.iter().map(|c| c.path.clone()).collect();
     let edited = match still_in_use(spec) {
         Some(why) => Err(TrackerError::Reset(format!(
             "{why}; the upper dir was not changed"
         ))),
-        None => remove_all(&spec.upper, targets),
+        None => remove_all(&spec.upper, &targets).and_then(|removed| {
+            put_masks_back(&spec.upper, &spec.lowers, &plan.masks).map(|()| removed)
+        }),
     };
     let mounted = spec.mount();
     let removed = edited?;
     mounted?;
     Ok(Outcome::Done { removed })
+}
+
+/// Writes a whiteout (char device 0/0, mode 0, owned by root, as spfs writes them) at
+/// each of `masks` below `upper`, where there is none, creating missing parent dirs
+/// with the mode and owner of the top-most lower layer that has them as dirs. Only
+/// for an upper dir no overlay uses.
+fn put_masks_back(upper: &Path, lowers: &[PathBuf], masks: &Masks) -> Result<(), TrackerError> {
+    if masks.is_empty() {
+        return Ok(());
+    }
+    let root: OwnedFd = std::fs::File::open(upper)
+        .map_err(TrackerError::io("cannot open upper dir", upper))?
+        .into();
+    let mut lower_roots = Vec::with_capacity(lowers.len());
+    for l in lowers {
+        let fd: OwnedFd = std::fs::File::open(l)
+            .map_err(TrackerError::io("cannot open lower dir", l))?
+            .into();
+        lower_roots.push(fd);
+    }
+    let fail = |rel: &[u8], what: &str, e: Errno| {
+        TrackerError::Reset(format!(
+            "cannot put the environment's mask {} back in the upper dir ({what}): {e}",
+            String::from_utf8_lossy(rel)
+        ))
+    };
+    for mask in masks.iter() {
+        let comps: Vec<&[u8]> = mask.split(|&b| b == b'/').collect();
+        if comps
+            .iter()
+            .any(|c| c.is_empty() || *c == b"." || *c == b"..")
+        {
+            return Err(fail(mask, "check", Errno::EINVAL));
+        }
+        let Some((name, dirs)) = comps.split_last() else {
+            continue;
+        };
+        let mut dir = root
+            .try_clone()
+            .map_err(|_| fail(mask, "dup", Errno::EBADF))?;
+        let mut prefix: Vec<u8> = Vec::new();
+        for c in dirs {
+            if !prefix.is_empty() {
+                prefix.push(b'/');
+            }
+            prefix.extend_from_slice(c);
+            dir = match open_beneath(&dir, c, true) {
+                Ok(fd) => fd,
+                Err(Errno::ENOENT) => make_dir_like_lower(&dir, c, &prefix, &lower_roots)
+                    .map_err(|e| fail(mask, "create its parent dir", e))?,
+                Err(e) => return Err(fail(mask, "open its parent dir", e)),
+            };
+        }
+        let name = OsStr::from_bytes(name);
+        match nix::sys::stat::fstatat(&dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(s)
+                if (s.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFCHR.bits()
+                    && s.st_rdev == 0 =>
+            {
+                continue;
+            }
+            Ok(_) => {
+                remove_entry(&dir, name).map_err(|e| fail(mask, "remove what is there", e))?;
+            }
+            Err(Errno::ENOENT) => {}
+            Err(e) => return Err(fail(mask, "stat", e)),
+        }
+        nix::sys::stat::mknodat(&dir, name, SFlag::S_IFCHR, Mode::empty(), 0)
+            .map_err(|e| fail(mask, "mknod", e))?;
+        nix::unistd::fchownat(
+            &dir,
+            name,
+            Some(Uid::from_raw(0)),
+            Some(Gid::from_raw(0)),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .map_err(|e| fail(mask, "chown", e))?;
+    }
+    Ok(())
+}
+
+/// Creates dir `name` in `parent` (at `rel` in the upper dir) with the mode and owner
+/// of the top-most lower layer holding `rel` as a dir (else 0755, root), and opens it.
+fn make_dir_like_lower(
+    parent: &OwnedFd,
+    name: &[u8],
+    rel: &[u8],
+    lower_roots: &[OwnedFd],
+) -> nix::Result<OwnedFd> {
+    let like = lower_roots.iter().find_map(|l| {
+        let fd = open_beneath(l, rel, true).ok()?;
+        nix::sys::stat::fstat(&fd).ok()
+    });
+    let (mode, uid, gid) = like.map_or((0o755, 0, 0), |s| (s.st_mode & 0o7777, s.st_uid, s.st_gid));
+    let name = OsStr::from_bytes(name);
+    nix::sys::stat::mkdirat(parent, name, Mode::from_bits_truncate(0o700))?;
+    let dir = open_beneath(parent, name.as_bytes(), true)?;
+    nix::unistd::fchown(&dir, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))?;
+    nix::sys::stat::fchmod(&dir, Mode::from_bits_truncate(mode))?;
+    Ok(dir)
 }
 
 /// Removes each target below `upper`, never following a symlink or leaving `upper`.
@@ -519,4 +702,130 @@ fn remove_entry(parent: &OwnedFd, name: &OsStr) -> nix::Result<usize> {
     }
     nix::unistd::unlinkat(parent, name, UnlinkatFlags::RemoveDir)?;
     Ok(removed + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::restore::tests::{Fx, MASKS, change, in_private_ns, layers, view};
+    use std::os::unix::fs::FileTypeExt;
+
+    fn paths(changes: &[Change]) -> Vec<String> {
+        changes
+            .iter()
+            .map(|c| String::from_utf8_lossy(&c.path).into_owned())
+            .collect()
+    }
+
+    /// Intact masks are no targets; the plan carries the masks at and below its
+    /// targets, and every change below a target (`d-x` sorts between `d` and `d/x`).
+    #[test]
+    fn plan_skips_intact_masks_and_carries_those_below_targets() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(tmp.path()).expect("store");
+        let net = [
+            ("d", NetKind::Replaced, FileType::Dir),
+            ("d-x", NetKind::Added, FileType::File),
+            ("d/new", NetKind::Added, FileType::File),
+            ("d/sub", NetKind::Added, FileType::Dir),
+            ("d/sub/z", NetKind::Added, FileType::File),
+            ("etc/a", NetKind::Modified, FileType::File),
+            ("etc/b", NetKind::Removed, FileType::Whiteout),
+            ("m", NetKind::Modified, FileType::File),
+        ];
+        store
+            .rebuild(
+                net.iter()
+                    .map(|(p, k, t)| (p.as_bytes().to_vec(), *k, *t))
+                    .collect(),
+                "test",
+            )
+            .expect("rebuild");
+        let masks = Masks::new(
+            ["d/y", "etc/b", "m", "z"]
+                .iter()
+                .map(|p| p.as_bytes().to_vec()),
+        );
+        let mount = Path::new("/spfs");
+        let all = plan(
+            &store,
+            &Patterns::new(&["*".into()], mount).expect("patterns"),
+            &masks,
+        )
+        .expect("plan");
+        assert_eq!(paths(&all.targets), ["d", "d-x", "etc/a", "m"]);
+        assert_eq!(paths(&all.covered), ["d/new", "d/sub", "d/sub/z"]);
+        assert_eq!(
+            all.masks,
+            Masks::new([b"d/y".to_vec(), b"m".to_vec()]),
+            "masks at or below the targets"
+        );
+        // The example of spfs: `reset /etc/` puts etc/a back, etc/b stays masked.
+        let etc = plan(
+            &store,
+            &Patterns::new(&["/spfs/etc/".into()], mount).expect("patterns"),
+            &masks,
+        )
+        .expect("plan");
+        assert_eq!(paths(&etc.targets), ["etc/a"]);
+        assert!(etc.covered.is_empty() && etc.masks.is_empty());
+    }
+
+    /// With the overlay unmounted, removing the targets from the upper dir and putting
+    /// the masks back gives the mount exactly what it showed before the changes, with
+    /// spfs's whiteouts in the upper dir (a dir above one made like the lower's).
+    #[test]
+    fn the_unmount_path_puts_the_masks_back() {
+        if !crate::test_support::need_root() {
+            return;
+        }
+        in_private_ns(|| {
+            let fx = Fx::new(|l, u| layers(l, u, 0));
+            let before = view(&fx.mnt);
+            let net_before = fx.net();
+            change(&fx.mnt, false);
+            let masks = Masks::new(MASKS.iter().map(|p| p.as_bytes().to_vec()));
+            let plan = fx.plan(&["*"], &masks);
+            assert_eq!(plan.masks, Masks::new([b"d/y".to_vec(), b"m".to_vec()]));
+            let spec = fx.spec();
+            // Not `execute`: in a test process another thread's fork may hold a copy of
+            // a descriptor on the mount for a moment (EBUSY), which would send it
+            // through the mount instead. The steps of its unmount path, then:
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while let Err(e) = nix::mount::umount2(&fx.mnt, MntFlags::empty()) {
+                assert!(
+                    e == Errno::EBUSY && std::time::Instant::now() < deadline,
+                    "umount: {e}"
+                );
+                std::thread::yield_now();
+            }
+            assert_eq!(still_in_use(&spec), None);
+            let targets: Vec<Vec<u8>> = plan.targets.iter().map(|c| c.path.clone()).collect();
+            let removed = remove_all(&spec.upper, &targets);
+            let put = put_masks_back(&spec.upper, &spec.lowers, &plan.masks);
+            spec.mount().expect("mount again");
+            assert!(removed.expect("remove the targets") > 0);
+            put.expect("put the masks back");
+
+            assert_eq!(view(&fx.mnt), before);
+            assert_eq!(fx.net(), net_before, "only the masks are changes again");
+            for m in MASKS {
+                let s = std::fs::symlink_metadata(fx.upper.join(m)).expect("a whiteout");
+                assert!(
+                    s.file_type().is_char_device()
+                        && s.rdev() == 0
+                        && s.mode() & 0o7777 == 0
+                        && s.uid() == 0,
+                    "{m}: {s:?}"
+                );
+            }
+            // d was removed with the target and made again like the top-most lower d.
+            let d = std::fs::symlink_metadata(fx.upper.join("d")).expect("d");
+            assert_eq!(d.mode() & 0o7777, 0o711);
+            assert_eq!(
+                xattr::get(fx.upper.join("d"), "trusted.overlay.opaque").expect("xattr"),
+                None
+            );
+        });
+    }
 }

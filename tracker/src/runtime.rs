@@ -6,6 +6,7 @@
 //! runtime's files through `/proc/<pid>/root` of a process that is in it (the
 //! "witness"), and only at start: afterwards it works from descriptors.
 
+use crate::masks::Masks;
 use crate::mountinfo::{self, MountEntry, OverlayLayers};
 use crate::sys::{self, mount_ns_of, own_mount_ns};
 use crate::{Layout, TrackerError};
@@ -40,16 +41,8 @@ pub struct Runtime {
     pub owner_uid: u32,
     /// A stable name for the runtime's state dir.
     pub key: String,
-}
-
-/// What `Runtime::check` found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Liveness {
-    Alive,
-    /// A new overlay was mounted with other lower layers (paths as reachable here).
-    Relayered(Vec<PathBuf>),
-    /// No process is left in the runtime's namespace, or its upper filesystem is gone.
-    Gone,
+    /// spfs's name for the runtime (`SPFS_RUNTIME` of its processes), if it is one.
+    pub spfs_name: Option<String>,
 }
 
 impl Runtime {
@@ -64,6 +57,12 @@ impl Runtime {
             Reach::Namespace { ns, witness: pid }
         };
         Self::attach(reach, mount_point, Some(pid))
+    }
+
+    /// The overlay at `mount_point` in this process's own mount namespace, whatever
+    /// namespace that is (`run` mounts its runtime in a private one of its own).
+    pub fn here(mount_point: &Path) -> Result<Runtime, TrackerError> {
+        Self::attach(Reach::Here, mount_point, None)
     }
 
     /// The overlay mounted at `mount_point` in the caller's namespace. When the caller
@@ -107,6 +106,7 @@ impl Runtime {
             upper_dev: (0, 0),
             owner_uid: 0,
             key: String::new(),
+            spfs_name: env_pid.and_then(spfs_runtime_name),
         };
         let upper = runtime.reachable(&runtime.layers.upper);
         let meta = std::fs::metadata(&upper).map_err(TrackerError::io("upper dir", &upper))?;
@@ -117,7 +117,7 @@ impl Runtime {
                 .unwrap_or(0),
             None => meta.uid(),
         };
-        runtime.key = match (env_pid.and_then(spfs_runtime_name), &runtime.reach) {
+        runtime.key = match (runtime.spfs_name.clone(), &runtime.reach) {
             (Some(name), _) => format!("spfs-{}", sanitize(&name)),
             (None, Reach::Namespace { ns, .. }) => format!("mntns-{ns}"),
             (None, Reach::Here) => format!("mount-{}", sanitize(&mount_point.to_string_lossy())),
@@ -190,46 +190,85 @@ impl Runtime {
         Ok(dir)
     }
 
-    /// Whether the runtime still exists, and whether its overlay was remounted with
-    /// other lower layers.
-    pub fn check(&mut self) -> Liveness {
+    /// False once no process is left in the runtime's namespace or its upper dir's
+    /// filesystem is no longer mounted there. Follows the witness to another process
+    /// of the namespace when it exits.
+    pub fn alive(&mut self) -> bool {
+        if !self.follow_witness() {
+            return false;
+        }
+        match read_mountinfo(&self.reach) {
+            Ok(entries) => entries.iter().any(|e| e.dev == self.upper_dev),
+            // The witness left between the two reads; look again next time.
+            Err(_) => true,
+        }
+    }
+
+    /// The new lower layers (reachable from here, top-most first) when the overlay was
+    /// mounted again over the same upper dir with other lower layers since the last
+    /// call; `None` when it was not, or when nothing is mounted there right now (the
+    /// middle of a remount: the attach that ends it is looked at then).
+    pub fn new_layers(&mut self) -> Option<Vec<PathBuf>> {
+        if !self.follow_witness() {
+            return None;
+        }
+        let entries = read_mountinfo(&self.reach).ok()?;
+        let entry = mountinfo::find_mount(&entries, &self.mount_point)?;
+        if entry.id == self.mount_id {
+            return None;
+        }
+        let layers = entry.overlay_layers()?;
+        if layers.upper != self.layers.upper {
+            return None;
+        }
+        self.mount_id = entry.id;
+        if layers.lowers == self.layers.lowers {
+            return None;
+        }
+        self.layers = layers;
+        Some(
+            self.layers
+                .lowers
+                .iter()
+                .map(|l| self.reachable(l))
+                .collect(),
+        )
+    }
+
+    /// Moves the witness to another process of the namespace when it has left;
+    /// false when none is left.
+    fn follow_witness(&mut self) -> bool {
         if let Reach::Namespace { ns, witness } = &mut self.reach
             && mount_ns_of(*witness).ok() != Some(*ns)
         {
             match find_process_in(*ns) {
                 Some(pid) => *witness = pid,
-                None => return Liveness::Gone,
+                None => return false,
             }
         }
-        let Ok(entries) = read_mountinfo(&self.reach) else {
-            // The witness left between the two reads; look again next time.
-            return Liveness::Alive;
+        true
+    }
+
+    /// A fanotify group reporting the mounts attached to and detached from the
+    /// runtime's namespace, so a remount is seen at once (Linux 6.15+; the error
+    /// otherwise, and the caller falls back to reading mountinfo at each sync).
+    pub fn mount_group(&self) -> std::io::Result<sys::MountGroup> {
+        let ns = match self.reach {
+            Reach::Here => PathBuf::from("/proc/thread-self/ns/mnt"),
+            Reach::Namespace { witness, .. } => PathBuf::from(format!("/proc/{witness}/ns/mnt")),
         };
-        if !entries.iter().any(|e| e.dev == self.upper_dev) {
-            return Liveness::Gone;
-        }
-        let Some(entry) = mountinfo::find_mount(&entries, &self.mount_point) else {
-            return Liveness::Alive;
+        let fd = std::fs::File::open(ns)?;
+        sys::MountGroup::new(std::os::fd::AsFd::as_fd(&fd))
+    }
+
+    /// The environment's masks, read from spfs (empty when this is not an spfs
+    /// runtime). Errors when spfs cannot say: reset and validate must then not guess.
+    pub fn masks(&self) -> Result<Masks, TrackerError> {
+        let pid = match self.reach {
+            Reach::Namespace { witness, .. } => witness,
+            Reach::Here => std::process::id(),
         };
-        if entry.id == self.mount_id {
-            return Liveness::Alive;
-        }
-        self.mount_id = entry.id;
-        match entry.overlay_layers() {
-            Some(layers)
-                if layers.upper == self.layers.upper && layers.lowers != self.layers.lowers =>
-            {
-                self.layers = layers;
-                Liveness::Relayered(
-                    self.layers
-                        .lowers
-                        .iter()
-                        .map(|l| self.reachable(l))
-                        .collect(),
-                )
-            }
-            _ => Liveness::Alive,
-        }
+        crate::masks::of_spfs_runtime(pid, self.spfs_name.as_deref())
     }
 }
 

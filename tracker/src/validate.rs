@@ -15,7 +15,8 @@
 //!     &[std::path::PathBuf::from("/tmp/spfs-runtime/lower")],
 //! ).expect("layers are readable");
 //! let since = Some(store::Since::Mark("build-start".into()));
-//! let report = validate(&store, &layers, &["base".into()], since, &Rules::default())?;
+//! let masks = tracker::masks::Masks::default();
+//! let report = validate(&store, &layers, &["base".into()], &masks, since, &Rules::default())?;
 //! for v in &report.violations {
 //!     eprintln!("{:?} {:?}: {}", v.rule, v.action, String::from_utf8_lossy(&v.path));
 //! }
@@ -23,7 +24,8 @@
 //! ```
 
 use crate::TrackerError;
-use crate::classify::Classifier;
+use crate::classify::{Classifier, Original};
+use crate::masks::Masks;
 use serde::{Deserialize, Serialize};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -140,11 +142,14 @@ pub struct Report {
 }
 
 /// Evaluates `rules` over what changed since `since`. `layer_names[i]` names lower
-/// layer `i` of `layers` in reports.
+/// layer `i` of `layers` in reports. `masks` are the environment's (spfs writes them at
+/// every mount): their whiteouts are no change of the build's, and what they hide has
+/// no original to alter.
 pub fn validate(
     store: &Store,
     layers: &Classifier,
     layer_names: &[String],
+    masks: &Masks,
     since: Option<Since>,
     rules: &Rules,
 ) -> Result<Report, TrackerError> {
@@ -153,6 +158,13 @@ pub fn validate(
         ..Query::default()
     })?;
     let inspect = |path: &[u8]| {
+        if masks.hides(path) {
+            return Ok(Original {
+                layer: None,
+                mode_or_owner_differs: false,
+                is_dir: false,
+            });
+        }
         layers.original(path).map_err(|e| {
             TrackerError::Validate(format!(
                 "cannot compare {} with the lower layers: {e}",
@@ -175,6 +187,9 @@ pub fn validate(
     let mut installed = false;
     for c in &set.changes {
         let Some(kind) = c.kind else { continue };
+        if kind == NetKind::Removed && masks.contains(&c.path) {
+            continue;
+        }
         if matches!(kind, NetKind::Added | NetKind::Modified | NetKind::Replaced)
             && c.file_type != FileType::Dir
         {
@@ -223,6 +238,9 @@ pub fn validate(
                 ))
             })?;
             for (path, layer, _) in below {
+                if masks.hides(&path) {
+                    continue;
+                }
                 if rules.deny_alter.contains(&AlterAction::Remove) {
                     violations.push(Violation {
                         rule: RuleName::AlterExistingFiles,
