@@ -114,6 +114,23 @@ impl Classifier {
         })
     }
 
+    /// The same layers, opened anew from this classifier's descriptors (no paths are
+    /// looked up again: the ones it was made from may be gone, such as a
+    /// `/proc/<pid>/root` whose process exited), with an empty cache, for another
+    /// thread to use.
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self {
+            upper_path: self.upper_path.clone(),
+            upper: Arc::new(reopen(self.upper.as_fd())?),
+            lowers: self
+                .lowers
+                .iter()
+                .map(|l| Ok(Arc::new(reopen(l.as_fd())?)))
+                .collect::<io::Result<_>>()?,
+            dirs: RefCell::default(),
+        })
+    }
+
     /// Drops every cached dir: call between batches, so that a dir renamed or removed
     /// since is looked up afresh.
     pub fn forget(&self) {
@@ -431,6 +448,12 @@ fn is_gone(e: io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::ENOENT) | Some(libc::ENOTDIR) | Some(libc::ESTALE)
     )
+}
+
+/// A new open file description of the dir `fd` (its own offset, unlike `dup`).
+fn reopen(fd: BorrowedFd<'_>) -> io::Result<File> {
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    Ok(File::from(openat(fd, ".", flags, Mode::empty())?))
 }
 
 fn dup(fd: BorrowedFd<'_>) -> io::Result<File> {

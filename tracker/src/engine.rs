@@ -135,6 +135,10 @@ struct Shared {
     masks: std::sync::RwLock<Masks>,
     /// The lower layers now (top-most first): a remount can change them.
     lowers: std::sync::RwLock<Vec<PathBuf>>,
+    /// The layers as the watcher classifies against them now, held by descriptor (the
+    /// paths may only have been reachable through a process that has exited since):
+    /// other threads classify with clones of it.
+    layers: Mutex<Classifier>,
     counters: Counters,
 }
 
@@ -202,6 +206,9 @@ impl Tracker {
             .map_err(TrackerError::io("cannot resolve", &layout.upper))?;
         let classifier = Classifier::new(&layout.upper, &layout.lowers)
             .map_err(TrackerError::io("cannot open the layers of", &layout.upper))?;
+        let layers = classifier
+            .try_clone()
+            .map_err(TrackerError::io("cannot open the layers of", &layout.upper))?;
 
         let shared = Arc::new(Shared {
             store,
@@ -211,6 +218,7 @@ impl Tracker {
             synced: Condvar::new(),
             masks: std::sync::RwLock::new(config.masks.clone()),
             lowers: std::sync::RwLock::new(layout.lowers.clone()),
+            layers: Mutex::new(layers),
             resetting: Mutex::new(HashSet::new()),
             counters: Counters::default(),
         });
@@ -385,10 +393,14 @@ impl Tracker {
     ) -> Result<crate::validate::Report, TrackerError> {
         self.sync()?;
         let upper = &self.config.layout.upper;
-        let lowers = self.lowers();
-        let layers = Classifier::new(upper, &lowers)
+        let layers = self
+            .shared
+            .layers
+            .lock()
+            .map_err(|_| poisoned())?
+            .try_clone()
             .map_err(TrackerError::io("cannot open the layers of", upper))?;
-        let names: Vec<String> = lowers.iter().map(|l| runtime_path(l)).collect();
+        let names: Vec<String> = self.lowers().iter().map(|l| runtime_path(l)).collect();
         crate::validate::validate(
             &self.shared.store,
             &layers,
@@ -606,6 +618,13 @@ impl Watcher {
             ))?;
         if let Ok(mut l) = self.shared.lowers.write() {
             l.clone_from(&lowers);
+        }
+        let layers = self.classifier.try_clone().map_err(TrackerError::io(
+            "cannot open the new lower layers of",
+            self.classifier.upper(),
+        ))?;
+        if let Ok(mut l) = self.shared.layers.lock() {
+            *l = layers;
         }
         match masks {
             Ok(masks) => {
