@@ -26,7 +26,7 @@ use spfs_support::*;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use store::{FileType, NetKind};
-use support::expect;
+use support::{SplitMix, expect};
 
 /// Writes of every kind over `base+top`: a file of the base modified, files and dirs
 /// added, a file and a dir removed, a dir replaced by a new one, a mode, an owner and a
@@ -149,7 +149,7 @@ fn random_operations_over_a_stack_with_masks() {
     }
     let stack = Stack::new("random_ops");
     for seed in SEEDS {
-        let mut rng = SplitMix64(seed);
+        let mut rng = SplitMix(seed);
         let halves = [
             random_ops(&mut rng, RANDOM_OPS / 2),
             random_ops(&mut rng, RANDOM_OPS / 2),

@@ -17,7 +17,7 @@
 #![allow(dead_code)]
 
 use crate::common::{bin, no_ambient_target, quote, text};
-use crate::support::{Truth, describe_tree, tracking::show};
+use crate::support::{SplitMix, Truth, describe_tree, tracking::show};
 use std::collections::BTreeSet;
 use std::fs::{self, Metadata};
 use std::io::{self, BufRead, BufReader, Write};
@@ -1154,26 +1154,9 @@ pub fn spfs_model_of(doc: &serde_json::Value, view: &StackView) -> BTreeSet<Line
 // ---------------------------------------------------------------------------------
 // Random operations
 
-/// A small deterministic generator (splitmix64): the same seed, the same script.
-pub struct SplitMix64(pub u64);
-
-impl SplitMix64 {
-    pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// A number in `0..n` (`n` > 0).
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    pub fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
-        items[self.below(items.len())]
-    }
+/// Picks one of `items`, which is never empty here.
+fn pick<'a>(rng: &mut SplitMix, items: &[&'a str]) -> &'a str {
+    rng.pick(items).expect("a non-empty list")
 }
 
 /// Dirs the random operations work in (below `/spfs`): of the base layer, masked by
@@ -1192,39 +1175,39 @@ const MASKED: [&str; 5] = ["etc/b", "keep/k5", "d/x", "d/sub/y", "d"];
 /// fail (a path may not exist): creates, overwrites, appends, chmods, chowns, touches,
 /// rm, rm -rf of dirs, mkdir, renames of files and dirs, symlinks, a dir replaced by a
 /// file and a file by a dir, masked paths recreated. Runs with cwd `/spfs`.
-pub fn random_ops(rng: &mut SplitMix64, ops: usize) -> String {
+pub fn random_ops(rng: &mut SplitMix, ops: usize) -> String {
     let mut script = String::from("cd /spfs || exit 1\n");
     for i in 0..ops {
-        let file = |rng: &mut SplitMix64| {
+        let file = |rng: &mut SplitMix| {
             if rng.below(10) == 0 {
-                rng.pick(&NAMES).to_string()
+                pick(rng, &NAMES).to_string()
             } else {
-                format!("{}/{}", rng.pick(&DIRS), rng.pick(&NAMES))
+                format!("{}/{}", pick(rng, &DIRS), pick(rng, &NAMES))
             }
         };
         let p = file(rng);
-        let d = rng.pick(&DIRS);
+        let d = pick(rng, &DIRS);
         let line = match rng.below(18) {
             0 | 1 => format!("echo 'w{i}' > {p}"),
             2 => format!("printf 'o{i}' > {p}"),
             3 | 4 => format!("echo 'a{i}' >> {p}"),
             5 => format!(
                 "chmod {} {p}",
-                rng.pick(&["600", "644", "640", "755", "700"])
+                pick(rng, &["600", "644", "640", "755", "700"])
             ),
             6 => format!("rm -f {p}"),
             7 => format!("rm -rf {d}"),
             8 => format!("mkdir -p {d}"),
             9 => format!("mv -f {p} {}", file(rng)),
-            10 => format!("mv -T {d} {}", rng.pick(&DIRS)),
+            10 => format!("mv -T {d} {}", pick(rng, &DIRS)),
             11 => format!(
                 "ln -sfn {} {p}",
-                rng.pick(&["etc/a", "../etc/c", "x", "/spfs/mod"])
+                pick(rng, &["etc/a", "../etc/c", "x", "/spfs/mod"])
             ),
             12 => format!("rm -rf {d} && echo 'f{i}' > {d}"),
             13 => format!("rm -f {p} && mkdir {p} && echo 'i{i}' > {p}/i"),
             14 => {
-                let m = rng.pick(&MASKED);
+                let m = pick(rng, &MASKED);
                 if m == "d" {
                     format!("mkdir -p d/sub && echo 'z{i}' > d/sub/z")
                 } else {
@@ -1232,7 +1215,7 @@ pub fn random_ops(rng: &mut SplitMix64, ops: usize) -> String {
                 }
             }
             15 => format!("touch -d @{} {p}", 1_000_000_000 + i),
-            16 => format!("chown {} {p}", rng.pick(&["1:1", "0:0", "2:0"])),
+            16 => format!("chown {} {p}", pick(rng, &["1:1", "0:0", "2:0"])),
             _ => format!("c=$(cat {p}) && printf '%s\\n' \"$c\" > {p}"),
         };
         script.push_str(&line);
