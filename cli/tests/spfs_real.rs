@@ -460,8 +460,64 @@ fn durable_runtime_run_twice() {
             "{p} missing from the second run's answer"
         );
     }
+    // The rerun continues the same runtime, so its changelog continues too: the
+    // first run's creation of etc/one is still on record (a new changelog would only
+    // know it from its rescan, as `reclassified`).
+    let history = second.run("spfs changes history /spfs/etc/one");
+    assert!(
+        history.contains(" created ") && history.contains("/spfs/etc/one"),
+        "the first run's history is kept by the rerun: {history}"
+    );
     second.end();
     assert!(durable.remove(), "spfs runtime remove {name}");
+}
+
+#[test]
+fn a_new_runtime_with_a_reused_name_starts_a_changelog_of_its_own() {
+    if !need_spfs() {
+        return;
+    }
+    let stack = Stack::new("reused_name");
+    let name = unique("reused");
+    let args = [
+        "--runtime-name",
+        name.as_str(),
+        "--edit",
+        &stack.reference(),
+    ];
+    let mut first = SpfsRuntime::start(&args);
+    first.keep_tracker_state = true;
+    first.track_inside();
+    first.run("echo old > /spfs/etc/from-the-first; spfs changes mark first-mark");
+    first.end();
+
+    let mut second = SpfsRuntime::start(&args);
+    second.keep_tracker_state = true;
+    second.track_inside();
+    second.run("echo new > /spfs/etc/from-the-second");
+    let doc = second.changes();
+    let net = second.assert_net_is_truth(&doc, "the second runtime of that name");
+    assert!(!net.contains_key(b"etc/from-the-first".as_slice()));
+    let history = second.run("spfs changes history /spfs/etc/from-the-first");
+    assert_eq!(history, "", "no history of another runtime");
+    let since = second.run("spfs changes changes --since first-mark 2>&1 || true");
+    assert!(
+        since.contains("no mark named"),
+        "the first runtime's marks are not this one's: {since}"
+    );
+    let state = second.tracker_state();
+    second.end();
+    let kept_aside = std::fs::read_dir(&state)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .any(|e| e.file_name().to_string_lossy().contains(".earlier-"))
+        })
+        .unwrap_or(false);
+    assert!(
+        kept_aside,
+        "the earlier changelog is set aside, not deleted"
+    );
+    let _ = std::fs::remove_dir_all(&state);
 }
 
 /// The two ways spfs hands the overlay its layers.

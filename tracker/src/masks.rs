@@ -305,24 +305,14 @@ impl SpfsCli {
         String::from_utf8(out.stdout).map_err(|_| format!("`spfs {}` printed non-UTF-8", args[0]))
     }
 
-    /// The stack (top-down digests) of the runtime called `name`.
-    pub fn runtime_stack(&self, name: &str) -> Result<Vec<String>, String> {
-        let text = self.run(&["runtime", "info", name])?;
-        let info: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| format!("`spfs runtime info {name}` is not JSON: {e}"))?;
-        let stack = info
-            .pointer("/status/stack")
-            .and_then(|s| s.as_array())
-            .ok_or_else(|| format!("`spfs runtime info {name}` has no status.stack"))?;
-        Ok(stack
-            .iter()
-            .filter_map(|d| d.as_str().map(str::to_string))
-            .collect())
+    /// What spfs records of the runtime called `name` (`spfs runtime info NAME`).
+    pub fn runtime_info(&self, name: &str) -> Result<SpfsRuntime, String> {
+        parse_runtime_info(name, &self.run(&["runtime", "info", name])?)
     }
 
     /// The masks of the runtime called `name`, as spfs writes them into its upper dir.
     pub fn runtime_masks(&self, name: &str) -> Result<Masks, String> {
-        let stack = self.runtime_stack(name)?;
+        let stack = self.runtime_info(name)?.stack_top_down;
         if stack.is_empty() {
             return Ok(Masks::default());
         }
@@ -334,9 +324,50 @@ impl SpfsCli {
     }
 }
 
+/// The parts of spfs's runtime record (`spfs runtime info`, JSON of
+/// `crates/spfs/src/runtime/storage.rs` `Data`) the tracker uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpfsRuntime {
+    /// Layer and platform digests, top-most first (`status.stack`).
+    pub stack_top_down: Vec<String>,
+    /// When spfs made the runtime (`author.created`, RFC 3339): with the name, what
+    /// tells a runtime from a later one of the same name.
+    pub created: String,
+}
+
+/// Parses `spfs runtime info NAME` output.
+pub fn parse_runtime_info(name: &str, text: &str) -> Result<SpfsRuntime, String> {
+    let info: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| format!("`spfs runtime info {name}` is not JSON: {e}"))?;
+    let stack = info
+        .pointer("/status/stack")
+        .and_then(|s| s.as_array())
+        .ok_or_else(|| format!("`spfs runtime info {name}` has no status.stack"))?;
+    let created = info
+        .pointer("/author/created")
+        .and_then(|c| c.as_str())
+        .ok_or_else(|| format!("`spfs runtime info {name}` has no author.created"))?;
+    Ok(SpfsRuntime {
+        stack_top_down: stack
+            .iter()
+            .filter_map(|d| d.as_str().map(str::to_string))
+            .collect(),
+        created: created.to_string(),
+    })
+}
+
 fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// The spfs CLI as process `pid` of the spfs runtime `name` would run it.
+fn cli_for(pid: u32, name: &str) -> Result<SpfsCli, TrackerError> {
+    SpfsCli::of_process(pid).ok_or_else(|| {
+        TrackerError::Attach(format!(
+            "runtime {name} is an spfs runtime, but no `spfs` executable was found to ask about it"
+        ))
+    })
 }
 
 /// The masks of the spfs runtime process `pid` is in (named by its `SPFS_RUNTIME`);
@@ -345,14 +376,16 @@ pub fn of_spfs_runtime(pid: u32, runtime_name: Option<&str>) -> Result<Masks, Tr
     let Some(name) = runtime_name else {
         return Ok(Masks::default());
     };
-    let cli = SpfsCli::of_process(pid).ok_or_else(|| {
-        TrackerError::Attach(format!(
-            "runtime {name} is an spfs runtime, but no `spfs` executable was found to read its masks"
-        ))
-    })?;
-    cli.runtime_masks(name).map_err(|e| {
+    cli_for(pid, name)?.runtime_masks(name).map_err(|e| {
         TrackerError::Attach(format!("cannot read the masks of spfs runtime {name}: {e}"))
     })
+}
+
+/// spfs's record of the runtime `name` that process `pid` is in.
+pub fn spfs_runtime(pid: u32, name: &str) -> Result<SpfsRuntime, TrackerError> {
+    cli_for(pid, name)?
+        .runtime_info(name)
+        .map_err(|e| TrackerError::Attach(format!("cannot read spfs runtime {name}: {e}")))
 }
 
 #[cfg(test)]

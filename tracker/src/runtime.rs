@@ -261,14 +261,32 @@ impl Runtime {
         sys::MountGroup::new(std::os::fd::AsFd::as_fd(&fd))
     }
 
+    /// What tells this runtime from any other that had or will have its state dir:
+    /// spfs's runtime name and creation time (a rerun of a durable runtime keeps
+    /// both; a new runtime given the same name does not). `None` outside spfs.
+    pub fn identity(&self) -> Result<Option<String>, TrackerError> {
+        let Some(name) = &self.spfs_name else {
+            return Ok(None);
+        };
+        let info = crate::masks::spfs_runtime(self.witness_pid(), name)?;
+        Ok(Some(format!(
+            "spfs runtime {name} created {}",
+            info.created
+        )))
+    }
+
+    /// A process of the runtime (this one when it is reached here).
+    fn witness_pid(&self) -> u32 {
+        match self.reach {
+            Reach::Namespace { witness, .. } => witness,
+            Reach::Here => std::process::id(),
+        }
+    }
+
     /// The environment's masks, read from spfs (empty when this is not an spfs
     /// runtime). Errors when spfs cannot say: reset and validate must then not guess.
     pub fn masks(&self) -> Result<Masks, TrackerError> {
-        let pid = match self.reach {
-            Reach::Namespace { witness, .. } => witness,
-            Reach::Here => std::process::id(),
-        };
-        crate::masks::of_spfs_runtime(pid, self.spfs_name.as_deref())
+        crate::masks::of_spfs_runtime(self.witness_pid(), self.spfs_name.as_deref())
     }
 }
 

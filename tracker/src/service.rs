@@ -14,6 +14,9 @@ pub const SOCKET_NAME: &str = "control.sock";
 /// File name holding the serving process's pid in a state dir.
 pub const PID_FILE_NAME: &str = "tracker.pid";
 
+/// The changelog's info key naming the runtime it belongs to (`Runtime::identity`).
+const IDENTITY_KEY: &str = "runtime";
+
 /// How often `supervise` checks that the runtime still exists.
 const LIFETIME_CHECK: Duration = Duration::from_millis(250);
 
@@ -33,9 +36,18 @@ impl Service {
     pub fn start(runtime: Runtime, state: PathBuf) -> Result<Service, TrackerError> {
         std::fs::create_dir_all(&state)
             .map_err(TrackerError::io("cannot create state dir", &state))?;
+        let identity = runtime.identity()?;
+        if let Some(identity) = &identity {
+            set_aside_other_runtimes_changelog(&state, identity)?;
+        }
         let sync_dir = runtime.sync_dir()?;
         let config = Config::for_runtime(runtime.clone(), state.clone(), sync_dir)?;
         let tracker = Arc::new(Tracker::start(config)?);
+        if let Some(identity) = &identity {
+            tracker
+                .store()
+                .set_info(IDENTITY_KEY, identity.as_bytes())?;
+        }
         let socket = state.join(SOCKET_NAME);
         let server = Server::start(tracker.clone(), &socket, runtime.owner_uid, runtime.info())?;
         let pid_file = state.join(PID_FILE_NAME);
@@ -99,4 +111,29 @@ impl Service {
             )),
         }
     }
+}
+
+/// A changelog in `state` that is not `identity`'s (an earlier runtime that had the
+/// same name) is renamed aside, `changelog.sled.earlier-<unix seconds>`: never
+/// adopted, never deleted.
+fn set_aside_other_runtimes_changelog(state: &Path, identity: &str) -> Result<(), TrackerError> {
+    let db = state.join(store::DB_DIR_NAME);
+    if !db.exists() {
+        return Ok(());
+    }
+    let recorded = store::Store::open(state)?.info(IDENTITY_KEY)?;
+    if recorded.as_deref() == Some(identity.as_bytes()) {
+        return Ok(());
+    }
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let aside = state.join(format!("{}.earlier-{secs}", store::DB_DIR_NAME));
+    std::fs::rename(&db, &aside).map_err(TrackerError::io("cannot set aside", &db))?;
+    tracing::warn!(
+        kept = %aside.display(),
+        was = %recorded.map(|r| String::from_utf8_lossy(&r).into_owned()).unwrap_or_else(|| "unknown".into()),
+        "the state dir held another runtime's changelog; starting a new one"
+    );
+    Ok(())
 }
