@@ -457,13 +457,18 @@ fn reset_pattern_forms() {
                 ("ee/dd/c", "modified"),
             ],
         ),
+        Case {
+            setup: r#"echo t > "$M/top""#,
+            // `*/` names the dirs and what is below them, never a file at the top.
+            ..case("dirs-only", &["*/"], &[("sub/other.cfg", "modified")])
+        },
         case(
             "star",
             &["*"],
             &[
                 ("conf", "modified"),
                 ("other.txt", "modified"),
-                ("sub/other.cfg", "modified"),
+                ("top", "added"),
             ],
         ),
         Case {
@@ -482,6 +487,11 @@ fn reset_pattern_forms() {
             setup: r#"echo again >> "$M/conf""#,
             // The mount itself, as `/spfs` would be: everything.
             ..case("mount", &["$M"], &[("conf", "modified")])
+        },
+        Case {
+            setup: r#"rm -rf "$M/dd""#,
+            // A removed dir is a whiteout in the upper dir; `/dd/` still names it.
+            ..case("removed-dir", &["/dd/"], &[("dd", "removed")])
         },
     ];
     run_cases(&lower, changes, before, &cases);

@@ -261,16 +261,7 @@ fn answer(tracker: &Tracker, req: Request) -> Response {
             .sync()
             .and_then(|_| tracker.status())
             .map(|s| Response::Status(Box::new(s))),
-        Request::ResetPlan(patterns) => {
-            let mount = tracker.config().layout.mount.clone();
-            crate::reset::Patterns::new(&patterns, &mount)
-                .and_then(|p| {
-                    tracker
-                        .sync()
-                        .and_then(|_| crate::reset::plan(tracker.store(), &p, &tracker.masks()))
-                })
-                .map(Response::ResetPlan)
-        }
+        Request::ResetPlan(patterns) => tracker.reset_plan(&patterns).map(Response::ResetPlan),
         Request::Validate(since, rules) => tracker
             .validate(since, &rules)
             .map(|r| Response::Validation(Box::new(r))),

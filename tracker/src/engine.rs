@@ -392,14 +392,7 @@ impl Tracker {
         rules: &crate::validate::Rules,
     ) -> Result<crate::validate::Report, TrackerError> {
         self.sync()?;
-        let upper = &self.config.layout.upper;
-        let layers = self
-            .shared
-            .layers
-            .lock()
-            .map_err(|_| poisoned())?
-            .try_clone()
-            .map_err(TrackerError::io("cannot open the layers of", upper))?;
+        let layers = self.layers()?;
         let names: Vec<String> = self.lowers().iter().map(|l| runtime_path(l)).collect();
         crate::validate::validate(
             &self.shared.store,
@@ -409,6 +402,30 @@ impl Tracker {
             since,
             rules,
         )
+    }
+
+    /// What `reset PATTERN...` would put back, from every change completed before
+    /// the call (see `reset::plan`).
+    pub fn reset_plan(&self, patterns: &[String]) -> Result<crate::reset::ResetPlan, TrackerError> {
+        let patterns = crate::reset::Patterns::new(patterns, &self.config.layout.mount)?;
+        self.sync()?;
+        let layers = self.layers()?;
+        crate::reset::plan(self.store(), &patterns, &self.masks(), |path| {
+            layers.original(path).is_ok_and(|o| o.is_dir)
+        })
+    }
+
+    /// The layers as the watcher classifies against them now, for this thread.
+    fn layers(&self) -> Result<Classifier, TrackerError> {
+        self.shared
+            .layers
+            .lock()
+            .map_err(|_| poisoned())?
+            .try_clone()
+            .map_err(TrackerError::io(
+                "cannot open the layers of",
+                &self.config.layout.upper,
+            ))
     }
 
     /// Marks the changes process `pid` makes from now on as a reset.

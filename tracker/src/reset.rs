@@ -57,17 +57,20 @@ impl Patterns {
         let mount = mount.to_string_lossy();
         for raw in patterns {
             let pattern = match raw.strip_prefix(mount.as_ref()) {
-                Some(rest) if rest.is_empty() || rest.starts_with('/') => {
-                    if rest.is_empty() {
-                        "/*"
-                    } else {
-                        rest
-                    }
-                }
+                // The mount point itself (`/spfs`, `/spfs/`) names everything in it.
+                Some(rest) if rest.trim_matches('/').is_empty() => "/*",
+                Some(rest) if rest.starts_with('/') => rest,
                 _ => raw.as_str(),
             };
             if pattern.trim().is_empty() {
                 return Err(TrackerError::Reset(format!("empty reset pattern {raw:?}")));
+            }
+            // `/` or `//` (an empty variable in `/$DIR/`) names no path: refuse it rather
+            // than guess between nothing and everything.
+            if pattern.trim().trim_matches('/').is_empty() {
+                return Err(TrackerError::Reset(format!(
+                    "reset pattern {raw:?} names no path (`*` or --all resets everything)"
+                )));
             }
             builder
                 .add_line(None, pattern)
@@ -86,14 +89,26 @@ impl Patterns {
         })
     }
 
-    /// Whether `rel`, or a dir above it, matches.
+    /// Whether `rel` (a dir when `is_dir`), or a dir above it, matches. The root
+    /// itself is never matched: `*/` names the dirs in it, not it.
     pub fn matches(&self, rel: &[u8], is_dir: bool) -> bool {
-        let mut abs = Vec::with_capacity(rel.len() + 1);
-        abs.push(b'/');
-        abs.extend_from_slice(rel);
-        self.matcher
-            .matched_path_or_any_parents(Path::new(OsStr::from_bytes(&abs)), is_dir)
-            .is_ignore()
+        let matched = |path: &[u8], is_dir| {
+            let mut abs = Vec::with_capacity(path.len() + 1);
+            abs.push(b'/');
+            abs.extend_from_slice(path);
+            self.matcher
+                .matched(Path::new(OsStr::from_bytes(&abs)), is_dir)
+                .is_ignore()
+        };
+        let parents = rel
+            .iter()
+            .enumerate()
+            .filter(|&(_, &b)| b == b'/')
+            .map(|(i, _)| &rel[..i]);
+        parents
+            .into_iter()
+            .any(|p| !p.is_empty() && matched(p, true))
+            || matched(rel, is_dir)
     }
 }
 
@@ -131,7 +146,15 @@ pub struct ResetPlan {
 /// walk of the upper dir). A path that is one of the environment's `masks` and is
 /// `Removed` (its whiteout is intact) is not a target: there is nothing to put back.
 /// Fails when the changelog cannot be read.
-pub fn plan(store: &Store, patterns: &Patterns, masks: &Masks) -> Result<ResetPlan, TrackerError> {
+///
+/// `lower_is_dir` says whether the lower layers hold a dir at a path: a removed dir
+/// is a whiteout in the upper dir, and `/etc/` still names it.
+pub fn plan(
+    store: &Store,
+    patterns: &Patterns,
+    masks: &Masks,
+    lower_is_dir: impl Fn(&[u8]) -> bool,
+) -> Result<ResetPlan, TrackerError> {
     let query = Query {
         prefixes: patterns.prefixes.clone(),
         ..Query::default()
@@ -140,7 +163,11 @@ pub fn plan(store: &Store, patterns: &Patterns, masks: &Masks) -> Result<ResetPl
         .query(&query)?
         .changes
         .into_iter()
-        .filter(|c| patterns.matches(&c.path, c.file_type == FileType::Dir))
+        .filter(|c| {
+            let is_dir = c.file_type == FileType::Dir
+                || (c.kind == Some(NetKind::Removed) && lower_is_dir(&c.path));
+            patterns.matches(&c.path, is_dir)
+        })
         .filter(|c| !(masks.contains(&c.path) && c.kind == Some(NetKind::Removed)))
         .collect();
     // Removing a dir removes what is below it: keep only the top-most targets.
@@ -751,6 +778,7 @@ mod tests {
             &store,
             &Patterns::new(&["*".into()], mount).expect("patterns"),
             &masks,
+            |_| false,
         )
         .expect("plan");
         assert_eq!(paths(&all.targets), ["d", "d-x", "etc/a", "m"]);
@@ -765,6 +793,7 @@ mod tests {
             &store,
             &Patterns::new(&["/spfs/etc/".into()], mount).expect("patterns"),
             &masks,
+            |_| false,
         )
         .expect("plan");
         assert_eq!(paths(&etc.targets), ["etc/a"]);
@@ -827,5 +856,71 @@ mod tests {
                 None
             );
         });
+    }
+}
+
+#[cfg(test)]
+mod pattern_tests {
+    use super::Patterns;
+    use std::path::Path;
+
+    /// The paths each case is asked about (`/` marks a dir) and, per pattern, which of
+    /// them it resets: gitignore lines, as spfs's reset takes them, anchored at /spfs.
+    const PATHS: [&str; 9] = [
+        "top",
+        "etc/",
+        "etc/a",
+        "d/etc/",
+        "d/etc/x",
+        "a/b.txt",
+        "q/a/b.txt",
+        "d/x",
+        "x",
+    ];
+    const CASES: &[(&str, &str)] = &[
+        ("*", "111111111"),
+        ("/spfs", "111111111"),
+        ("/spfs/", "111111111"),
+        ("*/", "011111110"),
+        ("/*/", "011111110"),
+        ("etc/", "011110000"),
+        ("/etc/", "011000000"),
+        ("/spfs/etc/", "011000000"),
+        ("etc", "011110000"),
+        ("a/*.txt", "000001000"),
+        ("**/x", "000010011"),
+        ("*.txt", "000001100"),
+    ];
+
+    #[test]
+    fn patterns_match_like_gitignore_lines_below_the_mount() {
+        for (pattern, want) in CASES {
+            let p = Patterns::new(&[pattern.to_string()], Path::new("/spfs")).expect("valid");
+            let got: String = PATHS
+                .iter()
+                .map(|path| {
+                    let (rel, dir) = match path.strip_suffix('/') {
+                        Some(d) => (d, true),
+                        None => (*path, false),
+                    };
+                    if p.matches(rel.as_bytes(), dir) {
+                        '1'
+                    } else {
+                        '0'
+                    }
+                })
+                .collect();
+            assert_eq!(&got, want, "pattern {pattern:?} over {PATHS:?}");
+        }
+    }
+
+    #[test]
+    fn patterns_that_name_no_path_are_refused() {
+        for pattern in ["/", "//", "", "  ", "///"] {
+            assert!(
+                Patterns::new(&[pattern.to_string()], Path::new("/spfs")).is_err(),
+                "{pattern:?}"
+            );
+        }
     }
 }

@@ -824,7 +824,11 @@ pub(crate) mod tests {
             store.rebuild(self.net(), "test").expect("rebuild");
             let patterns: Vec<String> = patterns.iter().map(|p| p.to_string()).collect();
             let patterns = Patterns::new(&patterns, &self.mnt).expect("patterns");
-            reset::plan(&store, &patterns, masks).expect("a plan")
+            let layers = Classifier::new(&self.upper, &self.lowers).expect("layers");
+            reset::plan(&store, &patterns, masks, |p| {
+                layers.original(p).is_ok_and(|o| o.is_dir)
+            })
+            .expect("a plan")
         }
     }
 
