@@ -61,21 +61,7 @@ pub fn reset(args: ResetArgs) -> anyhow::Result<ExitCode> {
     let outcome = tracker::reset::execute(&spec, &plan, &mut progress);
     client.call(&Request::ResetEnd(me))?;
     let through = match outcome? {
-        Outcome::ThroughMount { holders, .. } => {
-            let who: Vec<String> = holders
-                .iter()
-                .map(|h| format!("pid {} ({})", h.pid, h.command))
-                .collect();
-            Some(format!(
-                " through the mount: {} is busy (held by {})",
-                runtime.mount_point.display(),
-                if who.is_empty() {
-                    "an unknown process".to_string()
-                } else {
-                    who.join(", ")
-                }
-            ))
-        }
+        Outcome::ThroughMount { why, .. } => Some(format!(" through the mount: {why}")),
         Outcome::Done { .. } => None,
     };
     for (i, t) in plan.targets.iter().enumerate() {

@@ -402,6 +402,25 @@ fn maps_devs(pid: u32) -> HashSet<u64> {
         .collect()
 }
 
+/// Another mount of the overlay's superblock than ours, in any mount namespace.
+fn mounted_elsewhere(spec: &MountSpec) -> Option<String> {
+    namespaces().into_iter().find_map(|(pid, _, mounts)| {
+        mounts
+            .iter()
+            .find(|e| {
+                e.fs_type == "overlay"
+                    && libc::makedev(e.dev.0, e.dev.1) == spec.dev
+                    && e.id != spec.mount_id
+            })
+            .map(|e| {
+                format!(
+                    "the overlay is also mounted at {} (mount namespace of pid {pid})",
+                    e.mount_point.display()
+                )
+            })
+    })
+}
+
 /// After our unmount: anything that shows an overlay superblock may still use the
 /// upper dir. `None` when nothing does.
 fn still_in_use(spec: &MountSpec) -> Option<String> {
@@ -496,12 +515,55 @@ pub enum Outcome {
     /// The overlay was unmounted, `removed` entries went from the upper dir, the
     /// masks at or below the targets were put back, and it was mounted again.
     Done { removed: usize },
-    /// The overlay was busy (held by `holders`), so the targets were put back by
+    /// The upper dir could not be edited (`why`), so the targets were put back by
     /// writing through the mount; `restored` changed paths were put back.
-    ThroughMount {
+    ThroughMount { why: Busy, restored: usize },
+}
+
+/// Why a reset went through the mount.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Busy {
+    /// The kernel refused the unmount: these processes hold the overlay at
+    /// `mount_point` (cwd, root, open files, mappings; empty when none was found,
+    /// such as a filesystem mounted below it).
+    Held {
+        mount_point: PathBuf,
         holders: Vec<Holder>,
-        restored: usize,
     },
+    /// The unmount went through, but something else may use the upper dir (another
+    /// namespace's mount of the overlay, a lazily detached one with open files).
+    UsedElsewhere(String),
+}
+
+impl std::fmt::Display for Busy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Busy::Held {
+                mount_point,
+                holders,
+            } if holders.is_empty() => write!(
+                f,
+                "{} is busy (held by no process found: a mount below it?)",
+                mount_point.display()
+            ),
+            Busy::Held {
+                mount_point,
+                holders,
+            } => {
+                let who: Vec<String> = holders
+                    .iter()
+                    .map(|h| format!("pid {} ({})", h.pid, h.command))
+                    .collect();
+                write!(
+                    f,
+                    "{} is busy (held by {})",
+                    mount_point.display(),
+                    who.join(", ")
+                )
+            }
+            Busy::UsedElsewhere(why) => f.write_str(why),
+        }
+    }
 }
 
 /// Puts the targets of `plan` back to what the lower layers hold on the overlay at
@@ -522,17 +584,29 @@ pub fn execute(
     plan: &ResetPlan,
     progress: &mut dyn FnMut(Progress<'_>),
 ) -> Result<Outcome, TrackerError> {
+    let through_mount = |why: Busy, progress: &mut dyn FnMut(Progress<'_>)| {
+        let changes: Vec<Change> = plan.targets.iter().chain(&plan.covered).cloned().collect();
+        let layers = Layers {
+            mount_point: &spec.mount_point,
+            upper: &spec.upper,
+            lowers: &spec.lowers,
+        };
+        let restored = restore::through_mount(layers, &changes, &plan.masks, progress)?;
+        Ok(Outcome::ThroughMount { why, restored })
+    };
+    // The same overlay mounted elsewhere too (another namespace's copy of the mount, a
+    // bind mount): unmounting ours would leave it alive, and mounting again would put
+    // a second overlay on the same upper dir. Going through the mount is legal.
+    if let Some(why) = mounted_elsewhere(spec) {
+        return through_mount(Busy::UsedElsewhere(why), progress);
+    }
     if let Err(e) = nix::mount::umount2(&spec.mount_point, MntFlags::empty()) {
         if e == Errno::EBUSY {
-            let holders = holders(spec.dev, spec.mount_id);
-            let changes: Vec<Change> = plan.targets.iter().chain(&plan.covered).cloned().collect();
-            let layers = Layers {
-                mount_point: &spec.mount_point,
-                upper: &spec.upper,
-                lowers: &spec.lowers,
+            let why = Busy::Held {
+                mount_point: spec.mount_point.clone(),
+                holders: holders(spec.dev, spec.mount_id),
             };
-            let restored = restore::through_mount(layers, &changes, &plan.masks, progress)?;
-            return Ok(Outcome::ThroughMount { holders, restored });
+            return through_mount(why, progress);
         }
         return Err(TrackerError::Reset(format!(
             "cannot unmount {}: {e}",

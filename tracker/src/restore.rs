@@ -26,7 +26,7 @@ use crate::TrackerError;
 use crate::classify::{Classifier, join_rel};
 use crate::masks::Masks;
 use nix::errno::Errno;
-use nix::fcntl::{AtFlags, OFlag, openat, readlinkat, renameat};
+use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag, openat, openat2, readlinkat, renameat};
 use nix::sys::stat::{
     FchmodatFlags, FileStat, Mode, SFlag, UtimensatFlags, fchmod, fchmodat, fstat, fstatat,
     futimens, mkdirat, mknodat, utimensat,
@@ -206,12 +206,33 @@ fn open_root(p: &Path) -> Result<OwnedFd, TrackerError> {
 
 /// Opens the dir `name` of `parent` without following a symlink.
 fn open_dir(parent: BorrowedFd<'_>, name: &OsStr) -> nix::Result<OwnedFd> {
-    openat(
+    open_here(
         parent,
         name,
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
         Mode::empty(),
     )
+}
+
+/// Opens `name` of `parent` with `flags`, never following a symlink or crossing into
+/// another mount (a filesystem mounted on a dir of the overlay is not the overlay's to
+/// put back: EXDEV), and never leaving `parent`.
+fn open_here(
+    parent: BorrowedFd<'_>,
+    name: &OsStr,
+    flags: OFlag,
+    mode: Mode,
+) -> nix::Result<OwnedFd> {
+    let how = OpenHow::new()
+        .flags(flags | OFlag::O_NOFOLLOW)
+        .mode(mode)
+        .resolve(
+            ResolveFlag::RESOLVE_BENEATH
+                | ResolveFlag::RESOLVE_NO_SYMLINKS
+                | ResolveFlag::RESOLVE_NO_MAGICLINKS
+                | ResolveFlag::RESOLVE_NO_XDEV,
+        );
+    openat2(parent, name, how)
 }
 
 fn lstat_at(parent: BorrowedFd<'_>, name: &OsStr) -> nix::Result<Option<FileStat>> {
@@ -292,10 +313,10 @@ fn perm(s: &FileStat) -> Mode {
 /// symlink, through an `O_PATH` descriptor so that a symlink swapped in meanwhile is
 /// not followed.
 fn set_owner_mode(parent: BorrowedFd<'_>, name: &OsStr, s: &FileStat) -> nix::Result<()> {
-    let fd = openat(
+    let fd = open_here(
         parent,
         name,
-        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        OFlag::O_PATH | OFlag::O_CLOEXEC,
         Mode::empty(),
     )?;
     if kind_of(&fstat(fd.as_fd())?) == SFlag::S_IFLNK {
@@ -663,7 +684,7 @@ impl Restorer<'_> {
         }
         let flags = OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
         if in_place {
-            match openat(
+            match open_here(
                 parent,
                 name,
                 flags | OFlag::O_CREAT | OFlag::O_TRUNC,
@@ -1044,8 +1065,12 @@ pub(crate) mod tests {
                 seen.push((p.path.to_vec(), p.entries));
             })
             .expect("a reset through the mount");
-            let Outcome::ThroughMount { holders, .. } = outcome else {
-                panic!("not through the mount: {outcome:?}");
+            let Outcome::ThroughMount {
+                why: reset::Busy::Held { holders, .. },
+                ..
+            } = outcome
+            else {
+                panic!("not through the mount because it is held: {outcome:?}");
             };
             assert!(
                 holders.iter().any(|h| h.pid == std::process::id()),
