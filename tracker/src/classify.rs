@@ -57,6 +57,27 @@ pub struct Original {
     pub is_dir: bool,
 }
 
+/// What `Classifier::upper_inode` says of an upper entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpperInode {
+    pub ino: u64,
+    /// Its link count (`st_nlink`).
+    pub links: u64,
+    /// A file that can have other names: not a dir, not a whiteout (overlayfs makes
+    /// its whiteouts hard links of one shared inode).
+    pub linkable: bool,
+}
+
+impl UpperInode {
+    fn of(s: &FileStat) -> UpperInode {
+        UpperInode {
+            ino: s.st_ino,
+            links: s.st_nlink,
+            linkable: !is_type(s, SFlag::S_IFDIR) && !is_whiteout(s),
+        }
+    }
+}
+
 pub struct Classifier {
     upper_path: PathBuf,
     upper: Arc<File>,
@@ -223,16 +244,22 @@ impl Classifier {
 
     /// The net state of `rel` (relative to the upper dir).
     pub fn classify(&self, rel: &[u8]) -> io::Result<Net> {
+        self.classify_inode(rel).map(|(net, _)| net)
+    }
+
+    /// The net state of `rel`, and its upper entry's inode when there is one.
+    pub fn classify_inode(&self, rel: &[u8]) -> io::Result<(Net, Option<UpperInode>)> {
         if rel.is_empty() {
-            return Ok(None);
+            return Ok((None, None));
         }
         let (dir_rel, name) = parent_and_name(rel);
         let Some(dir) = self.upper_dir(dir_rel)? else {
-            return Ok(None);
+            return Ok((None, None));
         };
         let Some(stat) = lstat_at(dir.fd.as_fd(), name)? else {
-            return Ok(None);
+            return Ok((None, None));
         };
+        let inode = UpperInode::of(&stat);
         let upper = Entry {
             parent: dir.fd.clone(),
             name,
@@ -243,7 +270,61 @@ impl Classifier {
         } else {
             self.lower(dir_rel, name)?
         };
-        compare(&upper, &lower)
+        Ok((compare(&upper, &lower)?, Some(inode)))
+    }
+
+    /// The upper dir's own entry at `rel` (`lstat`), if there is one: what hard links
+    /// are found by (its inode number and link count).
+    pub fn upper_inode(&self, rel: &[u8]) -> io::Result<Option<UpperInode>> {
+        if rel.is_empty() {
+            return Ok(None);
+        }
+        let (dir_rel, name) = parent_and_name(rel);
+        let Some(dir) = self.upper_dir(dir_rel)? else {
+            return Ok(None);
+        };
+        Ok(lstat_at(dir.fd.as_fd(), name)?.map(|s| UpperInode::of(&s)))
+    }
+
+    /// Every path of the upper dir whose entry is inode `ino` (a walk of the whole
+    /// upper dir: for the names of a hard-linked file no event told of).
+    pub fn names_of_inode(&self, ino: u64) -> io::Result<Vec<Vec<u8>>> {
+        let mut out = Vec::new();
+        let mut stack = vec![Vec::new()];
+        while let Some(dir_rel) = stack.pop() {
+            let Some(dir_entry) = self.upper_dir(&dir_rel)? else {
+                continue;
+            };
+            let mut dir = match Dir::openat(
+                dir_entry.fd.as_fd(),
+                ".",
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            ) {
+                Ok(d) => d,
+                Err(e) if is_gone(e.into()) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            for entry in dir.iter() {
+                let entry = entry.map_err(io::Error::from)?;
+                let name = entry.file_name().to_bytes();
+                if name == b"." || name == b".." {
+                    continue;
+                }
+                let child = join_rel(&dir_rel, name);
+                if entry.file_type() == Some(nix::dir::Type::Directory) {
+                    stack.push(child);
+                } else if entry.ino() == ino {
+                    out.push(child);
+                } else if entry.file_type().is_none()
+                    && lstat_at(dir_entry.fd.as_fd(), OsStr::from_bytes(name))?
+                        .is_some_and(|s| is_type(&s, SFlag::S_IFDIR))
+                {
+                    stack.push(child);
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// The lower original of `rel`, as overlayfs would show it below the upper dir.

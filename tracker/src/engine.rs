@@ -1,23 +1,25 @@
 //! The watcher loop and the `Tracker` handle that owns it.
 
 use crate::TrackerError;
-use crate::classify::{Classifier, join_rel};
-use crate::fid::{self, DirEntryRef, Handle};
+use crate::classify::Classifier;
+use crate::cookies::Cookies;
+use crate::fid::Handle;
+use crate::links::{LinkIndex, Live};
 use crate::masks::Masks;
+use crate::pathevent;
 use crate::reader::{self, Backlog, Chunk};
-use crate::resolve::{Place, Resolver};
+use crate::resolve::Resolver;
 use crate::runtime::{Runtime, runtime_path};
+use crate::settle;
 use crate::sys::{self, FanotifyGroup, MountGroup};
-use nix::fcntl::{OFlag, openat};
-use nix::sys::stat::Mode;
-use nix::unistd::{UnlinkatFlags, unlinkat};
+use crate::work::WorkSet;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
 use std::io;
-use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use store::{
@@ -102,15 +104,6 @@ pub struct Status {
     pub degraded: Vec<String>,
 }
 
-/// How long `sync` waits for its cookie while the watcher makes no progress at all.
-const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
-
-#[derive(Default)]
-struct SyncState {
-    reached: u64,
-    failed: Option<String>,
-}
-
 #[derive(Default)]
 struct Counters {
     events: AtomicU64,
@@ -126,9 +119,7 @@ struct Shared {
     store: Arc<Store>,
     /// Shared with the reader thread.
     stop_flag: Arc<AtomicBool>,
-    next_cookie: AtomicU64,
-    sync: Mutex<SyncState>,
-    synced: Condvar,
+    cookies: Cookies,
     /// Processes putting paths back (`reset`): what they do is logged as a reset.
     resetting: Mutex<HashSet<u32>>,
     /// The environment's masks (spfs's whiteouts for paths its layers delete).
@@ -145,7 +136,6 @@ struct Shared {
 /// A running tracker. Dropping it stops the watcher thread; `stop` also reports errors.
 pub struct Tracker {
     shared: Arc<Shared>,
-    sync_fd: OwnedFd,
     config: Config,
     degraded: Vec<String>,
     threads: Vec<JoinHandle<()>>,
@@ -195,9 +185,6 @@ impl Tracker {
                     source: e,
                 },
             })?;
-        let sync_fd: OwnedFd = std::fs::File::open(&config.sync_dir)
-            .map_err(TrackerError::io("cannot open sync dir", &config.sync_dir))?
-            .into();
         let sync_handle = sys::handle_of(&config.sync_dir).map_err(TrackerError::io(
             "cannot get a file handle of",
             &config.sync_dir,
@@ -213,9 +200,7 @@ impl Tracker {
         let shared = Arc::new(Shared {
             store,
             stop_flag: Arc::new(AtomicBool::new(false)),
-            next_cookie: AtomicU64::new(0),
-            sync: Mutex::new(SyncState::default()),
-            synced: Condvar::new(),
+            cookies: Cookies::new(&config.sync_dir)?,
             masks: std::sync::RwLock::new(config.masks.clone()),
             lowers: std::sync::RwLock::new(layout.lowers.clone()),
             layers: Mutex::new(layers),
@@ -246,6 +231,7 @@ impl Tracker {
         let backlog = Arc::new(Backlog::default());
         let mut watcher = Watcher {
             mounts,
+            links: RefCell::default(),
             backlog: backlog.clone(),
             resolver,
             classifier,
@@ -279,7 +265,6 @@ impl Tracker {
             ))?;
         let tracker = Tracker {
             shared,
-            sync_fd,
             config,
             degraded,
             threads: vec![reader, thread],
@@ -317,59 +302,13 @@ impl Tracker {
 
     /// Returns once every change completed before the call is in the changelog.
     ///
-    /// Writes a uniquely named cookie file on the watched filesystem and waits for the
-    /// watcher to process its event: the kernel queues events in order, so everything
-    /// queued before the cookie has been processed by then.
+    /// Through a sync cookie (see `cookies`): a busy tracker (a storm's backlog, a
+    /// rescan) is slow, not stuck, so it fails only when the watcher makes no progress
+    /// for `cookies::SYNC_TIMEOUT`.
     pub fn sync(&self) -> Result<Token, TrackerError> {
-        let n = self.shared.next_cookie.fetch_add(1, Ordering::SeqCst) + 1;
-        let name = format!("cookie-{n}");
-        // Through a descriptor: the sync dir's path may only be reachable through a
-        // runtime process's /proc/<pid>/root, which can go away.
-        let flags = OFlag::O_CREAT | OFlag::O_WRONLY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW;
-        let cookie_error = |e: nix::errno::Errno| TrackerError::Io {
-            what: "cannot write sync cookie in",
-            path: self.config.sync_dir.clone(),
-            source: e.into(),
-        };
-        drop(
-            openat(
-                &self.sync_fd,
-                name.as_str(),
-                flags,
-                Mode::from_bits_truncate(0o600),
-            )
-            .map_err(cookie_error)?,
-        );
-        let _ = unlinkat(&self.sync_fd, name.as_str(), UnlinkatFlags::NoRemoveDir);
-        // A busy tracker (a backlog of a storm, a rescan) is slow, not stuck: give up
-        // only when it has processed nothing for SYNC_TIMEOUT.
         let batches = || self.shared.counters.batches.load(Ordering::Relaxed);
-        let mut progress = batches();
-        let mut deadline = Instant::now() + SYNC_TIMEOUT;
-        let mut state = self.shared.sync.lock().map_err(|_| poisoned())?;
-        loop {
-            if let Some(why) = &state.failed {
-                return Err(TrackerError::Stopped(why.clone()));
-            }
-            if state.reached >= n {
-                return Ok(self.shared.store.token());
-            }
-            let now = Instant::now();
-            if batches() != progress {
-                progress = batches();
-                deadline = now + SYNC_TIMEOUT;
-            }
-            if now >= deadline {
-                return Err(TrackerError::SyncTimeout(SYNC_TIMEOUT));
-            }
-            let wait = (deadline - now).min(Duration::from_millis(200));
-            state = self
-                .shared
-                .synced
-                .wait_timeout(state, wait)
-                .map_err(|_| poisoned())?
-                .0;
-        }
+        self.shared.cookies.sync(batches)?;
+        Ok(self.shared.store.token())
     }
 
     /// Answers a query with every change completed before the call.
@@ -549,32 +488,13 @@ struct MountWatch {
 /// The watcher thread's state.
 struct Watcher {
     mounts: Option<MountWatch>,
+    /// The names of upper inodes (hard links).
+    links: RefCell<LinkIndex>,
     backlog: Arc<Backlog>,
     resolver: Resolver,
     classifier: Classifier,
     shared: Arc<Shared>,
     sync_handle: Handle,
-}
-
-/// What one batch of events asks to be done.
-#[derive(Default)]
-struct Pending {
-    observations: Vec<Observation>,
-    /// Paths moved into the upper dir from overlayfs' work dir (copy-up, whiteout,
-    /// opaque dir): what they mean is known only once they are classified.
-    staged: Vec<(Vec<u8>, Option<Origin>, u64)>,
-    dirty: BTreeSet<Vec<u8>>,
-    /// Dirs whose recorded descendants must be classified again.
-    subtrees: BTreeSet<Vec<u8>>,
-    /// Dirs moved into place whose content must be walked.
-    walks: BTreeSet<Vec<u8>>,
-    seen: HashSet<(Action, Vec<u8>, u32)>,
-    /// Paths created in this batch.
-    created: HashSet<Vec<u8>>,
-    /// Dirs removed in this batch, with who removed them.
-    removed_dirs: Vec<(Vec<u8>, Option<Origin>, u64)>,
-    cookie: u64,
-    overflow: bool,
 }
 
 impl Watcher {
@@ -599,10 +519,7 @@ impl Watcher {
         };
         if let Err(why) = result {
             tracing::error!(%why, "watcher stopped");
-            if let Ok(mut s) = self.shared.sync.lock() {
-                s.failed = Some(why);
-            }
-            self.shared.synced.notify_all();
+            self.shared.cookies.abort_all(why);
         }
     }
 
@@ -703,52 +620,49 @@ impl Watcher {
         Ok(())
     }
 
+    /// One batch: decoded events, resolved to path events, gathered into a work set,
+    /// settled against the filesystem and written to the changelog at once.
     fn process(&mut self, chunks: Vec<Chunk>) -> Result<(), TrackerError> {
         let started = Instant::now();
         self.follow_mounts(false)?;
-        let mut p = Pending::default();
-        let now_ns = now_ns();
+        let time_ns = now_ns();
+        let mut work = WorkSet::default();
+        let mut path_events = Vec::new();
         let mut count = 0u64;
-        for chunk in chunks {
-            for event in fid::events(&chunk.bytes) {
-                let event = match event {
-                    Ok(e) => e,
-                    Err(e) => {
-                        // The rest of this read cannot be trusted: treat it like an
-                        // overflow.
-                        tracing::error!(error = %e, "undecodable fanotify record");
-                        p.overflow = true;
-                        break;
-                    }
-                };
+        for chunk in &chunks {
+            for spans in &chunk.events {
+                let event = spans.view(&chunk.bytes);
                 count += 1;
-                if event.mask & sys::FAN_Q_OVERFLOW != 0 {
-                    p.overflow = true;
-                    continue;
-                }
-                if let Some(entry) = event.entry
-                    && entry.dir == self.sync_handle.as_ref()
-                {
-                    if event.mask & sys::FAN_CREATE != 0
-                        && let Some(n) = cookie_number(entry.name)
-                    {
-                        p.cookie = p.cookie.max(n);
-                    }
-                    continue;
-                }
+                pathevent::resolve(
+                    &event,
+                    &mut self.resolver,
+                    self.sync_handle.as_ref(),
+                    &mut path_events,
+                )
+                .map_err(TrackerError::io(
+                    "cannot resolve a handle under",
+                    self.classifier.upper(),
+                ))?;
                 // The reader read every writer's command line along with its events.
                 let origin = (event.pid > 0).then(|| Origin {
                     pid: event.pid as u32,
                     command: chunk.commands.get(&event.pid).cloned().unwrap_or_default(),
                 });
-                self.handle_event(&event, origin, now_ns, &mut p)?;
+                for e in path_events.drain(..) {
+                    work.add(e, origin.clone(), time_ns);
+                }
+            }
+            if let Some(e) = &chunk.undecodable {
+                // The rest of this read cannot be trusted: as good as an overflow.
+                tracing::error!(error = %e, "undecodable fanotify record");
+                work.lost = true;
             }
         }
         self.shared
             .counters
             .events
             .fetch_add(count, Ordering::Relaxed);
-        self.apply(p)?;
+        self.apply(work)?;
         self.shared.counters.batches.fetch_add(1, Ordering::Relaxed);
         self.shared
             .counters
@@ -757,288 +671,50 @@ impl Watcher {
         Ok(())
     }
 
-    fn handle_event(
-        &mut self,
-        event: &fid::Event<'_>,
-        origin: Option<Origin>,
-        time_ns: u64,
-        p: &mut Pending,
-    ) -> Result<(), TrackerError> {
-        let ondir = event.mask & sys::FAN_ONDIR != 0;
-        let observe = |p: &mut Pending, action, path: &[u8], ft| {
-            // One record per path and kind of change per batch: writes and attribute
-            // changes repeat (every write(2) is an event), and those right after a
-            // creation are part of it.
-            let dedupe = matches!(action, Action::Written | Action::Attrib);
-            if dedupe && p.created.contains(path) {
-                return;
-            }
-            let pid = origin.as_ref().map_or(0, |o| o.pid);
-            if dedupe && !p.seen.insert((action, path.to_vec(), pid)) {
-                return;
-            }
-            if action == Action::Created {
-                p.created.insert(path.to_vec());
-            }
-            p.observations.push(Observation {
-                action,
-                path: path.to_vec(),
-                file_type: ft,
-                origin: origin.clone(),
-                time_ns,
-            });
-        };
-        let dir_type = if ondir {
-            FileType::Dir
-        } else {
-            FileType::Unknown
-        };
-        if event.mask & sys::FAN_RENAME != 0 {
-            let old = self.entry_path(event.old)?;
-            let new = self.entry_path(event.new)?;
-            if ondir {
-                self.resolver.invalidate();
-            }
-            if let Some(old) = &old {
-                observe(p, Action::RenamedFrom, old, dir_type);
-                p.dirty.insert(old.clone());
-                if ondir {
-                    p.subtrees.insert(old.clone());
-                }
-            }
-            if let Some(new) = new {
-                if old.is_some() {
-                    observe(p, Action::RenamedTo, &new, dir_type);
-                } else {
-                    p.staged.push((new.clone(), origin.clone(), time_ns));
-                }
-                if ondir {
-                    p.subtrees.insert(new.clone());
-                    p.walks.insert(new.clone());
-                }
-                p.dirty.insert(new);
-            }
-            return Ok(());
-        }
-        // An event on an inode with no name (a link count change, which also hits the
-        // whiteout inode overlayfs shares between all its deletions) would be pinned
-        // on whichever name the inode happens to have: such an attribute change alters
-        // no path's state, so it is not taken.
-        let attrib_only = event.mask & !(sys::FAN_ATTRIB | sys::FAN_ONDIR) == 0;
-        if event.entry.is_none() && attrib_only {
-            return Ok(());
-        }
-        let path = match event.entry {
-            Some(_) => self.entry_path(event.entry)?,
-            None => match event.object {
-                Some(h) => match self.resolver.object(h).map_err(TrackerError::io(
-                    "cannot resolve a handle under",
-                    self.classifier.upper(),
-                ))? {
-                    Some(Place::Upper(rel)) if !rel.is_empty() => Some(rel),
-                    _ => None,
-                },
-                None => None,
-            },
-        };
-        let Some(path) = path else { return Ok(()) };
-        if event.mask & sys::FAN_CREATE != 0 {
-            observe(p, Action::Created, &path, dir_type);
-            if let (true, Some(obj)) = (ondir, event.object) {
-                self.resolver
-                    .remember(obj.to_owned(), Place::Upper(path.clone()));
-            }
-        }
-        if event.mask & sys::FAN_DELETE != 0 {
-            observe(p, Action::Deleted, &path, dir_type);
-            if ondir {
-                self.resolver.invalidate();
-                p.subtrees.insert(path.clone());
-                p.removed_dirs.push((path.clone(), origin.clone(), time_ns));
-            }
-        }
-        if event.mask & (sys::FAN_MODIFY | sys::FAN_CLOSE_WRITE) != 0 {
-            observe(p, Action::Written, &path, dir_type);
-        }
-        if event.mask & sys::FAN_ATTRIB != 0 {
-            observe(p, Action::Attrib, &path, dir_type);
-        }
-        p.dirty.insert(path);
-        Ok(())
-    }
-
-    /// The upper-relative path of a (dir, name) pair; `None` outside the upper dir, for
-    /// the upper dir itself, or when the dir is already gone.
-    fn entry_path(
-        &mut self,
-        entry: Option<DirEntryRef<'_>>,
-    ) -> Result<Option<Vec<u8>>, TrackerError> {
-        let Some(entry) = entry else { return Ok(None) };
-        let place = self.resolver.dir(entry.dir).map_err(TrackerError::io(
-            "cannot resolve a dir handle under",
-            self.classifier.upper(),
-        ))?;
-        Ok(match place {
-            Some(Place::Upper(dir)) => {
-                if entry.name == b"." || entry.name.is_empty() {
-                    (!dir.is_empty()).then_some(dir)
-                } else {
-                    Some(join_rel(&dir, entry.name))
-                }
-            }
-            _ => None,
-        })
-    }
-
-    /// Classifies what the batch touched and writes it to the changelog in one go.
-    fn apply(&mut self, mut p: Pending) -> Result<(), TrackerError> {
+    /// Settles a work set and writes it; answers its sync cookies.
+    fn apply(&mut self, work: WorkSet) -> Result<(), TrackerError> {
         // Dirs cached by an earlier batch may have moved since.
         self.classifier.forget();
-        let store = self.shared.store.clone();
         let resetting = self
             .shared
             .resetting
             .lock()
             .map(|s| s.clone())
             .unwrap_or_default();
-        for dir in &p.subtrees {
-            for (path, _) in store.net_under(dir)? {
-                p.dirty.insert(path);
-            }
+        let layers = Live {
+            classifier: &self.classifier,
+            links: &self.links,
+        };
+        let settled = settle::settle(&work, &layers, self.shared.store.as_ref(), &resetting)?;
+        for (path, e) in &settled.errors {
+            // Left as recorded rather than guessed; counted in status.
+            self.inspect_failed(path, e);
         }
-        // What a reset removed along with a dir was reset too, by the same process.
-        for (dir, origin, time_ns) in std::mem::take(&mut p.removed_dirs) {
-            if !origin.as_ref().is_some_and(|o| resetting.contains(&o.pid)) {
-                continue;
-            }
-            for (path, entry) in store.net_under(&dir)? {
-                p.observations.push(Observation {
-                    action: Action::Reset,
-                    path,
-                    file_type: entry.file_type,
-                    origin: origin.clone(),
-                    time_ns,
-                });
-            }
-        }
-        // A walk classifies what it finds: those paths need no second look.
-        let mut states = HashMap::new();
-        for dir in &p.walks {
-            let mut found = Vec::new();
-            if let Err(e) = self.classifier.walk(dir, &mut found) {
-                self.inspect_failed(dir, &e);
-            }
-            for (path, kind, file_type) in found {
-                p.dirty.insert(path.clone());
-                states.insert(path, Some((kind, file_type)));
-            }
-        }
-        let mut net = Vec::with_capacity(p.dirty.len());
-        for path in &p.dirty {
-            let state = match states.get(path) {
-                Some(known) => *known,
-                None => match self.classifier.classify(path) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        // Leave the recorded state alone rather than guess; counted in
-                        // status.
-                        self.inspect_failed(path, &e);
-                        continue;
-                    }
-                },
-            };
-            states.insert(path.clone(), state);
-            net.push(NetUpdate {
-                path: path.clone(),
-                state,
-            });
-        }
-        let mut staged_done = HashSet::new();
-        for (path, origin, time_ns) in p.staged.into_iter().rev() {
-            if !staged_done.insert(path.clone()) {
-                continue;
-            }
-            let action = match states.get(&path).copied().flatten() {
-                Some((NetKind::Removed, _)) => Action::Deleted,
-                Some((NetKind::Replaced, FileType::Dir)) => Action::Created,
-                _ => continue,
-            };
-            let file_type = states
-                .get(&path)
-                .copied()
-                .flatten()
-                .map_or(FileType::Unknown, |s| s.1);
-            p.observations.push(Observation {
-                action,
-                path,
-                file_type,
-                origin,
-                time_ns,
-            });
-        }
-        for o in &mut p.observations {
-            if o.origin
-                .as_ref()
-                .is_some_and(|origin| resetting.contains(&origin.pid))
-            {
-                o.action = Action::Reset;
-            }
-            // Overlayfs deletes a lower entry by linking or moving a (shared) whiteout
-            // into place: what the events call a creation is a deletion.
-            if matches!(o.action, Action::Created | Action::RenamedTo)
-                && matches!(states.get(&o.path), Some(Some((_, FileType::Whiteout))))
-            {
-                o.action = Action::Deleted;
-            }
-            // A copy-up creates the upper file of a path the lower layers already hold:
-            // to the user that path was written, not created.
-            if o.action == Action::Created {
-                match states.get(&o.path) {
-                    Some(Some((NetKind::Modified, _))) => o.action = Action::Written,
-                    Some(Some((NetKind::Metadata, _))) => o.action = Action::Attrib,
-                    _ => {}
-                }
-            }
-            // Fill in types the events did not carry from what the filesystem showed.
-            if o.file_type == FileType::Unknown {
-                if let Some(Some((_, ft))) = states.get(&o.path) {
-                    o.file_type = *ft;
-                } else if o.action != Action::Deleted {
-                    o.file_type = FileType::File;
-                }
-            }
-        }
-        let records = p.observations.len() as u64;
-        if records > 0 || !net.is_empty() {
-            store.apply(&Batch {
-                observations: p.observations,
-                net,
-            })?;
+        let records = settled.batch.observations.len() as u64;
+        if records > 0 || !settled.batch.net.is_empty() {
+            self.shared.store.apply(&settled.batch)?;
         }
         self.shared
             .counters
             .records
             .fetch_add(records, Ordering::Relaxed);
-        if p.overflow {
+        if work.lost {
             self.shared
                 .counters
                 .overflows
                 .fetch_add(1, Ordering::Relaxed);
-            // A sync cookie created while the queue was full was dropped with the
-            // other events, so its waiter would time out. Every cookie issued before
-            // the rescan starts follows only changes the rescan sees: it answers them.
-            let issued = self.shared.next_cookie.load(Ordering::SeqCst);
+            // A cookie created while the queue was full was lost with the other
+            // events; every cookie issued before the rescan starts follows only
+            // changes the rescan sees.
+            let issued = self.shared.cookies.issued();
             self.rescan("fanotify queue overflow: events were lost")?;
-            p.cookie = p.cookie.max(issued);
+            self.shared.cookies.notice(issued);
         }
-        if p.cookie > 0 {
+        if work.cookie > 0 {
             // A remount that ended before the sync began is part of what it
             // guarantees (its mount events are queued by then).
             self.follow_mounts(true)?;
-            if let Ok(mut s) = self.shared.sync.lock() {
-                s.reached = s.reached.max(p.cookie);
-            }
-            self.shared.synced.notify_all();
+            self.shared.cookies.notice(work.cookie);
         }
         Ok(())
     }
@@ -1070,13 +746,6 @@ impl Watcher {
     ) -> Result<T, TrackerError> {
         f(&self.classifier).map_err(TrackerError::io("cannot inspect", self.classifier.upper()))
     }
-}
-
-fn cookie_number(name: &[u8]) -> Option<u64> {
-    std::str::from_utf8(name.strip_prefix(b"cookie-")?)
-        .ok()?
-        .parse()
-        .ok()
 }
 
 fn now_ns() -> u64 {

@@ -100,6 +100,101 @@ pub struct Event<'a> {
     pub new: Option<DirEntryRef<'a>>,
 }
 
+/// An event decoded from a buffer, kept as positions in it: the reader decodes each
+/// buffer once, and the watcher views the events again without parsing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventSpans {
+    pub mask: u64,
+    pub pid: i32,
+    pub fd: i32,
+    object: Option<HandleSpan>,
+    entry: Option<EntrySpan>,
+    old: Option<EntrySpan>,
+    new: Option<EntrySpan>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct HandleSpan {
+    handle_type: i32,
+    at: u32,
+    len: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct EntrySpan {
+    fsid: [u8; FSID_LEN],
+    dir: HandleSpan,
+    name_at: u32,
+    name_len: u32,
+}
+
+/// Where `part` lies in `buf`; `part` must be a subslice of it.
+fn span_of(buf: &[u8], part: &[u8]) -> (u32, u32) {
+    if part.is_empty() {
+        // An empty name need not point into the buffer.
+        return (0, 0);
+    }
+    let at = (part.as_ptr() as usize).wrapping_sub(buf.as_ptr() as usize);
+    debug_assert!(at + part.len() <= buf.len(), "a subslice of the buffer");
+    // Read buffers are far below 4 GiB.
+    (at as u32, part.len() as u32)
+}
+
+impl EventSpans {
+    /// `event`, decoded from `buf`, as positions in `buf`.
+    pub fn of(event: &Event<'_>, buf: &[u8]) -> EventSpans {
+        let handle = |h: HandleRef<'_>| {
+            let (at, len) = span_of(buf, h.bytes);
+            HandleSpan {
+                handle_type: h.handle_type,
+                at,
+                len,
+            }
+        };
+        let entry = |e: DirEntryRef<'_>| {
+            let (name_at, name_len) = span_of(buf, e.name);
+            EntrySpan {
+                fsid: e.fsid,
+                dir: handle(e.dir),
+                name_at,
+                name_len,
+            }
+        };
+        EventSpans {
+            mask: event.mask,
+            pid: event.pid,
+            fd: event.fd,
+            object: event.object.map(handle),
+            entry: event.entry.map(entry),
+            old: event.old.map(entry),
+            new: event.new.map(entry),
+        }
+    }
+
+    /// The event again, from the buffer it was decoded from.
+    pub fn view<'a>(&self, buf: &'a [u8]) -> Event<'a> {
+        let slice = |at: u32, len: u32| &buf[at as usize..at as usize + len as usize];
+        let handle = |h: HandleSpan| HandleRef {
+            handle_type: h.handle_type,
+            bytes: slice(h.at, h.len),
+        };
+        let entry = |e: EntrySpan| DirEntryRef {
+            fsid: e.fsid,
+            dir: handle(e.dir),
+            name: slice(e.name_at, e.name_len),
+        };
+        Event {
+            mask: self.mask,
+            pid: self.pid,
+            fd: self.fd,
+            object: self.object.map(handle),
+            entry: self.entry.map(entry),
+            old: self.old.map(entry),
+            new: self.new.map(entry),
+        }
+    }
+}
+
 /// Iterates over the events in a buffer filled by one `read(2)` of a fanotify fd.
 pub struct Events<'a> {
     buf: &'a [u8],
@@ -394,6 +489,23 @@ pub(crate) mod tests {
             for e in events(&buf) {
                 if let Ok(e) = e
                     && let Some(entry) = e.entry { prop_assert!(!entry.name.contains(&0)); }
+            }
+        }
+
+        /// Decoded once, viewed again: the same event.
+        #[test]
+        fn spans_view_the_decoded_event(
+            name in proptest::collection::vec(1u8..=255, 1..40),
+            handle in proptest::collection::vec(any::<u8>(), 0..32),
+        ) {
+            let buf = [
+                event(0x100, 3, &[info(INFO_DFID_NAME, &handle, Some(&name)), info(INFO_FID, b"xyz", None)]),
+                event(0x1000_0000, 4, &[info(INFO_OLD_DFID_NAME, b"a", Some(b"x")), info(INFO_NEW_DFID_NAME, &handle, Some(&name))]),
+                event(0x4, 5, &[info(INFO_DFID, &handle, None)]),
+            ].concat();
+            for e in events(&buf) {
+                let e = e.expect("a valid record");
+                prop_assert_eq!(EventSpans::of(&e, &buf).view(&buf), e);
             }
         }
     }

@@ -5,19 +5,24 @@
 
 pub mod classify;
 pub mod control;
+pub mod cookies;
 mod engine;
 mod error;
 pub mod fid;
+mod links;
 pub mod masks;
 pub mod mountinfo;
+pub mod pathevent;
 mod reader;
 pub mod reset;
 pub mod resolve;
 pub mod restore;
 pub mod runtime;
 pub mod service;
+pub mod settle;
 pub mod sys;
 pub mod validate;
+pub mod work;
 
 pub use engine::{Config, Layout, Status, Tracker};
 pub use error::TrackerError;

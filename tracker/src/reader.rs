@@ -3,8 +3,9 @@
 //! The kernel queue is small (16384 events by default) and a full queue loses
 //! events, which costs a rescan of the whole upper dir. Classifying and writing
 //! changes is much slower than reading them, so a dedicated thread only reads: it
-//! moves raw records into a bounded backlog in memory, together with the command line
-//! of each writer read right away (short-lived writers are gone a few ms later). The
+//! decodes each buffer once and moves it into a bounded backlog in memory, together
+//! with the command line of each writer read right away (short-lived writers are gone
+//! a few ms later). The
 //! watcher takes what is backlogged (up to `MAX_BATCH`) at once, so the busier the
 //! writers, the larger (and cheaper per event) its batches.
 
@@ -15,11 +16,49 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-/// One `read(2)` worth of records.
+/// One `read(2)` worth of records, decoded.
 pub(crate) struct Chunk {
     pub bytes: Vec<u8>,
+    /// The events of `bytes`, in order (view each with `EventSpans::view(&bytes)`).
+    pub events: Vec<fid::EventSpans>,
+    /// Set when a record could not be decoded: the events after it are lost.
+    pub undecodable: Option<fid::ParseError>,
     /// Command lines of the writers in `bytes`, by pid.
     pub commands: HashMap<i32, Vec<u8>>,
+}
+
+impl Chunk {
+    /// Decodes `bytes` (one read of a fanotify group) and reads the command line of
+    /// each writer, reusing those in `known`.
+    fn decode(bytes: Vec<u8>, known: &mut HashMap<i32, (Vec<u8>, Instant)>) -> Chunk {
+        let now = Instant::now();
+        known.retain(|_, (_, at)| now.duration_since(*at) < COMMAND_TTL);
+        let mut events = Vec::new();
+        let mut undecodable = None;
+        let mut commands = HashMap::new();
+        for event in fid::events(&bytes) {
+            let event = match event {
+                Ok(e) => e,
+                Err(e) => {
+                    undecodable = Some(e);
+                    break;
+                }
+            };
+            if event.pid > 0 && !commands.contains_key(&event.pid) {
+                let (command, _) = known
+                    .entry(event.pid)
+                    .or_insert_with(|| (sys::command_of(event.pid as u32), now));
+                commands.insert(event.pid, command.clone());
+            }
+            events.push(fid::EventSpans::of(&event, &bytes));
+        }
+        Chunk {
+            bytes,
+            events,
+            undecodable,
+            commands,
+        }
+    }
 }
 
 /// Read buffer; the kernel needs room for at least one whole event per read.
@@ -132,9 +171,7 @@ pub(crate) fn run(group: FanotifyGroup, backlog: Arc<Backlog>, stop: Arc<AtomicB
                 break;
             }
             drained += n;
-            let bytes = buf[..n].to_vec();
-            let commands = commands_of(&bytes, &mut known);
-            backlog.push(Chunk { bytes, commands }, &stop);
+            backlog.push(Chunk::decode(buf[..n].to_vec(), &mut known), &stop);
         }
         // While events keep coming, let them gather for a moment: the kernel merges
         // repeated events on the same file (every write(2) is one) while they wait in
@@ -148,24 +185,4 @@ pub(crate) fn run(group: FanotifyGroup, backlog: Arc<Backlog>, stop: Arc<AtomicB
             last_drain = now;
         }
     }
-}
-
-/// The command lines of the writers in `bytes`, read from /proc unless read moments
-/// ago (pids are not reused that fast).
-fn commands_of(
-    bytes: &[u8],
-    known: &mut HashMap<i32, (Vec<u8>, Instant)>,
-) -> HashMap<i32, Vec<u8>> {
-    let now = Instant::now();
-    known.retain(|_, (_, at)| now.duration_since(*at) < COMMAND_TTL);
-    let mut commands = HashMap::new();
-    for event in fid::events(bytes).flatten() {
-        if event.pid > 0 && !commands.contains_key(&event.pid) {
-            let (command, _) = known
-                .entry(event.pid)
-                .or_insert_with(|| (sys::command_of(event.pid as u32), now));
-            commands.insert(event.pid, command.clone());
-        }
-    }
-    commands
 }

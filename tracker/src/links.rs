@@ -1,0 +1,100 @@
+//! The names of upper inodes, for hard links: `ln /spfs/f /spfs/f2; chmod 600
+//! /spfs/f2` changes `f` too, though every event names `f2`.
+//!
+//! Events name one path; a file with several names (overlayfs links them in the upper
+//! dir, one inode) changes under all of them. The index remembers the inode of every
+//! file the watcher classified, so the other names of a file are known when it gains
+//! a second name or changes through one; a name it does not know (a link made before
+//! the tracker started, an index past its bound) is found by one walk of the upper dir.
+
+use crate::classify::{Classifier, Net};
+use crate::settle::Layers;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io;
+use store::{FileType, NetKind};
+
+/// Past this many remembered files the index starts over (its memory is bounded; the
+/// walk finds what it forgot).
+const INDEX_LIMIT: usize = 256 * 1024;
+
+/// Inode number -> the upper-relative names last seen for it.
+#[derive(Debug, Default)]
+pub struct LinkIndex {
+    names: HashMap<u64, Vec<Vec<u8>>>,
+    len: usize,
+}
+
+impl LinkIndex {
+    fn note(&mut self, ino: u64, path: &[u8]) {
+        let names = self.names.entry(ino).or_default();
+        if names.iter().any(|n| n == path) {
+            return;
+        }
+        if self.len >= INDEX_LIMIT {
+            self.names.clear();
+            self.len = 0;
+        }
+        self.names.entry(ino).or_default().push(path.to_vec());
+        self.len += 1;
+    }
+
+    fn replace(&mut self, ino: u64, names: Vec<Vec<u8>>) {
+        let old = self.names.insert(ino, names).map_or(0, |n| n.len());
+        self.len = self.len - old + self.names.get(&ino).map_or(0, Vec::len);
+    }
+}
+
+/// The layers as the watcher sees them: the classifier for states, the index for
+/// hard links.
+pub struct Live<'a> {
+    pub classifier: &'a Classifier,
+    pub links: &'a RefCell<LinkIndex>,
+}
+
+impl Layers for Live<'_> {
+    fn classify(&self, rel: &[u8]) -> io::Result<Net> {
+        let (state, inode) = self.classifier.classify_inode(rel)?;
+        if let Some(inode) = inode
+            && inode.linkable
+        {
+            self.links.borrow_mut().note(inode.ino, rel);
+        }
+        Ok(state)
+    }
+
+    fn walk(&self, rel: &[u8], out: &mut Vec<(Vec<u8>, NetKind, FileType)>) -> io::Result<()> {
+        self.classifier.walk(rel, out)
+    }
+
+    fn other_names(&self, rel: &[u8]) -> io::Result<Vec<Vec<u8>>> {
+        let Some(inode) = self.classifier.upper_inode(rel)? else {
+            return Ok(Vec::new());
+        };
+        if !inode.linkable || inode.links < 2 {
+            return Ok(Vec::new());
+        }
+        let known = self
+            .links
+            .borrow()
+            .names
+            .get(&inode.ino)
+            .cloned()
+            .unwrap_or_default();
+        let mut names = Vec::with_capacity(known.len() + 1);
+        for name in known {
+            if self.classifier.upper_inode(&name)?.map(|i| i.ino) == Some(inode.ino) {
+                names.push(name);
+            }
+        }
+        if !names.iter().any(|n| n == rel) {
+            names.push(rel.to_vec());
+        }
+        if (names.len() as u64) < inode.links {
+            names = self.classifier.names_of_inode(inode.ino)?;
+        }
+        self.links.borrow_mut().replace(inode.ino, names.clone());
+        names.retain(|n| n != rel);
+        Ok(names)
+    }
+}

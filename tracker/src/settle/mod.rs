@@ -1,0 +1,227 @@
+//! The fourth step of the watcher: one batch's work set settled into what the
+//! changelog records, deciding every action once.
+//!
+//! Events are hints; the filesystem is the answer. Every path the batch touched (and
+//! what lies below dirs that moved or went, and every other name of an upper inode
+//! with several) is classified against the lower layers as it is *now*, so the net
+//! state equals what a walk of the upper dir says whatever mix of copy-ups, whiteouts
+//! and exchanges overlayfs used. The log keeps the events' order, with each action
+//! corrected by what the path turned out to be: a "creation" that left a whiteout is a
+//! deletion, one that copied up a lower file is a write, and a move in from the work
+//! dir means whatever it put in place.
+//!
+//! `settle` is pure: the filesystem and the changelog come in through `Layers` and
+//! `Recorded`, so its rules are specified by data-driven cases (`cases.rs`) that run
+//! without root.
+
+use crate::classify::Net;
+use crate::work::{Logged, Step, WorkSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::io;
+use store::{Action, Batch, FileType, NetEntry, NetKind, NetUpdate, Observation, StoreError};
+
+#[cfg(test)]
+mod cases;
+
+/// The upper dir against the lower layers, as `settle` needs to see them.
+pub trait Layers {
+    /// The net state of `rel` now.
+    fn classify(&self, rel: &[u8]) -> io::Result<Net>;
+    /// Every changed path at and below the dir `rel`, with its net state.
+    fn walk(&self, rel: &[u8], out: &mut Vec<(Vec<u8>, NetKind, FileType)>) -> io::Result<()>;
+    /// The other names of the upper file at `rel` when it has several (hard links):
+    /// a change to it is a change to each. Empty for dirs, whiteouts (overlayfs shares
+    /// one inode between them), single names and absent paths.
+    fn other_names(&self, rel: &[u8]) -> io::Result<Vec<Vec<u8>>>;
+}
+
+/// What the changelog already holds.
+pub trait Recorded {
+    /// The recorded net state at and below `dir`.
+    fn net_under(&self, dir: &[u8]) -> Result<Vec<(Vec<u8>, NetEntry)>, StoreError>;
+}
+
+impl Recorded for store::Store {
+    fn net_under(&self, dir: &[u8]) -> Result<Vec<(Vec<u8>, NetEntry)>, StoreError> {
+        store::Store::net_under(self, dir)
+    }
+}
+
+/// What a batch settles into.
+#[derive(Debug, Default)]
+pub struct Settled {
+    pub batch: Batch,
+    /// Paths that could not be inspected: their recorded state is left alone.
+    pub errors: Vec<(Vec<u8>, io::Error)>,
+}
+
+/// Settles `work` against the filesystem (`layers`) and the changelog (`recorded`).
+/// Changes made by a process in `resetting` are logged as `Reset`. Fails only when the
+/// changelog cannot be read.
+pub fn settle(
+    work: &WorkSet,
+    layers: &dyn Layers,
+    recorded: &dyn Recorded,
+    resetting: &HashSet<u32>,
+) -> Result<Settled, StoreError> {
+    let mut out = Settled::default();
+    let mut dirty: BTreeSet<Vec<u8>> = work.paths.keys().cloned().collect();
+    for (dir, flags) in &work.paths {
+        if flags.subtree {
+            for (path, _) in recorded.net_under(dir)? {
+                dirty.insert(path);
+            }
+        }
+    }
+    // A walk classifies what it finds: those paths need no second look.
+    let mut states: HashMap<Vec<u8>, Net> = HashMap::new();
+    for (dir, flags) in &work.paths {
+        if !flags.walk {
+            continue;
+        }
+        let mut found = Vec::new();
+        if let Err(e) = layers.walk(dir, &mut found) {
+            out.errors.push((dir.clone(), e));
+        }
+        for (path, kind, file_type) in found {
+            dirty.insert(path.clone());
+            states.insert(path, Some((kind, file_type)));
+        }
+    }
+    let classify = |path: &[u8], states: &mut HashMap<Vec<u8>, Net>, errors: &mut Vec<_>| {
+        if let Some(known) = states.get(path) {
+            return Some(*known);
+        }
+        match layers.classify(path) {
+            Ok(state) => {
+                states.insert(path.to_vec(), state);
+                Some(state)
+            }
+            Err(e) => {
+                errors.push((path.to_vec(), e));
+                None
+            }
+        }
+    };
+    let mut classified: BTreeMap<Vec<u8>, Net> = BTreeMap::new();
+    for path in &dirty {
+        if let Some(state) = classify(path, &mut states, &mut out.errors) {
+            classified.insert(path.clone(), state);
+        }
+    }
+    // Every other name of a changed upper file changed with it.
+    let mut links: HashMap<Vec<u8>, Vec<Vec<u8>>> = HashMap::new();
+    for (path, state) in classified.clone() {
+        if matches!(state, Some((_, FileType::Dir | FileType::Whiteout))) {
+            continue;
+        }
+        let names = match layers.other_names(&path) {
+            Ok(names) => names,
+            Err(e) => {
+                out.errors.push((path, e));
+                continue;
+            }
+        };
+        for name in &names {
+            if !classified.contains_key(name)
+                && let Some(state) = classify(name, &mut states, &mut out.errors)
+            {
+                classified.insert(name.clone(), state);
+            }
+        }
+        if !names.is_empty() {
+            links.insert(path, names);
+        }
+    }
+
+    let observations = &mut out.batch.observations;
+    // The last move into place of a path is what put it there.
+    let last_moved_in: HashMap<&[u8], usize> = work
+        .log
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.step == Step::MovedIn)
+        .map(|(i, l)| (l.path.as_slice(), i))
+        .collect();
+    for (i, logged) in work.log.iter().enumerate() {
+        let state = states.get(&logged.path).copied().flatten();
+        let action = match logged.step {
+            Step::MovedIn if last_moved_in.get(logged.path.as_slice()) != Some(&i) => continue,
+            Step::MovedIn => match state {
+                Some((NetKind::Removed, _)) => Action::Deleted,
+                Some((NetKind::Replaced, FileType::Dir)) => Action::Created,
+                // A copy-up: its content and attribute events say what changed.
+                _ => continue,
+            },
+            Step::Action(action) => corrected(action, state),
+        };
+        let resetting = logged
+            .origin
+            .as_ref()
+            .is_some_and(|o| resetting.contains(&o.pid));
+        let action = if resetting { Action::Reset } else { action };
+        observations.push(observation(logged, action, state));
+        // What a reset removed along with a dir was reset too, by the same process.
+        if resetting
+            && logged.step == Step::Action(Action::Deleted)
+            && logged.file_type == FileType::Dir
+        {
+            for (path, entry) in recorded.net_under(&logged.path)? {
+                observations.push(Observation {
+                    action: Action::Reset,
+                    path,
+                    file_type: entry.file_type,
+                    origin: logged.origin.clone(),
+                    time_ns: logged.time_ns,
+                });
+            }
+        }
+        if matches!(action, Action::Written | Action::Attrib)
+            && let Some(names) = links.get(&logged.path)
+        {
+            for name in names {
+                let state = states.get(name).copied().flatten();
+                let logged = Logged {
+                    path: name.clone(),
+                    ..logged.clone()
+                };
+                observations.push(observation(&logged, action, state));
+            }
+        }
+    }
+    out.batch.net = classified
+        .into_iter()
+        .map(|(path, state)| NetUpdate { path, state })
+        .collect();
+    Ok(out)
+}
+
+/// `action` as what the path turned out to be says it was.
+fn corrected(action: Action, state: Net) -> Action {
+    match (action, state) {
+        // Overlayfs deletes a lower entry by putting a (shared) whiteout in its place.
+        (Action::Created | Action::RenamedTo, Some((_, FileType::Whiteout))) => Action::Deleted,
+        // A copy-up creates the upper file of a path the lower layers already hold: to
+        // the user that path was written, not created.
+        (Action::Created, Some((NetKind::Modified, _))) => Action::Written,
+        (Action::Created, Some((NetKind::Metadata, _))) => Action::Attrib,
+        (action, _) => action,
+    }
+}
+
+fn observation(logged: &Logged, action: Action, state: Net) -> Observation {
+    // The type the filesystem shows, else what the event said; a file by default,
+    // unless it is gone.
+    let file_type = match (logged.file_type, state) {
+        (FileType::Unknown, Some((_, ft))) => ft,
+        (FileType::Unknown, None) if action != Action::Deleted => FileType::File,
+        (ft, _) => ft,
+    };
+    Observation {
+        action,
+        path: logged.path.clone(),
+        file_type,
+        origin: logged.origin.clone(),
+        time_ns: logged.time_ns,
+    }
+}

@@ -1,0 +1,141 @@
+//! The third step of the watcher: one batch's path events gathered into one work set,
+//! as watchman keeps its pending collection: each path once, with flags saying what to
+//! look at, and the log of what happened in event order.
+
+use crate::pathevent::{Change, PathEvent};
+use std::collections::{BTreeMap, HashSet};
+use store::{Action, FileType, Origin};
+
+/// What to look at for one path.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Flags {
+    /// Created in this batch (its writes and attribute changes are part of that).
+    pub created: bool,
+    /// A dir renamed or removed: every recorded path below it must be looked at.
+    pub subtree: bool,
+    /// A dir moved into place: what it holds must be walked.
+    pub walk: bool,
+}
+
+/// What one event says happened, before the filesystem is looked at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// An action as it will be logged, unless settling finds it means another.
+    Action(Action),
+    /// Moved in from outside the upper dir (overlayfs' work dir): a copy-up, a
+    /// whiteout or an opaque dir; what it means depends on what it is now.
+    MovedIn,
+}
+
+/// One entry of the batch's log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Logged {
+    pub step: Step,
+    pub path: Vec<u8>,
+    /// `Dir` when the event said so; otherwise filled in when settling.
+    pub file_type: FileType,
+    pub origin: Option<Origin>,
+    pub time_ns: u64,
+    /// For the first half of a rename: the index of the second half in the log.
+    pub renamed_to: Option<usize>,
+}
+
+/// One batch of path events.
+#[derive(Debug, Default)]
+pub struct WorkSet {
+    pub paths: BTreeMap<Vec<u8>, Flags>,
+    pub log: Vec<Logged>,
+    /// The highest sync cookie seen.
+    pub cookie: u64,
+    /// Events were lost (queue overflow, an undecodable record): rescan.
+    pub lost: bool,
+    /// (action, path, pid) already logged: writes repeat (every write(2) is an event).
+    seen: HashSet<(Action, Vec<u8>, u32)>,
+}
+
+impl WorkSet {
+    pub fn is_empty(&self) -> bool {
+        self.paths.is_empty() && self.log.is_empty() && self.cookie == 0 && !self.lost
+    }
+
+    /// Adds one path event, made by `origin` at `time_ns`.
+    pub fn add(&mut self, event: PathEvent, origin: Option<Origin>, time_ns: u64) {
+        match event {
+            PathEvent::Cookie(n) => self.cookie = self.cookie.max(n),
+            PathEvent::Lost => self.lost = true,
+            PathEvent::Change { change, path, dir } => {
+                let action = match change {
+                    Change::Created => Action::Created,
+                    Change::Deleted => Action::Deleted,
+                    Change::Written => Action::Written,
+                    Change::Attrib => Action::Attrib,
+                };
+                let flags = self.paths.entry(path.clone()).or_default();
+                if dir && change == Change::Deleted {
+                    flags.subtree = true;
+                }
+                let repeats = matches!(action, Action::Written | Action::Attrib);
+                if repeats && flags.created {
+                    return;
+                }
+                if change == Change::Created {
+                    flags.created = true;
+                }
+                let pid = origin.as_ref().map_or(0, |o| o.pid);
+                if repeats && !self.seen.insert((action, path.clone(), pid)) {
+                    return;
+                }
+                self.push(Step::Action(action), path, dir, origin, time_ns);
+            }
+            PathEvent::Renamed { from, to, dir } => {
+                let first = from.map(|from| {
+                    let flags = self.paths.entry(from.clone()).or_default();
+                    flags.subtree |= dir;
+                    self.push(
+                        Step::Action(Action::RenamedFrom),
+                        from,
+                        dir,
+                        origin.clone(),
+                        time_ns,
+                    )
+                });
+                if let Some(to) = to {
+                    let flags = self.paths.entry(to.clone()).or_default();
+                    flags.subtree |= dir;
+                    flags.walk |= dir;
+                    let step = match first {
+                        Some(_) => Step::Action(Action::RenamedTo),
+                        None => Step::MovedIn,
+                    };
+                    let second = self.push(step, to, dir, origin, time_ns);
+                    if let Some(first) = first {
+                        self.log[first].renamed_to = Some(second);
+                    }
+                }
+            }
+        }
+    }
+
+    fn push(
+        &mut self,
+        step: Step,
+        path: Vec<u8>,
+        dir: bool,
+        origin: Option<Origin>,
+        time_ns: u64,
+    ) -> usize {
+        self.log.push(Logged {
+            step,
+            path,
+            file_type: if dir {
+                FileType::Dir
+            } else {
+                FileType::Unknown
+            },
+            origin,
+            time_ns,
+            renamed_to: None,
+        });
+        self.log.len() - 1
+    }
+}
