@@ -25,6 +25,9 @@ pub enum Step {
     /// Moved in from outside the upper dir (overlayfs' work dir): a copy-up, a
     /// whiteout or an opaque dir; what it means depends on what it is now.
     MovedIn,
+    /// A write or attribute change of a path created in this batch: part of its
+    /// creation, not logged for it, but a change to its other names (hard links).
+    Absorbed(Action),
 }
 
 /// One entry of the batch's log.
@@ -75,9 +78,7 @@ impl WorkSet {
                     flags.subtree = true;
                 }
                 let repeats = matches!(action, Action::Written | Action::Attrib);
-                if repeats && flags.created {
-                    return;
-                }
+                let absorbed = repeats && flags.created;
                 if change == Change::Created {
                     flags.created = true;
                 }
@@ -85,7 +86,12 @@ impl WorkSet {
                 if repeats && !self.seen.insert((action, path.clone(), pid)) {
                     return;
                 }
-                self.push(Step::Action(action), path, dir, origin, time_ns);
+                let step = if absorbed {
+                    Step::Absorbed(action)
+                } else {
+                    Step::Action(action)
+                };
+                self.push(step, path, dir, origin, time_ns);
             }
             PathEvent::Renamed { from, to, dir } => {
                 let first = from.map(|from| {

@@ -39,11 +39,17 @@ pub trait Layers {
 pub trait Recorded {
     /// The recorded net state at and below `dir`.
     fn net_under(&self, dir: &[u8]) -> Result<Vec<(Vec<u8>, NetEntry)>, StoreError>;
+    /// The recorded net state of `path`.
+    fn net_entry(&self, path: &[u8]) -> Result<Option<NetEntry>, StoreError>;
 }
 
 impl Recorded for store::Store {
     fn net_under(&self, dir: &[u8]) -> Result<Vec<(Vec<u8>, NetEntry)>, StoreError> {
         store::Store::net_under(self, dir)
+    }
+
+    fn net_entry(&self, path: &[u8]) -> Result<Option<NetEntry>, StoreError> {
+        store::Store::net_entry(self, path)
     }
 }
 
@@ -146,6 +152,19 @@ pub fn settle(
     for (i, logged) in work.log.iter().enumerate() {
         let state = states.get(&logged.path).copied().flatten();
         let action = match logged.step {
+            Step::Absorbed(action) => {
+                if let Some(names) = links.get(&logged.path) {
+                    for name in names {
+                        let state = states.get(name).copied().flatten();
+                        let logged = Logged {
+                            path: name.clone(),
+                            ..logged.clone()
+                        };
+                        observations.push(observation(&logged, action, state));
+                    }
+                }
+                continue;
+            }
             Step::MovedIn if last_moved_in.get(logged.path.as_slice()) != Some(&i) => continue,
             Step::MovedIn => match state {
                 Some((NetKind::Removed, _)) => Action::Deleted,
@@ -160,7 +179,24 @@ pub fn settle(
             .as_ref()
             .is_some_and(|o| resetting.contains(&o.pid));
         let action = if resetting { Action::Reset } else { action };
-        observations.push(observation(logged, action, state));
+        // What left a path is what was there before the batch, not what is there now.
+        let was = match logged.step {
+            Step::Action(Action::Deleted | Action::RenamedFrom) => {
+                recorded.net_entry(&logged.path)?.map(|e| e.file_type)
+            }
+            _ => None,
+        };
+        let state = match logged.step {
+            Step::Action(Action::Deleted | Action::RenamedFrom) => None,
+            _ => state,
+        };
+        let mut observed = observation(logged, action, state);
+        if observed.file_type == FileType::Unknown
+            && let Some(was) = was
+        {
+            observed.file_type = was;
+        }
+        observations.push(observed);
         // What a reset removed along with a dir was reset too, by the same process.
         if resetting
             && logged.step == Step::Action(Action::Deleted)
