@@ -5,11 +5,10 @@
 use crate::TargetArgs;
 use crate::output::{escape, full_path, kind_name};
 use crate::target::{self, Target};
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::Args;
 use std::process::ExitCode;
-use tracker::control::{Request, Response, RuntimeInfo};
-use tracker::reset::{MountSpec, Outcome};
+use tracker::reset::Outcome;
 
 #[derive(Args)]
 pub struct ResetArgs {
@@ -37,20 +36,6 @@ pub fn reset(args: ResetArgs) -> anyhow::Result<ExitCode> {
             "no tracker runs for this runtime: reset needs one to find the changes and record the reset"
         );
     };
-    let Response::Runtime(runtime) = client.call(&Request::Runtime)? else {
-        bail!("the tracker did not say where its runtime is");
-    };
-    let Response::ResetPlan(plan) = client.call(&Request::ResetPlan(patterns.clone()))? else {
-        bail!("the tracker gave no reset plan");
-    };
-    if plan.targets.is_empty() {
-        println!("nothing to reset: no change matches {}", patterns.join(" "));
-        return Ok(ExitCode::SUCCESS);
-    }
-    enter(&runtime)?;
-    let spec = MountSpec::current(&runtime.mount_point)?;
-    let me = std::process::id();
-    client.call(&Request::ResetBegin(me))?;
     let mut progress = |p: tracker::restore::Progress<'_>| {
         eprintln!(
             "reset: refilling {}: {} entries",
@@ -58,15 +43,26 @@ pub fn reset(args: ResetArgs) -> anyhow::Result<ExitCode> {
             p.entries
         );
     };
-    let outcome = tracker::reset::execute(&spec, &plan, &mut progress);
-    client.call(&Request::ResetEnd(me))?;
-    let through = match outcome? {
+    let Some((_, plan, outcome)) = tracker::reset::request(&mut client, &patterns, &mut progress)?
+    else {
+        println!("nothing to reset: no change matches {}", patterns.join(" "));
+        return Ok(ExitCode::SUCCESS);
+    };
+    let through = match outcome {
         Outcome::ThroughMount { why, .. } => Some(format!(" through the mount: {why}")),
         Outcome::Done { .. } => None,
     };
-    for (i, t) in plan.targets.iter().enumerate() {
+    let lines = plan
+        .targets
+        .iter()
+        .map(|t| (t, t.kind.map_or("unchanged", kind_name)))
+        .chain(
+            plan.hidden
+                .iter()
+                .map(|t| (t, "hidden by a removed or replaced dir")),
+        );
+    for (i, (t, was)) in lines.enumerate() {
         let full = full_path(&mount, &t.path);
-        let was = t.kind.map_or("unchanged", kind_name);
         // The first line names the holders, the others only say how.
         let how = match &through {
             None => "",
@@ -76,19 +72,4 @@ pub fn reset(args: ResetArgs) -> anyhow::Result<ExitCode> {
         println!("reset {} (was {was}){how}", escape(&full));
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Joins the runtime's mount namespace (when not already in it) and leaves any dir
-/// of the overlay, so this process does not keep it busy.
-fn enter(runtime: &RuntimeInfo) -> anyhow::Result<()> {
-    if tracker::sys::own_mount_ns() == Some(runtime.mount_ns) {
-        std::env::set_current_dir("/")?;
-        return Ok(());
-    }
-    tracker::sys::join_mount_ns(runtime.pid, Some(runtime.mount_ns)).with_context(|| {
-        format!(
-            "cannot enter the runtime's mount namespace through pid {}",
-            runtime.pid
-        )
-    })
 }

@@ -1359,3 +1359,84 @@ fn a_reset_logs_nothing_on_untouched_whiteouts() {
     );
     assert!(touched.is_empty(), "del.txt logged: {touched:?}");
 }
+
+/// `rm -rf d; mkdir d; reset d/x` puts d/x back from the lower layer, through the
+/// reset's safe path, and leaves the rest of the new d as it is; with every step in
+/// one batch, and with a sync between steps.
+#[test]
+fn a_path_below_a_replaced_dir_is_put_back() {
+    if !need_root() {
+        return;
+    }
+    for one_batch in [true, false] {
+        let rt = Runtime::new(&kinds_lower());
+        let pause = if one_batch {
+            ""
+        } else {
+            "spfs-changes mark pause >/dev/null"
+        };
+        let script = format!(
+            r#"
+            rm -rf "$M/opq"
+            {pause}
+            mkdir "$M/opq"
+            {pause}
+            echo n > "$M/opq/new"
+            snap before
+            step file /opq/a
+            step nested /opq/sub/c
+            "#
+        );
+        let mut c = rt.command(&script);
+        if one_batch {
+            c.env(tracker::service::BATCH_AT_SYNCS_ENV, "1");
+        }
+        let out = c.output().expect("spawn run");
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let ctx = if one_batch {
+            "one batch"
+        } else {
+            "a sync between steps"
+        };
+        let before = rt.snap("before");
+        assert_eq!(
+            before.net.get("opq").map(|(k, _)| *k),
+            Some(net_kind("replaced")),
+            "{ctx}"
+        );
+        let lower = rt.lower_view();
+        let mut back = vec!["opq"];
+        for (name, path) in [("file", "opq/a"), ("nested", "opq/sub/c")] {
+            let step = rt.step(name);
+            assert_eq!(step.rc, 0, "{ctx}: {}", step.err);
+            assert_eq!(
+                step.out.trim_end(),
+                rt.reset_line(path, "hidden by a removed or replaced dir"),
+                "{ctx}"
+            );
+            let mount = view(&step.snap.mount);
+            assert_eq!(
+                subtree(&mount, &[path]),
+                subtree(&lower, &[path]),
+                "{ctx}: {path} is back as the lower layer has it"
+            );
+            assert!(
+                mount.contains_key("opq/new"),
+                "{ctx}: the rest of opq stays"
+            );
+            assert_net_is_truth(&step.snap, ctx);
+            back.push(path);
+        }
+        back.push("opq/sub");
+        let last = view(&rt.step("nested").snap.mount);
+        let lower_opq = subtree(&lower, &["opq"]);
+        let also_back: Vec<&String> = lower_opq
+            .keys()
+            .filter(|p| !back.contains(&p.as_str()) && last.contains_key(*p))
+            .collect();
+        assert!(
+            also_back.is_empty(),
+            "{ctx}: only what was asked for comes back: {also_back:?}"
+        );
+    }
+}

@@ -122,6 +122,8 @@ struct Shared {
     cookies: Cookies,
     /// Processes putting paths back (`reset`): what they do is logged as a reset.
     resetting: Mutex<HashSet<u32>>,
+    /// Batches end only at sync cookies (see `Tracker::batch_at_syncs`).
+    batch_at_syncs: AtomicBool,
     /// The environment's masks (spfs's whiteouts for paths its layers delete).
     masks: std::sync::RwLock<Masks>,
     /// The lower layers now (top-most first): a remount can change them.
@@ -205,6 +207,7 @@ impl Tracker {
             lowers: std::sync::RwLock::new(layout.lowers.clone()),
             layers: Mutex::new(layers),
             resetting: Mutex::new(HashSet::new()),
+            batch_at_syncs: AtomicBool::new(false),
             counters: Counters::default(),
         });
         for (key, value) in [
@@ -349,9 +352,7 @@ impl Tracker {
         let patterns = crate::reset::Patterns::new(patterns, &self.config.layout.mount)?;
         self.sync()?;
         let layers = self.layers()?;
-        crate::reset::plan(self.store(), &patterns, &self.masks(), |path| {
-            layers.original(path).is_ok_and(|o| o.is_dir)
-        })
+        crate::reset::plan(self.store(), &patterns, &self.masks(), &layers)
     }
 
     /// The layers as the watcher classifies against them now, for this thread.
@@ -365,6 +366,14 @@ impl Tracker {
                 "cannot open the layers of",
                 &self.config.layout.upper,
             ))
+    }
+
+    /// While `on`, the watcher gathers events and settles them only when a sync
+    /// cookie arrives: everything done between two syncs is one batch. For tests and
+    /// tools that must know how events were batched; off by default, where a batch is
+    /// whatever the kernel queue held.
+    pub fn batch_at_syncs(&self, on: bool) {
+        self.shared.batch_at_syncs.store(on, Ordering::SeqCst);
     }
 
     /// Marks the changes process `pid` makes from now on as a reset.
@@ -499,6 +508,7 @@ struct Watcher {
 
 impl Watcher {
     fn run(mut self) {
+        let mut gathered: Vec<Chunk> = Vec::new();
         let result = loop {
             if self.shared.stop_flag.load(Ordering::SeqCst) {
                 break Ok(());
@@ -510,10 +520,16 @@ impl Watcher {
                 Ok(c) => c,
                 Err(why) => break Err(why),
             };
-            if chunks.is_empty() {
+            let at_syncs = self.shared.batch_at_syncs.load(Ordering::SeqCst);
+            if chunks.is_empty() && (at_syncs || gathered.is_empty()) {
                 continue;
             }
-            if let Err(e) = self.process(chunks) {
+            let has_cookie = at_syncs && chunks.iter().any(|c| self.holds_cookie(c));
+            gathered.extend(chunks);
+            if at_syncs && !has_cookie {
+                continue;
+            }
+            if let Err(e) = self.process(std::mem::take(&mut gathered)) {
                 break Err(e.to_string());
             }
         };
@@ -618,6 +634,17 @@ impl Watcher {
             self.shared.store.apply(&batch)?;
         }
         Ok(())
+    }
+
+    /// Whether `chunk` holds the creation of a sync cookie.
+    fn holds_cookie(&self, chunk: &Chunk) -> bool {
+        chunk.events.iter().any(|spans| {
+            let event = spans.view(&chunk.bytes);
+            event.mask & sys::FAN_CREATE != 0
+                && event.entry.is_some_and(|e| {
+                    e.dir == self.sync_handle.as_ref() && Cookies::number(e.name).is_some()
+                })
+        })
     }
 
     /// One batch: decoded events, resolved to path events, gathered into a work set,

@@ -140,32 +140,81 @@ pub struct ResetPlan {
     pub covered: Vec<Change>,
     /// The environment's masks at or below a target.
     pub masks: Masks,
+    /// Lower paths hidden below a removed or replaced dir that is not a target
+    /// (`rm -rf d; mkdir d; reset d/x`): put back from the lower layers, the dir
+    /// staying as it is. Kind `Removed`, the type of the lower entry.
+    pub hidden: Vec<Change>,
+}
+
+/// What a reset plan needs of the lower layers.
+pub trait LowerLookup {
+    /// Whether the lower layers hold a dir at `rel` (a removed dir is a whiteout in
+    /// the upper dir, and `/etc/` still names it).
+    fn is_dir(&self, rel: &[u8]) -> bool;
+    /// What the lower layers hold below the dir `rel`: each path with whether it is
+    /// a dir.
+    fn tree(&self, rel: &[u8]) -> Vec<(Vec<u8>, bool)>;
+}
+
+impl LowerLookup for crate::classify::Classifier {
+    fn is_dir(&self, rel: &[u8]) -> bool {
+        self.original(rel).is_ok_and(|o| o.is_dir)
+    }
+
+    fn tree(&self, rel: &[u8]) -> Vec<(Vec<u8>, bool)> {
+        self.lower_tree(rel)
+            .map(|t| t.into_iter().map(|(p, _, is_dir)| (p, is_dir)).collect())
+            .unwrap_or_default()
+    }
 }
 
 /// The changes a reset with `patterns` would put back, from the changelog (never a
 /// walk of the upper dir). A path that is one of the environment's `masks` and is
 /// `Removed` (its whiteout is intact) is not a target: there is nothing to put back.
 /// Fails when the changelog cannot be read.
-///
-/// `lower_is_dir` says whether the lower layers hold a dir at a path: a removed dir
-/// is a whiteout in the upper dir, and `/etc/` still names it.
+/// Lower paths hidden by a removed or replaced dir that match are planned too
+/// (`ResetPlan::hidden`).
 pub fn plan(
     store: &Store,
     patterns: &Patterns,
     masks: &Masks,
-    lower_is_dir: impl Fn(&[u8]) -> bool,
+    lower: &dyn LowerLookup,
 ) -> Result<ResetPlan, TrackerError> {
     let query = Query {
         prefixes: patterns.prefixes.clone(),
         ..Query::default()
     };
-    let mut targets: Vec<Change> = store
-        .query(&query)?
-        .changes
+    let changes = store.query(&query)?.changes;
+    // Dirs that hide what the lower layers hold below them: among the changes, and
+    // above the literal prefixes the changelog was read below (`d` for `d/x`).
+    // A dir replaced by a file or symlink is not one: putting something back below
+    // it would take that away.
+    let hides = |kind: Option<NetKind>, file_type: FileType, path: &[u8]| {
+        matches!(
+            (kind, file_type),
+            (Some(NetKind::Removed), _) | (Some(NetKind::Replaced), FileType::Dir)
+        ) && lower.is_dir(path)
+    };
+    let mut hiding: BTreeSet<Vec<u8>> = changes
+        .iter()
+        .filter(|c| hides(c.kind, c.file_type, &c.path))
+        .map(|c| c.path.clone())
+        .collect();
+    for prefix in &patterns.prefixes {
+        for (i, _) in prefix.iter().enumerate().filter(|&(_, &b)| b == b'/') {
+            let dir = &prefix[..i];
+            if let Some(entry) = store.net_entry(dir)?
+                && hides(Some(entry.kind), entry.file_type, dir)
+            {
+                hiding.insert(dir.to_vec());
+            }
+        }
+    }
+    let mut targets: Vec<Change> = changes
         .into_iter()
         .filter(|c| {
             let is_dir = c.file_type == FileType::Dir
-                || (c.kind == Some(NetKind::Removed) && lower_is_dir(&c.path));
+                || (c.kind == Some(NetKind::Removed) && lower.is_dir(&c.path));
             patterns.matches(&c.path, is_dir)
         })
         .filter(|c| !(masks.contains(&c.path) && c.kind == Some(NetKind::Removed)))
@@ -193,14 +242,53 @@ pub fn plan(
             kept.push(t);
         }
     }
+    let is_below =
+        |path: &[u8], dir: &[u8]| path.starts_with(dir) && path.get(dir.len()) == Some(&b'/');
+    let changed: BTreeSet<&[u8]> = kept
+        .iter()
+        .chain(&covered)
+        .map(|c| c.path.as_slice())
+        .collect();
+    let mut hidden = Vec::new();
+    for dir in &hiding {
+        // A dir that is itself a target (or below one) comes back whole.
+        if kept
+            .iter()
+            .any(|k| k.path == *dir || is_below(dir, &k.path))
+        {
+            continue;
+        }
+        for (path, is_dir) in lower.tree(dir) {
+            if changed.contains(path.as_slice())
+                || masks.hides(&path)
+                || !patterns.matches(&path, is_dir)
+                || hidden.iter().any(|h: &Change| is_below(&path, &h.path))
+            {
+                continue;
+            }
+            hidden.push(Change {
+                path,
+                kind: Some(NetKind::Removed),
+                before: None,
+                file_type: if is_dir {
+                    FileType::Dir
+                } else {
+                    FileType::File
+                },
+                origin: None,
+                seq: 0,
+            });
+        }
+    }
     let mut under = BTreeSet::new();
-    for t in &kept {
+    for t in kept.iter().chain(&hidden) {
         under.extend(masks.under(&t.path).cloned());
     }
     Ok(ResetPlan {
         targets: kept,
         covered,
         masks: Masks::new(under),
+        hidden,
     })
 }
 
@@ -584,14 +672,15 @@ pub fn execute(
     plan: &ResetPlan,
     progress: &mut dyn FnMut(Progress<'_>),
 ) -> Result<Outcome, TrackerError> {
+    let layers = Layers {
+        mount_point: &spec.mount_point,
+        upper: &spec.upper,
+        lowers: &spec.lowers,
+    };
     let through_mount = |why: Busy, progress: &mut dyn FnMut(Progress<'_>)| {
         let changes: Vec<Change> = plan.targets.iter().chain(&plan.covered).cloned().collect();
-        let layers = Layers {
-            mount_point: &spec.mount_point,
-            upper: &spec.upper,
-            lowers: &spec.lowers,
-        };
-        let restored = restore::through_mount(layers, &changes, &plan.masks, progress)?;
+        let restored =
+            restore::through_mount(layers, &changes, &plan.hidden, &plan.masks, progress)?;
         Ok(Outcome::ThroughMount { why, restored })
     };
     // The same overlay mounted elsewhere too (another namespace's copy of the mount, a
@@ -625,6 +714,11 @@ pub fn execute(
     let mounted = spec.mount();
     let removed = edited?;
     mounted?;
+    // What a removed or replaced dir hides is written back through the mount: a new
+    // overlay superblock is in place, and the dir stays as it is.
+    if !plan.hidden.is_empty() {
+        restore::through_mount(layers, &[], &plan.hidden, &plan.masks, progress)?;
+    }
     Ok(Outcome::Done { removed })
 }
 
@@ -805,11 +899,71 @@ fn remove_entry(parent: &OwnedFd, name: &OsStr) -> nix::Result<usize> {
     Ok(removed + 1)
 }
 
+/// A reset as the `reset` command does it, over a tracker's control socket: asks the
+/// tracker for the plan, enters the runtime's mount namespace (this must be the only
+/// thread of the process then: `setns` acts on the calling thread, and the rest of the
+/// reset must run in it), tells the tracker that what this process does from now on
+/// is a reset, puts the paths back (`execute`), and ends that. `None` when nothing
+/// matches. The tracker's mount point (for display) is in the plan's runtime info.
+pub fn request(
+    client: &mut crate::control::Client,
+    patterns: &[String],
+    progress: &mut dyn FnMut(Progress<'_>),
+) -> Result<Option<(crate::control::RuntimeInfo, ResetPlan, Outcome)>, TrackerError> {
+    use crate::control::{Request, Response};
+    let unexpected = |what: &str| TrackerError::Protocol(format!("the tracker gave no {what}"));
+    let runtime = match client.call(&Request::Runtime)? {
+        Response::Runtime(r) => r,
+        _ => return Err(unexpected("runtime information")),
+    };
+    let plan = match client.call(&Request::ResetPlan(patterns.to_vec()))? {
+        Response::ResetPlan(plan) => plan,
+        _ => return Err(unexpected("reset plan")),
+    };
+    if plan.targets.is_empty() && plan.hidden.is_empty() {
+        return Ok(None);
+    }
+    enter(&runtime)?;
+    let spec = MountSpec::current(&runtime.mount_point)?;
+    let me = std::process::id();
+    client.call(&Request::ResetBegin(me))?;
+    let outcome = execute(&spec, &plan, progress);
+    client.call(&Request::ResetEnd(me))?;
+    Ok(Some((runtime, plan, outcome?)))
+}
+
+/// Joins the runtime's mount namespace (when not already in it) and leaves any dir
+/// of the overlay, so this process does not keep it busy.
+fn enter(runtime: &crate::control::RuntimeInfo) -> Result<(), TrackerError> {
+    if sys::own_mount_ns() == Some(runtime.mount_ns) {
+        return std::env::set_current_dir("/").map_err(TrackerError::io("cannot change to", "/"));
+    }
+    sys::join_mount_ns(runtime.pid, Some(runtime.mount_ns)).map_err(|e| {
+        TrackerError::Reset(format!(
+            "cannot enter the runtime's mount namespace through pid {}: {e}",
+            runtime.pid
+        ))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::restore::tests::{Fx, MASKS, change, in_private_ns, layers, view};
     use std::os::unix::fs::FileTypeExt;
+
+    /// Lower layers that hold no dir anywhere.
+    struct NoLower;
+
+    impl super::LowerLookup for NoLower {
+        fn is_dir(&self, _: &[u8]) -> bool {
+            false
+        }
+
+        fn tree(&self, _: &[u8]) -> Vec<(Vec<u8>, bool)> {
+            Vec::new()
+        }
+    }
 
     fn paths(changes: &[Change]) -> Vec<String> {
         changes
@@ -852,7 +1006,7 @@ mod tests {
             &store,
             &Patterns::new(&["*".into()], mount).expect("patterns"),
             &masks,
-            |_| false,
+            &NoLower,
         )
         .expect("plan");
         assert_eq!(paths(&all.targets), ["d", "d-x", "etc/a", "m"]);
@@ -867,7 +1021,7 @@ mod tests {
             &store,
             &Patterns::new(&["/spfs/etc/".into()], mount).expect("patterns"),
             &masks,
-            |_| false,
+            &NoLower,
         )
         .expect("plan");
         assert_eq!(paths(&etc.targets), ["etc/a"]);

@@ -76,9 +76,14 @@ pub struct Layers<'a> {
 ///
 /// Fails with [`TrackerError::Reset`] naming the path when a layer cannot be read or
 /// the mount refuses a write; what was put back before stays put back.
+///
+/// `hidden` are lower paths that a removed or replaced dir hides: each is put back
+/// from the lower layers (missing dirs above it made through the mount), whatever
+/// the upper dir hides.
 pub fn through_mount(
     layers: Layers<'_>,
     changes: &[Change],
+    hidden: &[Change],
     masks: &Masks,
     progress: &mut dyn FnMut(Progress<'_>),
 ) -> Result<usize, TrackerError> {
@@ -88,7 +93,8 @@ pub fn through_mount(
             layers.mount_point.display()
         ))
     })?;
-    let mut sorted: Vec<&Change> = changes.iter().collect();
+    let hidden_paths: BTreeSet<&[u8]> = hidden.iter().map(|c| c.path.as_slice()).collect();
+    let mut sorted: Vec<&Change> = changes.iter().chain(hidden).collect();
     sorted.sort_by(|a, b| a.path.cmp(&b.path));
     sorted.dedup_by(|a, b| a.path == b.path);
     // Decided before anything is written: the classifier reads the upper dir (it
@@ -103,16 +109,17 @@ pub fn through_mount(
             TrackerError::Reset(format!("refusing to put back {:?}: {why}", lossy(&c.path)))
         })?;
         let visible = !masks.hides(&c.path)
-            && classifier
-                .original(&c.path)
-                .map_err(|e| {
-                    TrackerError::Reset(format!(
-                        "cannot look up {} in the lower layers: {e}",
-                        lossy(&c.path)
-                    ))
-                })?
-                .layer
-                .is_some();
+            && (hidden_paths.contains(c.path.as_slice())
+                || classifier
+                    .original(&c.path)
+                    .map_err(|e| {
+                        TrackerError::Reset(format!(
+                            "cannot look up {} in the lower layers: {e}",
+                            lossy(&c.path)
+                        ))
+                    })?
+                    .layer
+                    .is_some());
         decided.push((c, visible));
     }
     drop(classifier);
@@ -511,6 +518,9 @@ impl Restorer<'_> {
             Ok(fd) => fd,
             // Nothing there to remove.
             Err(Errno::ENOENT | Errno::ENOTDIR) if !visible => return Ok((true, None)),
+            // A path a removed dir hid: its dirs come back first (opaque, through
+            // the mount, so that nothing else of the lower dir comes with them).
+            Err(Errno::ENOENT | Errno::ENOTDIR) => self.make_dirs(parent_rel)?,
             Err(e) => return Err(self.fail(rel, "open its dir", e)),
         };
         if !visible {
@@ -541,6 +551,41 @@ impl Restorer<'_> {
                 Ok((whole, (!whole).then_some(*stat)))
             }
         }
+    }
+
+    /// Makes each missing dir of `rel` in the mount, like the lower layers' dir (mode
+    /// and owner); returns the mount's dir at `rel`.
+    fn make_dirs(&mut self, rel: &[u8]) -> Result<OwnedFd, TrackerError> {
+        let mut fd = self
+            .mount
+            .try_clone()
+            .map_err(|_| self.fail(rel, "open", Errno::EBADF))?;
+        let mut at = Vec::new();
+        for c in rel.split(|&b| b == b'/') {
+            at = join_rel(&at, c);
+            let name = OsStr::from_bytes(c);
+            match lstat_at(fd.as_fd(), name).map_err(|e| self.fail(&at, "stat", e))? {
+                Some(s) if kind_of(&s) == SFlag::S_IFDIR => {}
+                current => {
+                    if current.is_some() {
+                        remove(fd.as_fd(), name).map_err(|e| self.fail(&at, "remove", e))?;
+                    }
+                    let stat = match self
+                        .lower_at(&at)
+                        .map_err(|e| self.fail(&at, "read the lower layers", e))?
+                    {
+                        Some((_, Child::Dir { stat, .. })) => stat,
+                        _ => return Err(self.fail(&at, "find its lower dir", Errno::ENOENT)),
+                    };
+                    mkdirat(fd.as_fd(), name, Mode::from_bits_truncate(0o700))
+                        .map_err(|e| self.fail(&at, "mkdir", e))?;
+                    set_owner_mode(fd.as_fd(), name, &stat)
+                        .map_err(|e| self.fail(&at, "set owner and mode", e))?;
+                }
+            }
+            fd = open_dir(fd.as_fd(), name).map_err(|e| self.fail(&at, "open", e))?;
+        }
+        Ok(fd)
     }
 
     /// Makes `name` of mount dir `parent` what `child` (of lower dir `lower`) is.
@@ -846,10 +891,7 @@ pub(crate) mod tests {
             let patterns: Vec<String> = patterns.iter().map(|p| p.to_string()).collect();
             let patterns = Patterns::new(&patterns, &self.mnt).expect("patterns");
             let layers = Classifier::new(&self.upper, &self.lowers).expect("layers");
-            reset::plan(&store, &patterns, masks, |p| {
-                layers.original(p).is_ok_and(|o| o.is_dir)
-            })
-            .expect("a plan")
+            reset::plan(&store, &patterns, masks, &layers).expect("a plan")
         }
     }
 
@@ -1146,7 +1188,8 @@ pub(crate) mod tests {
                 upper: &fx.upper,
                 lowers: &fx.lowers,
             };
-            let n = through_mount(layers, &changes, &plan.masks, &mut |_| {}).expect("restore");
+            let n =
+                through_mount(layers, &changes, &[], &plan.masks, &mut |_| {}).expect("restore");
             assert_eq!(n, 2);
             let after = view(&fx.mnt);
             for p in ["etc/a", "etc/b", "etc/c", "m"] {

@@ -14,6 +14,10 @@ pub const SOCKET_NAME: &str = "control.sock";
 /// File name holding the serving process's pid in a state dir.
 pub const PID_FILE_NAME: &str = "tracker.pid";
 
+/// Set to `1`, the service's tracker ends batches only at syncs
+/// (`Tracker::batch_at_syncs`): what tests use to say "these steps in one batch".
+pub const BATCH_AT_SYNCS_ENV: &str = "SPFS_CHANGES_BATCH_AT_SYNCS";
+
 /// The changelog's info key naming the runtime it belongs to (`Runtime::identity`).
 const IDENTITY_KEY: &str = "runtime";
 
@@ -43,6 +47,9 @@ impl Service {
         let sync_dir = runtime.sync_dir()?;
         let config = Config::for_runtime(runtime.clone(), state.clone(), sync_dir)?;
         let tracker = Arc::new(Tracker::start(config)?);
+        if std::env::var_os(BATCH_AT_SYNCS_ENV).is_some_and(|v| v == "1") {
+            tracker.batch_at_syncs(true);
+        }
         if let Some(identity) = &identity {
             tracker
                 .store()

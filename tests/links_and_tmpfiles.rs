@@ -1,0 +1,174 @@
+//! Acceptance: a change to an upper inode is a change to every name it has (hard
+//! links), and a file made with O_TMPFILE keeps being followed once it is linked into
+//! place. Each repro runs with every step in one batch and with a sync between steps;
+//! the tracker is checked against a walk of the upper dir after each.
+
+mod support;
+
+use nix::fcntl::{AtFlags, OFlag, open};
+use nix::sys::stat::{Mode, futimens};
+use nix::sys::time::TimeSpec;
+use nix::unistd::{linkat, write};
+use std::os::fd::AsFd;
+use std::path::Path;
+use store::{Action, FileType::*, NetKind::*, Query};
+use support::tracking::{assert_tracks_truth, start};
+use support::{Fixture, LowerSpec, in_private_mount_ns, need_root, sh};
+use tracker::Tracker;
+
+fn lower() -> LowerSpec {
+    LowerSpec::new()
+        .file("f", "lower f\n", 0o644)
+        .file("h", "lower h\n", 0o644)
+        .mtime("h", 1_000_000_000, 0)
+}
+
+/// Runs `steps` on a fresh tracked overlay: all in one batch (the tracker settles
+/// only at syncs, and none comes between them), or with a sync after each. Calls
+/// `check` after the last one.
+fn both_ways(steps: fn(&Path, &Tracker, &dyn Fn()), check: fn(&Fixture, &Tracker, &str)) {
+    if !need_root() {
+        return;
+    }
+    for one_batch in [true, false] {
+        in_private_mount_ns(move || {
+            let fx = Fixture::new(&lower());
+            let t = start(&fx);
+            t.batch_at_syncs(one_batch);
+            let pause = || {
+                if !one_batch {
+                    t.sync().expect("sync");
+                }
+            };
+            steps(fx.mnt(), &t, &pause);
+            let ctx = if one_batch {
+                "every step in one batch"
+            } else {
+                "a sync between steps"
+            };
+            check(&fx, &t, ctx);
+            t.stop().expect("tracker stops cleanly");
+        });
+    }
+}
+
+/// The net state of `path` as the tracker has it.
+fn kind_of(t: &Tracker, path: &str) -> Option<(store::NetKind, store::FileType)> {
+    t.query(&Query::default())
+        .expect("query")
+        .changes
+        .into_iter()
+        .find(|c| c.path == path.as_bytes())
+        .and_then(|c| c.kind.map(|k| (k, c.file_type)))
+}
+
+/// The actions the log holds for `path`.
+fn actions(t: &Tracker, path: &str) -> Vec<Action> {
+    t.sync().expect("sync");
+    t.store()
+        .history(path.as_bytes())
+        .expect("history")
+        .into_iter()
+        .map(|r| r.action)
+        .collect()
+}
+
+#[test]
+fn a_chmod_through_a_hard_link_changes_the_lower_file_too() {
+    both_ways(
+        |mnt, _, pause| {
+            sh(mnt, "ln f f2");
+            pause();
+            sh(mnt, "chmod 600 f2");
+        },
+        |fx, t, ctx| {
+            assert_tracks_truth(fx, t, ctx);
+            assert_eq!(kind_of(t, "f"), Some((Metadata, File)), "{ctx}");
+            assert_eq!(kind_of(t, "f2"), Some((Added, File)), "{ctx}");
+            assert!(
+                actions(t, "f").contains(&Action::Attrib),
+                "{ctx}: the chmod is logged for f: {:?}",
+                actions(t, "f")
+            );
+            // Written through the other name in a later batch.
+            sh(fx.mnt(), "echo more >> f2");
+            assert_tracks_truth(fx, t, ctx);
+            assert_eq!(kind_of(t, "f"), Some((Modified, File)), "{ctx}");
+            assert!(actions(t, "f").contains(&Action::Written), "{ctx}");
+            // And validation sees the altered lower file.
+            let report = t
+                .validate(None, &tracker::validate::Rules::default())
+                .expect("validate");
+            assert!(
+                report.violations.iter().any(|v| v.path == b"f"),
+                "{ctx}: {:?}",
+                report.violations
+            );
+        },
+    );
+}
+
+/// O_TMPFILE in the mount, written, linked over the removed lower file `h`, then
+/// written further through the same descriptor.
+fn tmpfile_over_h(mnt: &Path, pause: &dyn Fn()) -> std::os::fd::OwnedFd {
+    sh(mnt, "rm h");
+    pause();
+    let fd = open(
+        mnt,
+        OFlag::O_TMPFILE | OFlag::O_RDWR,
+        Mode::from_bits_truncate(0o644),
+    )
+    .expect("O_TMPFILE in the mount");
+    write(&fd, b"lower h\n").expect("write");
+    pause();
+    linkat(
+        fd.as_fd(),
+        "",
+        nix::fcntl::AT_FDCWD,
+        &mnt.join("h"),
+        AtFlags::AT_EMPTY_PATH,
+    )
+    .expect("linkat");
+    pause();
+    write(&fd, b"and more\n").expect("write through the descriptor");
+    fd
+}
+
+#[test]
+fn an_o_tmpfile_file_linked_into_place_is_followed() {
+    both_ways(
+        |mnt, _, pause| {
+            drop(tmpfile_over_h(mnt, pause));
+        },
+        |fx, t, ctx| {
+            assert_tracks_truth(fx, t, ctx);
+            assert_eq!(kind_of(t, "h"), Some((Modified, File)), "{ctx}");
+        },
+    );
+}
+
+#[test]
+fn an_o_tmpfile_file_put_back_to_the_lower_bytes_is_no_change() {
+    both_ways(
+        |mnt, _, pause| {
+            let fd = tmpfile_over_h(mnt, pause);
+            pause();
+            // The lower bytes, mode and mtime back, through the same descriptor.
+            nix::unistd::ftruncate(&fd, 0).expect("truncate");
+            nix::sys::uio::pwrite(&fd, b"lower h\n", 0).expect("write");
+            let mtime = TimeSpec::new(1_000_000_000, 0);
+            futimens(&fd, &mtime, &mtime).expect("times");
+        },
+        |fx, t, ctx| {
+            let net = assert_tracks_truth(fx, t, ctx);
+            assert_eq!(
+                net.get(b"h".as_slice()).map(|(k, _)| *k),
+                support::truth(fx.upper(), fx.lowers())
+                    .get(b"h".as_slice())
+                    .map(|(k, _)| *k),
+                "{ctx}"
+            );
+            assert_ne!(kind_of(t, "h").map(|(k, _)| k), Some(Modified), "{ctx}");
+        },
+    );
+}
