@@ -664,30 +664,10 @@ impl Runtime {
     fn new(b: &mut Bench, name: &str, lowers: &[PathBuf]) -> Runtime {
         let id = b.next_id(name);
         let root = b.work.join(format!("rt-{id}"));
-        fs::create_dir(&root).expect("runtime dir");
-        mount_tmpfs(&root, MsFlags::MS_NOEXEC);
-        let (upper, work, empty) = (root.join("upper"), root.join("work"), root.join("lower"));
-        for d in [&upper, &work, &empty] {
-            fs::create_dir(d).expect("runtime subdir");
-        }
         let mnt = b.work.join(format!("mnt-{id}"));
-        fs::create_dir(&mnt).expect("mount point");
-        let mut all: Vec<String> = lowers.iter().map(|l| l.display().to_string()).collect();
-        all.push(empty.display().to_string());
-        let options = format!(
-            "lowerdir={},upperdir={},workdir={},index=off,metacopy=off,redirect_dir=follow",
-            all.join(":"),
-            upper.display(),
-            work.display()
-        );
-        mount(
-            Some("overlay"),
-            &mnt,
-            Some("overlay"),
-            MsFlags::empty(),
-            Some(options.as_str()),
-        )
-        .unwrap_or_else(|e| panic!("mount overlay at {}: {e} ({options})", mnt.display()));
+        let overlay = tracker::setup::Overlay::create(&root, &mnt, lowers)
+            .unwrap_or_else(|e| panic!("make runtime {id}: {e}"));
+        let (options, upper) = (overlay.options, overlay.upper);
         Runtime {
             id,
             options,

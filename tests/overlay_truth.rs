@@ -424,7 +424,11 @@ fn several_lower_layers() {
             .file("shadow", "bottom shadow\n", 0o644)
             .file("dir/x", "bottom dir/x\n", 0o644);
         let fx = Fixture::new(&spec);
-        assert_eq!(fx.lowers().len(), 2);
+        assert_eq!(
+            fx.lowers().len(),
+            3,
+            "two layers, then the runtime's empty lower dir"
+        );
         let m = fx.mnt();
         // What the overlay shows: the whiteout and the opaque dir of the top layer hide
         // the bottom layer's entries.

@@ -6,9 +6,7 @@ use crate::output::{self, Format};
 use crate::target::RUNS_DIR;
 use anyhow::{Context, bail};
 use clap::Args;
-use nix::mount::{MsFlags, mount};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -64,43 +62,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 
     tracker::sys::enter_private_mount_ns().context("cannot create a private mount namespace")?;
 
-    let runtime = &args.runtime_dir;
-    std::fs::create_dir_all(runtime)
-        .with_context(|| format!("runtime dir {}", runtime.display()))?;
-    mount(
-        Some("tmpfs"),
-        runtime,
-        Some("tmpfs"),
-        MsFlags::MS_NOEXEC,
-        Some("mode=0755"),
-    )
-    .with_context(|| format!("cannot mount a tmpfs at {}", runtime.display()))?;
-    let upper = runtime.join("upper");
-    let work = runtime.join("work");
-    let empty_lower = runtime.join("lower");
-    for d in [&upper, &work, &empty_lower] {
-        std::fs::create_dir(d).with_context(|| format!("cannot create {}", d.display()))?;
-    }
-    let mut lowers = args.lowers.clone();
-    lowers.push(empty_lower);
-
-    std::fs::create_dir_all(&args.mount)
-        .with_context(|| format!("mount point {}", args.mount.display()))?;
-    if is_mount_point(&args.mount)? {
+    if args.mount.exists() && is_mount_point(&args.mount)? {
         bail!(
             "mount point {} is in use: something is already mounted there",
             args.mount.display()
         );
     }
-    let options = overlay_options(&lowers, &upper, &work)?;
-    mount(
-        Some("overlay"),
-        &args.mount,
-        Some("overlay"),
-        MsFlags::empty(),
-        Some(options.as_str()),
-    )
-    .with_context(|| format!("cannot mount the overlay at {}", args.mount.display()))?;
+    tracker::setup::Overlay::create(&args.runtime_dir, &args.mount, &args.lowers)?;
 
     // The same service `track` runs, over the runtime just made: it follows remounts
     // of it as part of every sync.
@@ -167,30 +135,4 @@ fn is_mount_point(p: &Path) -> anyhow::Result<bool> {
     let meta = std::fs::metadata(p)?;
     let parent = std::fs::metadata(p.join(".."))?;
     Ok(meta.dev() != parent.dev() || meta.ino() == parent.ino())
-}
-
-/// The option string spfs uses: index=off, metacopy=off, redirect_dir=follow.
-fn overlay_options(lowers: &[PathBuf], upper: &Path, work: &Path) -> anyhow::Result<String> {
-    let mut all: Vec<&Path> = lowers.iter().map(PathBuf::as_path).collect();
-    all.push(upper);
-    all.push(work);
-    for p in &all {
-        let b = p.as_os_str().as_bytes();
-        if b.iter().any(|c| matches!(c, b',' | b':' | b'\\')) || std::str::from_utf8(b).is_err() {
-            bail!(
-                "overlay layer path {} must not contain ',', ':', '\\' or non-UTF-8 bytes",
-                p.display()
-            );
-        }
-    }
-    let lowerdir: Vec<String> = lowers
-        .iter()
-        .map(|p| p.to_string_lossy().into_owned())
-        .collect();
-    Ok(format!(
-        "lowerdir={},upperdir={},workdir={},index=off,metacopy=off,redirect_dir=follow",
-        lowerdir.join(":"),
-        upper.display(),
-        work.display()
-    ))
 }

@@ -11,8 +11,7 @@ use tracker::control::{Client, Request, Response};
 
 /// Where `run` keeps each runtime's changelog, and `latest` links the newest.
 pub const RUNS_DIR: &str = "/var/lib/spfs-changes/runs";
-/// Where `track` keeps each attached runtime's changelog, by runtime key.
-pub const RUNTIMES_DIR: &str = "/var/lib/spfs-changes/runtimes";
+pub use tracker::service::RUNTIMES_DIR;
 pub use tracker::service::SOCKET_NAME;
 
 pub enum Target {

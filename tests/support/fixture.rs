@@ -10,9 +10,6 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{PermissionsExt, lchown, symlink};
 use std::path::{Path, PathBuf};
 
-/// The overlay options spfs uses besides the layer dirs.
-pub const SPFS_OVERLAY_OPTIONS: &str = "index=off,metacopy=off,redirect_dir=follow";
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Entry {
     File {
@@ -363,9 +360,10 @@ impl LowerSpec {
 ///
 /// ```text
 /// <scratch>/lower/        tmpfs (read-only once written): layers 0, 1, ... (0 top-most)
-/// <scratch>/runtime/      tmpfs, like /tmp/spfs-runtime: upper/ work/ sync/
-/// <scratch>/mnt           overlay lowerdir=<lower/0>:<lower/1>..,upperdir=..,workdir=..,
-///                         index=off,metacopy=off,redirect_dir=follow
+/// <scratch>/runtime/      tmpfs, like /tmp/spfs-runtime: upper/ work/ lower/ sync/
+/// <scratch>/mnt           overlay lowerdir=<lower/0>:<lower/1>..:<runtime/lower>,
+///                         upperdir=..,workdir=..,index=off,metacopy=off,redirect_dir=follow
+///                         (made by `tracker::setup::Overlay`, as `spfs-changes run` does)
 /// ```
 ///
 /// `sync/` is for the tracker's state (cookies): same filesystem as upper, outside
@@ -374,12 +372,11 @@ impl LowerSpec {
 pub struct Fixture {
     scratch: tempfile::TempDir,
     lower_root: PathBuf,
-    lowers: Vec<PathBuf>,
     runtime: PathBuf,
-    upper: PathBuf,
-    work: PathBuf,
     sync: PathBuf,
     mnt: PathBuf,
+    /// Set once the overlay is made.
+    overlay: Option<tracker::setup::Overlay>,
     mounted: bool,
 }
 
@@ -437,15 +434,14 @@ impl Fixture {
         }
         let mut fixture = Fixture {
             scratch,
-            lowers: Vec::new(),
-            upper: runtime.join("upper"),
-            work: runtime.join("work"),
             sync: runtime.join("sync"),
             lower_root,
             runtime,
             mnt,
+            overlay: None,
             mounted: false,
         };
+        let mut lowers = Vec::new();
         // From here on, Drop undoes the mounts if anything below panics.
         mount_tmpfs(&fixture.lower_root, Some("mode=0755"));
         for i in 0..lower.n_layers() {
@@ -453,7 +449,7 @@ impl Fixture {
             mkdir(&l);
             fs::set_permissions(&l, fs::Permissions::from_mode(0o755)).expect("chmod");
             lower.write_layer(i, &l);
-            fixture.lowers.push(l);
+            lowers.push(l);
         }
         retry_busy(|| {
             mount(
@@ -465,12 +461,11 @@ impl Fixture {
             )
         })
         .expect("remount the lower tmpfs read-only");
-        mount_tmpfs(&fixture.runtime, Some("mode=0755"));
-        for d in [&fixture.upper, &fixture.work, &fixture.sync] {
-            mkdir(d);
-        }
-        fs::set_permissions(&fixture.upper, fs::Permissions::from_mode(0o755)).expect("chmod");
-        fixture.mount();
+        let overlay = tracker::setup::Overlay::create(&fixture.runtime, &fixture.mnt, &lowers)
+            .unwrap_or_else(|e| panic!("make the runtime: {e}"));
+        fixture.overlay = Some(overlay);
+        fixture.mounted = true;
+        mkdir(&fixture.sync);
         fixture
     }
 
@@ -479,10 +474,10 @@ impl Fixture {
         &self.mnt
     }
     pub fn upper(&self) -> &Path {
-        &self.upper
+        &self.overlay().upper
     }
     pub fn work(&self) -> &Path {
-        &self.work
+        &self.overlay().work
     }
     /// The tracker's cookie/state dir: on the runtime tmpfs, outside upper and work.
     pub fn sync_dir(&self) -> &Path {
@@ -490,7 +485,7 @@ impl Fixture {
     }
     /// The lower layer dirs, top-most first.
     pub fn lowers(&self) -> &[PathBuf] {
-        &self.lowers
+        &self.overlay().lowers
     }
     /// The runtime tmpfs (like `/tmp/spfs-runtime`).
     pub fn runtime_dir(&self) -> &Path {
@@ -504,37 +499,18 @@ impl Fixture {
         self.mounted
     }
 
-    /// The overlay mount options, as spfs would pass them.
-    pub fn overlay_options(&self) -> String {
-        let check = |p: &Path| {
-            let b = p.as_os_str().as_bytes();
-            assert!(
-                !b.iter().any(|c| matches!(c, b':' | b',' | b'\\' | b'=')),
-                "path unsafe in overlay options: {}",
-                p.display()
-            );
-            p.display().to_string()
-        };
-        let lowerdir: Vec<String> = self.lowers.iter().map(|p| check(p)).collect();
-        format!(
-            "lowerdir={},upperdir={},workdir={},{SPFS_OVERLAY_OPTIONS}",
-            lowerdir.join(":"),
-            check(&self.upper),
-            check(&self.work)
-        )
+    fn overlay(&self) -> &tracker::setup::Overlay {
+        self.overlay
+            .as_ref()
+            .expect("Fixture::new makes the overlay before returning")
     }
 
     /// Mounts the overlay (a new superblock) at `mnt()`.
     pub fn mount(&mut self) {
         assert!(!self.mounted, "overlay already mounted");
-        mount(
-            Some("overlay"),
-            &self.mnt,
-            Some("overlay"),
-            MsFlags::empty(),
-            Some(self.overlay_options().as_str()),
-        )
-        .unwrap_or_else(|e| panic!("mount overlay -o {}: {e}", self.overlay_options()));
+        self.overlay()
+            .mount()
+            .unwrap_or_else(|e| panic!("mount overlay: {e}"));
         self.mounted = true;
     }
 
@@ -566,7 +542,7 @@ impl Fixture {
 
     /// [`truth`] of this fixture's upper dir against its lower layers.
     pub fn truth(&self) -> Truth {
-        truth(&self.upper, &self.lowers)
+        truth(self.upper(), self.lowers())
     }
 }
 

@@ -13,7 +13,7 @@ pub mod truth;
 
 // Re-exports: a given test file uses some of them only.
 #[allow(unused_imports)]
-pub use fixture::{Fixture, LowerSpec, SPFS_OVERLAY_OPTIONS, mount_tmpfs, retry_busy};
+pub use fixture::{Fixture, LowerSpec, mount_tmpfs, retry_busy};
 #[allow(unused_imports)]
 pub use ops::*;
 #[allow(unused_imports)]

@@ -32,6 +32,8 @@ pub enum TrackerError {
     Validate(String),
     #[error("reset: {0}")]
     Reset(String),
+    #[error("{0}")]
+    Setup(String),
     #[error("control socket: {0}")]
     Protocol(String),
 }

@@ -20,6 +20,7 @@ pub mod restore;
 pub mod runtime;
 pub mod service;
 pub mod settle;
+pub mod setup;
 pub mod sys;
 pub mod validate;
 pub mod work;

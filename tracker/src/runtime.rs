@@ -332,6 +332,22 @@ fn read_mountinfo(reach: &Reach) -> Result<Vec<MountEntry>, TrackerError> {
     Ok(mountinfo::parse(&text))
 }
 
+/// Moves this (single-threaded) process out of the runtime's mount namespace it is
+/// in, into PID 1's or, when that cannot be read, the nearest outside ancestor's, and
+/// to `/`: a long-lived tracker must not be counted by spfs-monitor.
+pub fn leave_runtime_ns() -> Result<(), TrackerError> {
+    let (pid, _) = outside_process().ok_or_else(|| {
+        TrackerError::Attach(
+            "cannot leave the runtime's mount namespace: no process outside it found".into(),
+        )
+    })?;
+    sys::join_mount_ns(pid, None).map_err(|e| {
+        TrackerError::Attach(format!(
+            "cannot leave the runtime's mount namespace for pid {pid}'s: {e}"
+        ))
+    })
+}
+
 /// A process to take the mount namespace of when leaving a runtime's, with that
 /// namespace's inode: PID 1 when its namespace can be read, else (some sandboxes and
 /// containers deny it even to root) the nearest ancestor in another mount namespace.

@@ -18,6 +18,12 @@ pub const PID_FILE_NAME: &str = "tracker.pid";
 /// (`Tracker::batch_at_syncs`): what tests use to say "these steps in one batch".
 pub const BATCH_AT_SYNCS_ENV: &str = "SPFS_CHANGES_BATCH_AT_SYNCS";
 
+/// Where each attached runtime's changelog lives by default, by runtime key
+/// (`Runtime::key`): clients inside a runtime find it the same way.
+pub const RUNTIMES_DIR: &str = "/var/lib/spfs-changes/runtimes";
+/// The log file of a background tracker, in its state dir.
+pub const LOG_NAME: &str = "tracker.log";
+
 /// The changelog's info key naming the runtime it belongs to (`Runtime::identity`).
 const IDENTITY_KEY: &str = "runtime";
 
@@ -143,4 +149,148 @@ fn set_aside_other_runtimes_changelog(state: &Path, identity: &str) -> Result<()
         "the state dir held another runtime's changelog; starting a new one"
     );
     Ok(())
+}
+
+/// The default state dir of `runtime`.
+pub fn default_state_dir(runtime: &Runtime) -> PathBuf {
+    Path::new(RUNTIMES_DIR).join(&runtime.key)
+}
+
+/// The pid (as the tracker wrote it; `?` when it did not) of a tracker answering on
+/// the socket of state dir `state`, if one does.
+pub fn running_tracker(state: &Path) -> Option<String> {
+    use crate::control::{Client, Request, Response};
+    let mut client = Client::connect(&state.join(SOCKET_NAME)).ok()?;
+    match client.call(&Request::Runtime).ok()? {
+        Response::Runtime(_) => {}
+        _ => return None,
+    }
+    let pid = std::fs::read_to_string(state.join(PID_FILE_NAME)).unwrap_or_default();
+    Some(pid.trim().to_string())
+        .filter(|p| !p.is_empty())
+        .or(Some("?".into()))
+}
+
+/// What `track` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tracking {
+    /// A tracker started: its pid and socket.
+    Started { pid: u32, socket: PathBuf },
+    /// A tracker already serves this state dir (its pid, `?` when unknown).
+    AlreadyTracked { pid: String, socket: PathBuf },
+}
+
+/// Attaches a tracker to `runtime` with its changelog in `state`, unless one already
+/// serves it. In the background (`foreground` false): a detached child (its own
+/// session, out of the runtime's namespace, stdio to `state/tracker.log`) runs the
+/// service until the runtime ends; this returns once the child is watching, or with
+/// the reason it could not start. In the foreground (for service managers): serves
+/// here until the runtime ends or a client says stop, calling `on_ready` once
+/// watching. Must be called while the process has one thread (it forks, and a
+/// tracker leaving a runtime's namespace must be single-threaded to `setns`).
+pub fn track(
+    runtime: Runtime,
+    state: PathBuf,
+    foreground: bool,
+    on_ready: impl FnOnce(&Tracking),
+) -> Result<Tracking, TrackerError> {
+    std::fs::create_dir_all(&state).map_err(TrackerError::io("cannot create state dir", &state))?;
+    let socket = state.join(SOCKET_NAME);
+    if let Some(pid) = running_tracker(&state) {
+        let t = Tracking::AlreadyTracked { pid, socket };
+        on_ready(&t);
+        return Ok(t);
+    }
+    if foreground {
+        if runtime.contains_self() {
+            crate::runtime::leave_runtime_ns()?;
+        }
+        let mut service = Service::start(runtime, state)?;
+        let t = Tracking::Started {
+            pid: std::process::id(),
+            socket: service.socket(),
+        };
+        on_ready(&t);
+        service.supervise();
+        service.stop()?;
+        return Ok(t);
+    }
+    let (read_end, write_end) = nix::unistd::pipe()
+        .map_err(|e| TrackerError::io("cannot make a pipe for", &state)(e.into()))?;
+    match crate::sys::fork_single_threaded().map_err(TrackerError::io("cannot fork for", &state))? {
+        Some(child) => {
+            drop(write_end);
+            let mut report = String::new();
+            let _ = std::io::Read::read_to_string(&mut std::fs::File::from(read_end), &mut report);
+            match report.strip_prefix("ok") {
+                Some(_) => {
+                    let t = Tracking::Started { pid: child, socket };
+                    on_ready(&t);
+                    Ok(t)
+                }
+                None if report.is_empty() => Err(TrackerError::Stopped(format!(
+                    "the tracker exited while starting; see {}",
+                    state.join(LOG_NAME).display()
+                ))),
+                None => Err(TrackerError::Attach(
+                    report.trim_start_matches("error: ").trim().to_string(),
+                )),
+            }
+        }
+        None => {
+            drop(read_end);
+            // Errors before the tracker is up go to the parent through the pipe;
+            // later ones to the log.
+            let code = i32::from(background(runtime, state, write_end).is_err());
+            std::process::exit(code);
+        }
+    }
+}
+
+/// The detached child of `track`: its own session, out of the runtime's namespace,
+/// stdio away from the terminal (logs to the state dir), then the service.
+fn background(
+    runtime: Runtime,
+    state: PathBuf,
+    ready: std::os::fd::OwnedFd,
+) -> Result<(), TrackerError> {
+    use std::io::Write;
+    let mut ready = std::fs::File::from(ready);
+    let started = (|| -> Result<Service, TrackerError> {
+        nix::unistd::setsid()
+            .map_err(|e| TrackerError::io("cannot start a session for", &state)(e.into()))?;
+        if runtime.contains_self() {
+            crate::runtime::leave_runtime_ns()?;
+        }
+        let log_path = state.join(LOG_NAME);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(TrackerError::io("cannot open", &log_path))?;
+        let null = std::fs::File::open("/dev/null")
+            .map_err(TrackerError::io("cannot open", "/dev/null"))?;
+        let redirect = |e: nix::errno::Errno| {
+            TrackerError::io("cannot redirect stdio to", &log_path)(e.into())
+        };
+        nix::unistd::dup2_stdin(&null).map_err(redirect)?;
+        nix::unistd::dup2_stdout(&null).map_err(redirect)?;
+        nix::unistd::dup2_stderr(&log).map_err(redirect)?;
+        Service::start(runtime, state.clone())
+    })();
+    let mut service = match started {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = writeln!(ready, "error: {}", e.to_string().replace('\n', " "));
+            return Err(e);
+        }
+    };
+    let _ = writeln!(ready, "ok");
+    drop(ready);
+    service.supervise();
+    let stopped = service.stop();
+    if let Err(e) = &stopped {
+        tracing::error!(error = %e, "tracker ended");
+    }
+    stopped
 }

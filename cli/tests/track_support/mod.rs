@@ -3,7 +3,7 @@
 //! guard that stops every tracker a test started; and readers of the CLI's answers.
 
 use crate::common::{bin, cmd, file_type, net_kind, no_ambient_target, ok, s, text};
-use crate::support::{LowerSpec, SPFS_OVERLAY_OPTIONS, Truth, tracking::show};
+use crate::support::{LowerSpec, Truth, tracking::show};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -254,14 +254,10 @@ impl Drop for FakeRuntime {
 
 /// The overlay options spfs uses, over `host_lowers` then `<rt>/lower`.
 pub fn overlay_options(rt: &Path, host_lowers: &[PathBuf]) -> String {
-    let mut lowerdir: Vec<String> = host_lowers.iter().map(|l| s(l).to_string()).collect();
-    lowerdir.push(format!("{}/lower", s(rt)));
-    format!(
-        "lowerdir={},upperdir={}/upper,workdir={}/work,{SPFS_OVERLAY_OPTIONS}",
-        lowerdir.join(":"),
-        s(rt),
-        s(rt)
-    )
+    let mut lowers = host_lowers.to_vec();
+    lowers.push(rt.join("lower"));
+    tracker::setup::options(&lowers, &rt.join("upper"), &rt.join("work"))
+        .unwrap_or_else(|e| panic!("overlay options: {e}"))
 }
 
 /// Stops, at the end of a test (also a failed one), every tracker the test started:
