@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use store::{Action, Change, ChangeSet, FileType, FreshReason, LogRecord, NetKind};
+use store::{Change, ChangeSet, FreshReason, LogRecord, NetKind};
 use tracker::Status;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -65,7 +65,7 @@ pub fn diff_line(c: &Change, mount: &Path) -> String {
         (Some(NetKind::Removed), _) => format!("-{path}"),
         (Some(NetKind::Modified), _) => format!("~{path} [content]"),
         (Some(NetKind::Metadata), _) => format!("~{path} [metadata]"),
-        (Some(NetKind::Replaced), _) => format!("~{path} [replaced {}]", type_name(c.file_type)),
+        (Some(NetKind::Replaced), _) => format!("~{path} [replaced {}]", c.file_type.name()),
         (None, Some(NetKind::Added)) => format!("-{path}"),
         (None, Some(NetKind::Removed)) => format!("+{path} [restored]"),
         (None, _) => format!("~{path} [reverted]"),
@@ -107,9 +107,9 @@ fn change_json(c: &Change, mount: &Path) -> Value {
     let full = full_path(mount, &c.path);
     let mut v = json!({
         "path": String::from_utf8_lossy(&full),
-        "kind": c.kind.map(kind_name),
-        "before": c.before.map(kind_name),
-        "type": type_name(c.file_type),
+        "kind": c.kind.map(NetKind::name),
+        "before": c.before.map(NetKind::name),
+        "type": c.file_type.name(),
         "pid": c.origin.as_ref().map(|o| o.pid),
         "command": c.origin.as_ref().map(|o| String::from_utf8_lossy(&o.command).into_owned()),
         "seq": c.seq,
@@ -133,10 +133,10 @@ pub fn write_history(
             let mut v = json!({
                 "seq": r.seq,
                 "time_ns": r.time_ns,
-                "action": action_name(r.action),
+                "action": r.action.name(),
                 "path": String::from_utf8_lossy(&path),
-                "type": type_name(r.file_type),
-                "before": r.before.map(kind_name),
+                "type": r.file_type.name(),
+                "before": r.before.map(NetKind::name),
                 "link": r.link,
                 "pid": r.origin.as_ref().map(|o| o.pid),
                 "command": r.origin.as_ref().map(|o| String::from_utf8_lossy(&o.command).into_owned()),
@@ -155,50 +155,13 @@ pub fn write_history(
                 out,
                 "{:>8} {:<13} {:<8} {} {who}",
                 r.seq,
-                action_name(r.action),
-                type_name(r.file_type),
+                r.action.name(),
+                r.file_type.name(),
                 escape(&path)
             )?;
         }
     }
     out.flush()
-}
-
-pub fn action_name(a: Action) -> &'static str {
-    match a {
-        Action::Created => "created",
-        Action::Written => "written",
-        Action::Attrib => "attrib",
-        Action::Deleted => "deleted",
-        Action::RenamedFrom => "renamed-from",
-        Action::RenamedTo => "renamed-to",
-        Action::Reclassified => "reclassified",
-        Action::Reset => "reset",
-    }
-}
-
-pub fn kind_name(k: NetKind) -> &'static str {
-    match k {
-        NetKind::Added => "added",
-        NetKind::Modified => "modified",
-        NetKind::Metadata => "metadata",
-        NetKind::Removed => "removed",
-        NetKind::Replaced => "replaced",
-    }
-}
-
-pub fn type_name(t: FileType) -> &'static str {
-    match t {
-        FileType::File => "file",
-        FileType::Dir => "dir",
-        FileType::Symlink => "symlink",
-        FileType::Fifo => "fifo",
-        FileType::Socket => "socket",
-        FileType::CharDevice => "char-device",
-        FileType::BlockDevice => "block-device",
-        FileType::Whiteout => "whiteout",
-        FileType::Unknown => "unknown",
-    }
 }
 
 pub fn fresh_reason(r: &FreshReason) -> String {

@@ -3,7 +3,7 @@
 //! when it can be, else (it is busy) by writing through the mount.
 
 use crate::TargetArgs;
-use crate::output::{escape, full_path, kind_name};
+use crate::output::{escape, full_path};
 use crate::target::{self, Target};
 use anyhow::bail;
 use clap::Args;
@@ -55,7 +55,7 @@ pub fn reset(args: ResetArgs) -> anyhow::Result<ExitCode> {
     let lines = plan
         .targets
         .iter()
-        .map(|t| (t, t.kind.map_or("unchanged", kind_name)))
+        .map(|t| (t, t.kind.map_or("unchanged", store::NetKind::name)))
         .chain(
             plan.hidden
                 .iter()

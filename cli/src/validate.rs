@@ -1,7 +1,7 @@
 //! `spfs-changes validate`: spk's build validation rules over the changelog.
 
 use crate::TargetArgs;
-use crate::output::{escape, full_path, kind_name};
+use crate::output::{escape, full_path};
 use crate::target::{self, Target};
 use anyhow::{Context, bail};
 use clap::Args;
@@ -221,7 +221,7 @@ fn print_json(report: &Report, mount: &Path) -> std::io::Result<()> {
                 "rule": format!("{:?}", v.rule),
                 "action": v.action.map(action_name),
                 "path": if v.path.is_empty() { None } else { Some(String::from_utf8_lossy(&path).into_owned()) },
-                "kind": v.kind.map(kind_name),
+                "kind": v.kind.map(store::NetKind::name),
                 "layer": v.layer,
                 "pid": v.origin.as_ref().map(|o| o.pid),
                 "command": v.origin.as_ref().map(|o| String::from_utf8_lossy(&o.command).into_owned()),

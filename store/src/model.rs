@@ -59,6 +59,60 @@ pub enum Action {
     Reset,
 }
 
+/// The names the CLI and its JSON use for kinds, types and actions, one table each:
+/// `name` and `from_name` read the same table.
+macro_rules! names {
+    ($ty:ident { $($variant:ident => $name:literal),* $(,)? }) => {
+        impl $ty {
+            /// Every value with its name.
+            pub const NAMES: &'static [($ty, &'static str)] = &[$(($ty::$variant, $name)),*];
+
+            /// The name of this value (`added`, `char-device`, `renamed-from`).
+            pub fn name(self) -> &'static str {
+                match self {
+                    $($ty::$variant => $name),*
+                }
+            }
+
+            /// The value a name stands for.
+            pub fn from_name(name: &str) -> Option<$ty> {
+                Self::NAMES.iter().find(|(_, n)| *n == name).map(|(v, _)| *v)
+            }
+        }
+    };
+}
+
+names!(NetKind {
+    Added => "added",
+    Modified => "modified",
+    Metadata => "metadata",
+    Removed => "removed",
+    Replaced => "replaced",
+});
+
+names!(FileType {
+    File => "file",
+    Dir => "dir",
+    Symlink => "symlink",
+    Fifo => "fifo",
+    Socket => "socket",
+    CharDevice => "char-device",
+    BlockDevice => "block-device",
+    Whiteout => "whiteout",
+    Unknown => "unknown",
+});
+
+names!(Action {
+    Created => "created",
+    Written => "written",
+    Attrib => "attrib",
+    Deleted => "deleted",
+    RenamedFrom => "renamed-from",
+    RenamedTo => "renamed-to",
+    Reclassified => "reclassified",
+    Reset => "reset",
+});
+
 /// The process that made a change.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Origin {

@@ -290,13 +290,31 @@ impl Classifier {
     /// upper dir: for the names of a hard-linked file no event told of).
     pub fn names_of_inode(&self, ino: u64) -> io::Result<Vec<Vec<u8>>> {
         let mut out = Vec::new();
-        let mut stack = vec![Vec::new()];
+        self.each_upper_entry(b"", &mut |path, entry_ino| {
+            if entry_ino == Some(ino) {
+                out.push(path.to_vec());
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Visits every entry of the upper dir at and below the dir `rel`, dirs before
+    /// what they hold: `f(path, None)` for a dir, `f(path, Some(inode))` for the rest.
+    fn each_upper_entry(
+        &self,
+        rel: &[u8],
+        f: &mut dyn FnMut(&[u8], Option<u64>) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let mut stack = vec![rel.to_vec()];
         while let Some(dir_rel) = stack.pop() {
+            f(&dir_rel, None)?;
             let Some(dir_entry) = self.upper_dir(&dir_rel)? else {
                 continue;
             };
+            let fd = dir_entry.fd.clone();
             let mut dir = match Dir::openat(
-                dir_entry.fd.as_fd(),
+                fd.as_fd(),
                 ".",
                 OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
                 Mode::empty(),
@@ -312,19 +330,19 @@ impl Classifier {
                     continue;
                 }
                 let child = join_rel(&dir_rel, name);
-                if entry.file_type() == Some(nix::dir::Type::Directory) {
+                let is_dir = match entry.file_type() {
+                    Some(t) => t == nix::dir::Type::Directory,
+                    None => lstat_at(fd.as_fd(), OsStr::from_bytes(name))?
+                        .is_some_and(|s| is_type(&s, SFlag::S_IFDIR)),
+                };
+                if is_dir {
                     stack.push(child);
-                } else if entry.ino() == ino {
-                    out.push(child);
-                } else if entry.file_type().is_none()
-                    && lstat_at(dir_entry.fd.as_fd(), OsStr::from_bytes(name))?
-                        .is_some_and(|s| is_type(&s, SFlag::S_IFDIR))
-                {
-                    stack.push(child);
+                } else {
+                    f(&child, Some(entry.ino()))?;
                 }
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// The lower original of `rel`, as overlayfs would show it below the upper dir.
@@ -389,47 +407,14 @@ impl Classifier {
     /// Every changed path at and below `rel` (a dir, or the upper dir itself when
     /// empty). Used for rescans and for dirs that move into place.
     pub fn walk(&self, rel: &[u8], out: &mut Vec<(Vec<u8>, NetKind, FileType)>) -> io::Result<()> {
-        let mut stack = vec![rel.to_vec()];
-        while let Some(dir_rel) = stack.pop() {
-            if !dir_rel.is_empty()
-                && let Some((kind, ft)) = self.classify(&dir_rel)?
+        self.each_upper_entry(rel, &mut |path, _| {
+            if !path.is_empty()
+                && let Some((kind, ft)) = self.classify(path)?
             {
-                out.push((dir_rel.clone(), kind, ft));
+                out.push((path.to_vec(), kind, ft));
             }
-            let Some(dir_entry) = self.upper_dir(&dir_rel)? else {
-                continue;
-            };
-            let fd = dir_entry.fd.clone();
-            let mut dir = match Dir::openat(
-                fd.as_fd(),
-                ".",
-                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-                Mode::empty(),
-            ) {
-                Ok(d) => d,
-                Err(e) if is_gone(e.into()) => continue,
-                Err(e) => return Err(e.into()),
-            };
-            for entry in dir.iter() {
-                let entry = entry.map_err(io::Error::from)?;
-                let name = entry.file_name().to_bytes();
-                if name == b"." || name == b".." {
-                    continue;
-                }
-                let child = join_rel(&dir_rel, name);
-                let is_dir = match entry.file_type() {
-                    Some(t) => t == nix::dir::Type::Directory,
-                    None => lstat_at(fd.as_fd(), OsStr::from_bytes(name))?
-                        .is_some_and(|s| is_type(&s, SFlag::S_IFDIR)),
-                };
-                if is_dir {
-                    stack.push(child);
-                } else if let Some((kind, ft)) = self.classify(&child)? {
-                    out.push((child, kind, ft));
-                }
-            }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// The entry overlayfs would show from the lower layers at `dir_rel/name`.

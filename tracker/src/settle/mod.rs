@@ -149,20 +149,22 @@ pub fn settle(
         .filter(|(_, l)| l.step == Step::MovedIn)
         .map(|(i, l)| (l.path.as_slice(), i))
         .collect();
+    // The same change, logged for every other name of the file (hard links).
+    let to_other_names = |observations: &mut Vec<Observation>, logged: &Logged, action| {
+        for name in links.get(&logged.path).into_iter().flatten() {
+            let state = states.get(name).copied().flatten();
+            let logged = Logged {
+                path: name.clone(),
+                ..logged.clone()
+            };
+            observations.push(observation(&logged, action, state));
+        }
+    };
     for (i, logged) in work.log.iter().enumerate() {
         let state = states.get(&logged.path).copied().flatten();
         let action = match logged.step {
             Step::Absorbed(action) => {
-                if let Some(names) = links.get(&logged.path) {
-                    for name in names {
-                        let state = states.get(name).copied().flatten();
-                        let logged = Logged {
-                            path: name.clone(),
-                            ..logged.clone()
-                        };
-                        observations.push(observation(&logged, action, state));
-                    }
-                }
+                to_other_names(observations, logged, action);
                 continue;
             }
             Step::MovedIn if last_moved_in.get(logged.path.as_slice()) != Some(&i) => continue,
@@ -212,17 +214,8 @@ pub fn settle(
                 });
             }
         }
-        if matches!(action, Action::Written | Action::Attrib)
-            && let Some(names) = links.get(&logged.path)
-        {
-            for name in names {
-                let state = states.get(name).copied().flatten();
-                let logged = Logged {
-                    path: name.clone(),
-                    ..logged.clone()
-                };
-                observations.push(observation(&logged, action, state));
-            }
+        if matches!(action, Action::Written | Action::Attrib) {
+            to_other_names(observations, logged, action);
         }
     }
     out.batch.net = classified
