@@ -57,6 +57,10 @@ pub struct Original {
     pub is_dir: bool,
 }
 
+/// What `Classifier::each_upper_entry` calls for each entry: its path, and its inode
+/// number unless it is a dir.
+type EntryVisitor<'a> = dyn FnMut(&[u8], Option<u64>) -> io::Result<()> + 'a;
+
 /// What `Classifier::upper_inode` says of an upper entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UpperInode {
@@ -304,7 +308,7 @@ impl Classifier {
     fn each_upper_entry(
         &self,
         rel: &[u8],
-        f: &mut dyn FnMut(&[u8], Option<u64>) -> io::Result<()>,
+        f: &mut EntryVisitor<'_>,
     ) -> io::Result<()> {
         let mut stack = vec![rel.to_vec()];
         while let Some(dir_rel) = stack.pop() {
