@@ -305,11 +305,7 @@ impl Classifier {
 
     /// Visits every entry of the upper dir at and below the dir `rel`, dirs before
     /// what they hold: `f(path, None)` for a dir, `f(path, Some(inode))` for the rest.
-    fn each_upper_entry(
-        &self,
-        rel: &[u8],
-        f: &mut EntryVisitor<'_>,
-    ) -> io::Result<()> {
+    fn each_upper_entry(&self, rel: &[u8], f: &mut EntryVisitor<'_>) -> io::Result<()> {
         let mut stack = vec![rel.to_vec()];
         while let Some(dir_rel) = stack.pop() {
             f(&dir_rel, None)?;

@@ -145,20 +145,16 @@ mod tests {
 
     #[test]
     fn cookie_names() {
-        for (name, n) in [
-            (&b"cookie-1"[..], Some(1)),
-            (b"cookie-18446744073709551615", Some(u64::MAX)),
-            (b"cookie-", None),
-            (b"cookie-x", None),
-            (b"cookie1", None),
-            (b"other", None),
-        ] {
-            assert_eq!(
-                Cookies::number(name),
-                n,
-                "{}",
-                String::from_utf8_lossy(name)
-            );
-        }
+        crate::test_support::table(
+            &[
+                (b"cookie-1", Some(1)),
+                (b"cookie-18446744073709551615", Some(u64::MAX)),
+                (b"cookie-", None),
+                (b"cookie-x", None),
+                (b"cookie1", None),
+                (b"other", None),
+            ],
+            Cookies::number,
+        );
     }
 }

@@ -30,6 +30,14 @@ pub use error::TrackerError;
 
 #[cfg(test)]
 mod test_support {
+    /// Checks `f` on each row of a table of byte-string inputs and expected answers,
+    /// naming the input of a failing row.
+    pub fn table<T: PartialEq + std::fmt::Debug>(rows: &[(&[u8], T)], f: impl Fn(&[u8]) -> T) {
+        for (input, want) in rows {
+            assert_eq!(&f(input), want, "{}", String::from_utf8_lossy(input));
+        }
+    }
+
     /// True as root. Otherwise says `skipped: needs root` where the test harness does
     /// not swallow it (straight to fd 2), or fails under CI=true, where tests must run.
     pub fn need_root() -> bool {

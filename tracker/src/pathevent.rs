@@ -174,15 +174,16 @@ fn object_path(resolver: &Resolver, object: HandleRef<'_>) -> io::Result<Option<
 mod tests {
     #[test]
     fn tmpfile_names() {
-        for (name, is) in [
-            (&b"#12"[..], true),
-            (b"#1", true),
-            (b"#", false),
-            (b"#1a", false),
-            (b"12", false),
-            (b"#12 (deleted)", false),
-        ] {
-            assert_eq!(super::is_tmpfile_name(name), is, "{name:?}");
-        }
+        crate::test_support::table(
+            &[
+                (b"#12", true),
+                (b"#1", true),
+                (b"#", false),
+                (b"#1a", false),
+                (b"12", false),
+                (b"#12 (deleted)", false),
+            ],
+            super::is_tmpfile_name,
+        );
     }
 }

@@ -949,7 +949,7 @@ fn enter(runtime: &crate::control::RuntimeInfo) -> Result<(), TrackerError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::restore::tests::{Fx, MASKS, change, in_private_ns, layers, view};
+    use crate::restore::tests::{MASKS, change, view, with_fx};
     use std::os::unix::fs::FileTypeExt;
 
     /// Lower layers that hold no dir anywhere.
@@ -1033,11 +1033,7 @@ mod tests {
     /// spfs's whiteouts in the upper dir (a dir above one made like the lower's).
     #[test]
     fn the_unmount_path_puts_the_masks_back() {
-        if !crate::test_support::need_root() {
-            return;
-        }
-        in_private_ns(|| {
-            let fx = Fx::new(|l, u| layers(l, u, 0));
+        with_fx(0, |fx| {
             let before = view(&fx.mnt);
             let net_before = fx.net();
             change(&fx.mnt, false);

@@ -802,8 +802,6 @@ pub(crate) mod tests {
     use std::collections::BTreeMap;
     use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 
-    pub(crate) const OPTIONS: &str = "index=off,metacopy=off,redirect_dir=follow";
-
     /// Runs `f` on a thread of its own in a private mount namespace; a panic in it is
     /// the caller's.
     pub(crate) fn in_private_ns<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
@@ -815,6 +813,16 @@ pub(crate) mod tests {
             Ok(r) => r,
             Err(panic) => std::panic::resume_unwind(panic),
         }
+    }
+
+    /// Runs `body` as root, in a private mount namespace, on a fresh [`Fx`] whose
+    /// layers `layers` fills with `refill` files in its big dir; says `skipped: needs
+    /// root` (fails under CI) otherwise.
+    pub(crate) fn with_fx(refill: usize, body: impl FnOnce(Fx) + Send + 'static) {
+        if !crate::test_support::need_root() {
+            return;
+        }
+        in_private_ns(move || body(Fx::new(|l, u| layers(l, u, refill))));
     }
 
     pub(crate) struct Fx {
@@ -846,13 +854,7 @@ pub(crate) mod tests {
                 std::fs::create_dir(d).expect("mkdir");
             }
             setup(&lowers, &upper);
-            let options = format!(
-                "lowerdir={}:{},upperdir={},workdir={},{OPTIONS}",
-                lowers[0].display(),
-                lowers[1].display(),
-                upper.display(),
-                work.display()
-            );
+            let options = crate::setup::options(&lowers, &upper, &work).expect("options");
             nix::mount::mount(
                 Some("overlay"),
                 &mnt,
@@ -1070,11 +1072,7 @@ pub(crate) mod tests {
     /// copies, so only the refilled (opaque) dirs are still changes.
     #[test]
     fn a_busy_reset_puts_everything_back_through_the_mount() {
-        if !crate::test_support::need_root() {
-            return;
-        }
-        in_private_ns(|| {
-            let fx = Fx::new(|l, u| layers(l, u, 1500));
+        with_fx(1500, |fx| {
             let before = view(&fx.mnt);
             assert!(!before.contains_key("etc/b") && !before.contains_key("d/y"));
             assert!(before.contains_key("d/sub/a") && !before.contains_key("d/sub/b"));
@@ -1172,11 +1170,7 @@ pub(crate) mod tests {
     /// makes them), including a mask the user wrote over: it ends up absent.
     #[test]
     fn a_mask_written_over_is_made_absent_through_the_mount() {
-        if !crate::test_support::need_root() {
-            return;
-        }
-        in_private_ns(|| {
-            let fx = Fx::new(|l, u| layers(l, u, 0));
+        with_fx(0, |fx| {
             let before = view(&fx.mnt);
             change(&fx.mnt, false);
             let plan = fx.plan(&["/m", "/etc/"], &masks(MASKS));

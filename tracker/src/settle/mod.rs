@@ -160,7 +160,20 @@ pub fn settle(
             observations.push(observation(&logged, action, state));
         }
     };
-    for (i, logged) in work.log.iter().enumerate() {
+    // Log order, with each rename's second half right after its first: the store
+    // links a `RenamedFrom` to the `RenamedTo` that follows it.
+    let mut order = Vec::with_capacity(work.log.len());
+    let mut placed = vec![false; work.log.len()];
+    for i in 0..work.log.len() {
+        for j in std::iter::once(i).chain(work.log[i].renamed_to) {
+            if !placed[j] {
+                placed[j] = true;
+                order.push(j);
+            }
+        }
+    }
+    for i in order {
+        let logged = &work.log[i];
         let state = states.get(&logged.path).copied().flatten();
         let action = match logged.step {
             Step::Absorbed(action) => {
