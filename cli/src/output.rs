@@ -230,6 +230,7 @@ pub fn write_status(out: &mut impl Write, s: &Status, as_json: bool) -> io::Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+    use store::FileType;
 
     #[test]
     fn escape_keeps_one_path_per_line() {

@@ -15,7 +15,7 @@ use common::{assert_one_line_error, cmd, file_type, net_kind, output, quote, s, 
 use reset_support::*;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
-use store::{Action, NetKind, Token};
+use store::{Action, LogRecord, NetKind, Token};
 use support::{LowerSpec, need_root};
 use tracker::control::{Client, Request, Response};
 
@@ -101,8 +101,7 @@ fn stable(tree: &Tree) -> Tree {
 /// changed anywhere (not even a dir's mtime in the upper dir).
 fn check_nothing(rt: &Runtime, prev: &Snap, step: &Step, case: &Case) {
     let ctx = format!("step {} (reset {:?})", step.name, case.args);
-    assert_eq!(step.rc, 0, "{ctx}: exit code; stderr: {}", step.err);
-    assert_eq!(step.err, "", "{ctx}: stderr");
+    assert_succeeded(step, &ctx);
     assert_eq!(
         step.out,
         format!(
@@ -128,8 +127,7 @@ fn check_step(rt: &Runtime, prev: &Snap, step: &Step, case: &Case) {
         return check_nothing(rt, prev, step, case);
     }
     let ctx = format!("step {} (reset {:?})", step.name, case.args);
-    assert_eq!(step.rc, 0, "{ctx}: exit code; stderr: {}", step.err);
-    assert_eq!(step.err, "", "{ctx}: stderr");
+    assert_succeeded(step, &ctx);
     let want_out: Vec<String> = case
         .targets
         .iter()
@@ -141,13 +139,7 @@ fn check_step(rt: &Runtime, prev: &Snap, step: &Step, case: &Case) {
         "{ctx}: output"
     );
     let roots: Vec<&str> = case.targets.iter().map(|(p, _)| *p).collect();
-    for (p, was) in case.targets {
-        assert_eq!(
-            prev.net.get(*p).map(|(k, _)| *k),
-            Some(net_kind(was)),
-            "{ctx}: {p} was not a {was} change before"
-        );
-    }
+    assert_were_changes(prev, case.targets, &ctx);
 
     // The reset is in the log: every path that was a change below the targets is
     // reported since the token as no change now, with its old kind; nothing else.
@@ -169,26 +161,57 @@ fn check_step(rt: &Runtime, prev: &Snap, step: &Step, case: &Case) {
         "{ctx}: the net state must lose exactly the targets"
     );
 
-    let lower = rt.lower_view();
-    let mount = view(&step.snap.mount);
-    assert_eq!(
-        subtree(&mount, &roots),
-        subtree(&lower, &roots),
-        "{ctx}: the mount must show the lower layer at the targets"
-    );
-    assert_eq!(
-        without(&mount, &roots),
-        without(&view(&prev.mount), &roots),
-        "{ctx}: the mount must be unchanged elsewhere"
-    );
+    assert_mount_put_back(rt, prev, step, &roots, &ctx);
     assert!(
         subtree(&step.snap.upper, &roots).is_empty(),
         "{ctx}: targets left in the upper dir: {:?}",
         keys(&subtree(&step.snap.upper, &roots))
     );
+    // With no targets left in it, the upper dir is the same without them.
+    assert_upper_unchanged_elsewhere(prev, step, &roots, &ctx);
+}
+
+/// The step's reset exited 0 and said nothing on stderr.
+fn assert_succeeded(step: &Step, ctx: &str) {
+    assert_eq!(step.rc, 0, "{ctx}: exit code; stderr: {}", step.err);
+    assert_eq!(step.err, "", "{ctx}: stderr");
+}
+
+/// Each of `targets` (path, the kind the reset names) was a change of that kind
+/// before the step.
+fn assert_were_changes(prev: &Snap, targets: &[(&str, &str)], ctx: &str) {
+    for (p, was) in targets {
+        assert_eq!(
+            prev.net.get(*p).map(|(k, _)| *k),
+            Some(net_kind(was)),
+            "{ctx}: {p} was not a {was} change before"
+        );
+    }
+}
+
+/// After the step, the mount shows the lower layer at `roots` and, elsewhere, what it
+/// showed before.
+fn assert_mount_put_back(rt: &Runtime, prev: &Snap, step: &Step, roots: &[&str], ctx: &str) {
+    let lower = rt.lower_view();
+    let mount = view(&step.snap.mount);
     assert_eq!(
-        stable(&step.snap.upper),
-        stable(&without(&prev.upper, &roots)),
+        subtree(&mount, roots),
+        subtree(&lower, roots),
+        "{ctx}: the mount must show the lower layer at the targets"
+    );
+    assert_eq!(
+        without(&mount, roots),
+        without(&view(&prev.mount), roots),
+        "{ctx}: the mount must be unchanged elsewhere"
+    );
+}
+
+/// Outside `roots`, the upper dir is as before the step (but for dirs' mtimes and
+/// sizes, see [`stable`]).
+fn assert_upper_unchanged_elsewhere(prev: &Snap, step: &Step, roots: &[&str], ctx: &str) {
+    assert_eq!(
+        stable(&without(&step.snap.upper, roots)),
+        stable(&without(&prev.upper, roots)),
         "{ctx}: the upper dir must be unchanged but for the targets"
     );
 }
@@ -204,30 +227,48 @@ fn checked_step(rt: &Runtime, prev: &Snap, case: &Case) -> Step {
 /// Path -> (kind now, kind before), from a since-answer.
 type KindChanges = BTreeMap<String, (Option<NetKind>, Option<NetKind>)>;
 
-/// Every record of `path` in the kept changelog between `step`'s tokens (before and
-/// after its reset) is a reset by the resetting process, and there is one, also below
-/// a dir the reset removed.
-fn assert_logged_as_reset(store: &store::Store, step: &Step, path: &str) {
+/// Asserts `ok` of the records of `path` in the kept changelog between `step`'s
+/// tokens (before and after its reset), saying that `path` must be logged as a reset;
+/// returns the two tokens.
+fn assert_logged(
+    store: &store::Store,
+    step: &Step,
+    path: &str,
+    ok: impl FnOnce(&[LogRecord]) -> bool,
+) -> (Token, Token) {
     let from: Token = step.token.parse().expect("a token");
     let to: Token = step.end_token.parse().expect("a token");
-    assert_eq!(from.instance, to.instance, "step {}: a gap", step.name);
     let records = store.history(path.as_bytes()).expect("history");
-    let during: Vec<_> = records
+    let during: Vec<LogRecord> = records
         .iter()
         .filter(|r| r.seq > from.seq && r.seq <= to.seq)
+        .cloned()
         .collect();
     let brief: Vec<(u64, Action, Option<u32>)> = records
         .iter()
         .map(|r| (r.seq, r.action, r.origin.as_ref().map(|o| o.pid)))
         .collect();
     assert!(
-        !during.is_empty()
-            && during
-                .iter()
-                .all(|r| r.action == Action::Reset && r.origin.is_some()),
+        ok(&during),
         "step {}: {path} must be logged as a reset between {from} and {to}: (seq, action, pid) {brief:?}",
         step.name
     );
+    (from, to)
+}
+
+/// A record of the reset: a `Reset` with the process that did it.
+fn by_the_reset(r: &LogRecord) -> bool {
+    r.action == Action::Reset && r.origin.is_some()
+}
+
+/// Every record of `path` in the kept changelog between `step`'s tokens (before and
+/// after its reset) is a reset by the resetting process, and there is one, also below
+/// a dir the reset removed.
+fn assert_logged_as_reset(store: &store::Store, step: &Step, path: &str) {
+    let (from, to) = assert_logged(store, step, path, |during| {
+        !during.is_empty() && during.iter().all(by_the_reset)
+    });
+    assert_eq!(from.instance, to.instance, "step {}: a gap", step.name);
 }
 
 /// As [`assert_logged_as_reset`], for a path that was a whiteout put back through
@@ -235,28 +276,12 @@ fn assert_logged_as_reset(store: &store::Store, step: &Step, path: &str) {
 /// dir, which the tracker records as a `Reclassified` with no process (see the
 /// report of this change); every other record must be the reset's.
 fn assert_logged_as_reset_over_whiteout(store: &store::Store, step: &Step, path: &str) {
-    let from: Token = step.token.parse().expect("a token");
-    let to: Token = step.end_token.parse().expect("a token");
-    let records = store.history(path.as_bytes()).expect("history");
-    let during: Vec<_> = records
-        .iter()
-        .filter(|r| r.seq > from.seq && r.seq <= to.seq)
-        .collect();
-    let brief: Vec<(u64, Action, Option<u32>)> = records
-        .iter()
-        .map(|r| (r.seq, r.action, r.origin.as_ref().map(|o| o.pid)))
-        .collect();
-    assert!(
-        during
-            .iter()
-            .any(|r| r.action == Action::Reset && r.origin.is_some())
+    assert_logged(store, step, path, |during| {
+        during.iter().any(by_the_reset)
             && during.iter().all(|r| {
-                (r.action == Action::Reset && r.origin.is_some())
-                    || (r.action == Action::Reclassified && r.origin.is_none())
-            }),
-        "step {}: {path} must be logged as a reset between {from} and {to}: (seq, action, pid) {brief:?}",
-        step.name
-    );
+                by_the_reset(r) || (r.action == Action::Reclassified && r.origin.is_none())
+            })
+    });
 }
 
 /// `(kind, type)` from `"kind type"`, as the CLI names them.
@@ -315,7 +340,7 @@ fn run_cases(lower: &LowerSpec, changes: &str, before: Net, cases: &[Case]) {
     );
 
     // Each reset is in the log as a reset.
-    let store = store::Store::open(&rt.state).expect("the kept changelog");
+    let store = rt.store();
     for step in &done {
         for p in step.since.keys().filter(|p| step.since[*p].0.is_none()) {
             assert_logged_as_reset(&store, step, p);
@@ -572,8 +597,7 @@ fn check_busy_step(
     holders: &[(u32, &str)],
 ) -> Vec<(u32, String)> {
     let ctx = format!("busy step {}", step.name);
-    assert_eq!(step.rc, 0, "{ctx}: exit code; stderr: {}", step.err);
-    assert_eq!(step.err, "", "{ctx}: stderr");
+    assert_succeeded(step, &ctx);
     let lines: Vec<&str> = step.out.lines().collect();
     assert_eq!(lines.len(), targets.len(), "{ctx}: output {lines:?}");
     let first_suffix = format!(" through the mount: {} is busy (held by ", s(&rt.mnt));
@@ -590,12 +614,8 @@ fn check_busy_step(
         } else {
             assert_eq!(rest, " through the mount", "{ctx}: line {line:?}");
         }
-        assert_eq!(
-            prev.net.get(*p).map(|(k, _)| *k),
-            Some(net_kind(was)),
-            "{ctx}: {p} was not a {was} change before"
-        );
     }
+    assert_were_changes(prev, targets, &ctx);
     let named = held_by(lines[0]);
     for (pid, comm) in holders {
         assert!(
@@ -606,25 +626,11 @@ fn check_busy_step(
     }
 
     let roots: Vec<&str> = targets.iter().map(|(p, _)| *p).collect();
-    let lower = rt.lower_view();
-    let mount = view(&step.snap.mount);
-    assert_eq!(
-        subtree(&mount, &roots),
-        subtree(&lower, &roots),
-        "{ctx}: the mount must show the lower layer at the targets"
-    );
-    assert_eq!(
-        without(&mount, &roots),
-        without(&view(&prev.mount), &roots),
-        "{ctx}: the mount must be unchanged elsewhere"
-    );
-    assert_eq!(
-        stable(&without(&step.snap.upper, &roots)),
-        stable(&without(&prev.upper, &roots)),
-        "{ctx}: the upper dir must be unchanged but for the targets"
-    );
+    assert_mount_put_back(rt, prev, step, &roots, &ctx);
+    assert_upper_unchanged_elsewhere(prev, step, &roots, &ctx);
 
     assert_net_is_truth(&step.snap, &ctx);
+    let lower = rt.lower_view();
     let mut want = without(&prev.net, &roots);
     for d in refilled {
         want.insert(d.to_string(), n("replaced dir"));
@@ -740,7 +746,7 @@ fn a_busy_mount_is_reset_through_the_mount_and_its_holders_named() {
         "orig\n",
         "the holder's open file reads other bytes"
     );
-    let store = store::Store::open(&rt.state).expect("the kept changelog");
+    let store = rt.store();
     for p in ["dir/new", "f.txt"] {
         assert_logged_as_reset(&store, &busy, p);
     }
@@ -757,6 +763,68 @@ fn a_busy_mount_is_reset_through_the_mount_and_its_holders_named() {
     eprintln!("took {:?}", started.elapsed());
 }
 
+/// A reset while one process holds the mount (see [`BusyCase::run`]).
+struct BusyCase<'a> {
+    lower: LowerSpec,
+    /// Script lines making the changes, and what they must give.
+    changes: &'a str,
+    truth: Net,
+    /// A shell command started in the background to hold the mount, and a shell
+    /// condition on its pid (`$pid`) that is true once it does.
+    holder: &'a str,
+    held: &'a str,
+    /// The step's arguments (as script words), what it must put back, the dirs it
+    /// refills, and the holder's `comm`, which it must name (see [`check_busy_step`]).
+    pattern: &'a str,
+    targets: &'a [(&'a str, &'a str)],
+    refilled: &'a [&'a str],
+    comm: &'a str,
+    /// Script lines after the step (`$pid` is still the holder's).
+    after: &'a str,
+}
+
+impl BusyCase<'_> {
+    /// Makes the changes in a runtime over `lower` (snapshot `before`), starts the
+    /// holder, waits until it holds the mount, runs step `busy`, then `after`. Checks
+    /// the changes and the step; returns the runtime, the snapshot before and the step.
+    fn run(&self) -> (Runtime, Snap, Step) {
+        let rt = Runtime::new(&self.lower);
+        let (changes, holder, held, pattern, after) = (
+            self.changes,
+            self.holder,
+            self.held,
+            self.pattern,
+            self.after,
+        );
+        rt.run(&format!(
+            r#"{WAIT_FOR}
+            {changes}
+            snap before
+            {holder} &
+            pid=$!
+            trap 'kill $pid 2>/dev/null' EXIT
+            wait_for '{held}'
+            echo $pid > "$T/pid"
+            step busy {pattern}
+            {after}
+            "#
+        ));
+        let pid: u32 = rt.read("pid").trim().parse().expect("pid");
+        let before = rt.snap("before");
+        assert_eq!(before.truth, self.truth);
+        let busy = rt.step("busy");
+        check_busy_step(
+            &rt,
+            &before,
+            &busy,
+            self.targets,
+            self.refilled,
+            &[(pid, self.comm)],
+        );
+        (rt, before, busy)
+    }
+}
+
 /// A program running from the mount cannot be rewritten (`ETXTBSY`): a new copy is
 /// renamed over it, and the running program goes on.
 #[test]
@@ -766,35 +834,22 @@ fn a_running_program_is_put_back_by_a_rename() {
     }
     let started = Instant::now();
     let sleep = std::fs::read("/bin/sleep").expect("read /bin/sleep");
-    let lower = keep_lower().file("bin/prog", &sleep, 0o755);
-    let rt = Runtime::new(&lower);
-    let script = format!(
-        r#"{WAIT_FOR}
-        printf 'trailing bytes' >> "$M/bin/prog"
-        snap before
-        "$M/bin/prog" 20 &
-        pid=$!
-        trap 'kill $pid 2>/dev/null' EXIT
-        wait_for '[ "$(readlink /proc/$pid/exe)" = "$M/bin/prog" ]'
-        echo $pid > "$T/pid"
-        step busy /bin/prog
-        kill -0 $pid || fail "the program stopped"
-        [ "$(readlink /proc/$pid/exe)" = "$M/bin/prog (deleted)" ] || fail "exe: $(readlink /proc/$pid/exe)"
-    "#
-    );
-    rt.run(&script);
-    let pid: u32 = rt.read("pid").trim().parse().expect("pid");
-    let before = rt.snap("before");
-    assert_eq!(before.truth, net(&[("bin/prog", "modified file")]));
-    let busy = rt.step("busy");
-    check_busy_step(
-        &rt,
-        &before,
-        &busy,
-        &[("bin/prog", "modified")],
-        &[],
-        &[(pid, "prog")],
-    );
+    let (rt, before, busy) = BusyCase {
+        lower: keep_lower().file("bin/prog", &sleep, 0o755),
+        changes: r#"printf 'trailing bytes' >> "$M/bin/prog""#,
+        truth: net(&[("bin/prog", "modified file")]),
+        holder: r#""$M/bin/prog" 20"#,
+        held: r#"[ "$(readlink /proc/$pid/exe)" = "$M/bin/prog" ]"#,
+        pattern: "/bin/prog",
+        targets: &[("bin/prog", "modified")],
+        refilled: &[],
+        comm: "prog",
+        after: r#"
+            kill -0 $pid || fail "the program stopped"
+            [ "$(readlink /proc/$pid/exe)" = "$M/bin/prog (deleted)" ] || fail "exe: $(readlink /proc/$pid/exe)"
+        "#,
+    }
+    .run();
     assert!(busy.snap.net.is_empty(), "{:?}", busy.snap.net);
     assert_ne!(
         busy.snap.upper["bin/prog"]["ino"], before.upper["bin/prog"]["ino"],
@@ -805,7 +860,7 @@ fn a_running_program_is_put_back_by_a_rename() {
         ["bin".to_string(), "bin/prog".to_string()].into(),
         "no temp file left"
     );
-    let store = store::Store::open(&rt.state).expect("the kept changelog");
+    let store = rt.store();
     assert_logged_as_reset(&store, &busy, "bin/prog");
     eprintln!("took {:?}", started.elapsed());
 }
@@ -819,40 +874,26 @@ fn a_busy_reset_refills_dirs_and_puts_files_back() {
         return;
     }
     let started = Instant::now();
-    let lower = kinds_lower()
-        .file("rmd/a", "ra\n", 0o600)
-        .file("rmd/deep/b", "rb\n", 0o644)
-        .dir_mode("rmd/deep", 0o750)
-        .owner("rmd/deep/b", 1000, 1001)
-        .mtime("rmd/deep/b", 1_000_000_000, 5)
-        .symlink("lnk", "keep.txt")
-        .fifo("fifo");
-    let rt = Runtime::new(&lower);
-    let script = format!(
-        r#"{WAIT_FOR}
-        rm "$M/del.txt"
-        rm -rf "$M/opq" && mkdir "$M/opq" && echo n > "$M/opq/new" && mkdir "$M/opq/sub"
-        rm -rf "$M/rmd"
-        echo new > "$M/new.txt"
-        chmod 600 "$M/meta.txt"
-        chown 1000:1000 "$M/own.txt"
-        rm "$M/lnk" && echo file > "$M/lnk"
-        rm "$M/fifo"
-        snap before
-        ( exec sleep 20 3< "$M/keep.txt" ) &
-        pid=$!
-        trap 'kill $pid 2>/dev/null' EXIT
-        wait_for '[ "$(readlink /proc/$pid/fd/3)" = "$M/keep.txt" ]'
-        echo $pid > "$T/pid"
-        step busy '*'
-    "#
-    );
-    rt.run(&script);
-    let pid: u32 = rt.read("pid").trim().parse().expect("pid");
-    let before = rt.snap("before");
-    assert_eq!(
-        before.truth,
-        net(&[
+    let (rt, _, busy) = BusyCase {
+        lower: kinds_lower()
+            .file("rmd/a", "ra\n", 0o600)
+            .file("rmd/deep/b", "rb\n", 0o644)
+            .dir_mode("rmd/deep", 0o750)
+            .owner("rmd/deep/b", 1000, 1001)
+            .mtime("rmd/deep/b", 1_000_000_000, 5)
+            .symlink("lnk", "keep.txt")
+            .fifo("fifo"),
+        changes: r#"
+            rm "$M/del.txt"
+            rm -rf "$M/opq" && mkdir "$M/opq" && echo n > "$M/opq/new" && mkdir "$M/opq/sub"
+            rm -rf "$M/rmd"
+            echo new > "$M/new.txt"
+            chmod 600 "$M/meta.txt"
+            chown 1000:1000 "$M/own.txt"
+            rm "$M/lnk" && echo file > "$M/lnk"
+            rm "$M/fifo"
+        "#,
+        truth: net(&[
             ("del.txt", "removed whiteout"),
             ("fifo", "removed whiteout"),
             ("lnk", "replaced file"),
@@ -863,14 +904,11 @@ fn a_busy_reset_refills_dirs_and_puts_files_back() {
             ("opq/sub", "added dir"),
             ("own.txt", "metadata file"),
             ("rmd", "removed whiteout"),
-        ])
-    );
-    let busy = rt.step("busy");
-    check_busy_step(
-        &rt,
-        &before,
-        &busy,
-        &[
+        ]),
+        holder: r#"( exec sleep 20 3< "$M/keep.txt" )"#,
+        held: r#"[ "$(readlink /proc/$pid/fd/3)" = "$M/keep.txt" ]"#,
+        pattern: "'*'",
+        targets: &[
             ("del.txt", "removed"),
             ("fifo", "removed"),
             ("lnk", "replaced"),
@@ -880,11 +918,13 @@ fn a_busy_reset_refills_dirs_and_puts_files_back() {
             ("own.txt", "metadata"),
             ("rmd", "removed"),
         ],
-        &["opq", "rmd"],
-        &[(pid, "sleep")],
-    );
+        refilled: &["opq", "rmd"],
+        comm: "sleep",
+        after: "",
+    }
+    .run();
     assert_eq!(view(&busy.snap.mount), rt.lower_view());
-    let store = store::Store::open(&rt.state).expect("the kept changelog");
+    let store = rt.store();
     for p in ["lnk", "meta.txt", "new.txt", "own.txt"] {
         assert_logged_as_reset(&store, &busy, p);
     }
@@ -1195,18 +1235,7 @@ fn a_mount_in_a_threads_namespace_makes_the_reset_go_through_the_mount() {
             && line.contains(&format!("pid {hpid}")),
         "{line}"
     );
-    let lower = rt.lower_view();
-    let mount = view(&held.snap.mount);
-    assert_eq!(
-        subtree(&mount, &["f.txt"]),
-        subtree(&lower, &["f.txt"]),
-        "the mount shows the lower f.txt"
-    );
-    assert_eq!(
-        without(&mount, &["f.txt"]),
-        without(&view(&before.mount), &["f.txt"]),
-        "nothing else changed"
-    );
+    assert_mount_put_back(&rt, &before, &held, &["f.txt"], "held");
     assert_net_is_truth(&held.snap, "after the reset through the mount");
     assert_eq!(held.snap.net, without(&before.net, &["f.txt"]));
     let again = rt.snap("again");
@@ -1342,7 +1371,7 @@ fn a_reset_logs_nothing_on_untouched_whiteouts() {
     rt.run("rm \"$M/del.txt\"\necho x >> \"$M/mod.txt\"\nstep one /mod.txt\n");
     let one = rt.step("one");
     assert_eq!(one.rc, 0, "{}", one.err);
-    let store = store::Store::open(&rt.state).expect("the kept changelog");
+    let store = rt.store();
     let from: Token = one.token.parse().expect("token");
     let touched: Vec<(u64, Action)> = store
         .history(b"del.txt")

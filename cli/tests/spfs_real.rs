@@ -22,6 +22,7 @@ mod spfs_support;
 #[path = "../../tests/support/mod.rs"]
 mod support;
 
+use common::{alive, wait_for};
 use spfs_support::*;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -158,8 +159,7 @@ fn random_operations_over_a_stack_with_masks() {
             seed,
             script: halves.join("\n"),
         };
-        let mut rt = SpfsRuntime::start(&["--edit", &stack.reference()]);
-        rt.track_inside();
+        let mut rt = stack.tracked_runtime();
         for (i, ops) in halves.iter().enumerate() {
             rt.run(ops);
             rt.assert_consistent(&format!(
@@ -214,8 +214,7 @@ const RESET_CASES: [ResetCase; 5] = [
 
 fn reset_keeps_the_mask(stack: &Stack, case: &ResetCase) {
     let context = format!("reset {} ({})", case.reset, case.name);
-    let mut rt = SpfsRuntime::start(&["--edit", &stack.reference()]);
-    rt.track_inside();
+    let mut rt = stack.tracked_runtime();
     rt.run(case.setup);
     rt.run(&format!("spfs changes reset {}", case.reset));
 
@@ -242,16 +241,12 @@ fn reset_keeps_the_mask(stack: &Stack, case: &ResetCase) {
         "{context}: spfs diff sees something at the masked etc/b:\n{diff}"
     );
     for p in case.put_back {
-        let line = format!("/spfs/{p}");
         assert!(
-            !diff.lines().any(|l| l
-                .get(1..)
-                .is_some_and(|l| l.split(" [").next().is_some_and(|path| path == line))),
+            !diff_mentions(&diff, p),
             "{context}: {p} was not put back:\n{diff}"
         );
     }
-    let doc = rt.changes();
-    rt.assert_net_is_truth(&doc, &context);
+    rt.assert_changes_are_truth(&context);
 
     // The environment's mask is no violation of spk's rules.
     rt.run("echo installed > /spfs/etc/installed");
@@ -319,23 +314,20 @@ fn spfs_commit_and_spfs_reset_are_seen_at_once() {
 
     // `spfs commit layer`: the runtime is remounted over one more layer, holding what
     // was committed; asked right after, nothing committed is added or modified.
-    let mut rt = SpfsRuntime::start(&["--edit", &stack.reference()]);
-    rt.track_inside();
+    let mut rt = stack.tracked_runtime();
     rt.run(CHANGE_FOR_COMMIT);
     let layers = rt.overlay().lowers.len();
     let tag = format!("spfs-changes-tests/{}/committed", unique("commit"));
-    let out = rt.run(&format!(
-        "spfs commit layer -t {} >&2 && spfs changes changes --json",
-        common::quote(&tag)
-    ));
+    let net = rt.assert_truth_right_after(
+        &format!("spfs commit layer -t {}", common::quote(&tag)),
+        "right after spfs commit (against the new layers)",
+    );
     assert_eq!(
         rt.overlay().lowers.len(),
         layers + 1,
         "the commit remounted over the new layer: {}",
         rt.overlay().line
     );
-    let doc = parse_json(&out, "changes --json right after spfs commit");
-    let net = rt.assert_net_is_truth(&doc, "right after spfs commit (against the new layers)");
     for p in COMMITTED {
         let kind = net.get(p.as_bytes()).map(|(k, _)| *k);
         assert!(
@@ -346,12 +338,12 @@ fn spfs_commit_and_spfs_reset_are_seen_at_once() {
     drop(rt);
 
     // `spfs reset PATH`: spfs deletes from the live upper dir and remounts.
-    let mut rt = SpfsRuntime::start(&["--edit", &stack.reference()]);
-    rt.track_inside();
+    let mut rt = stack.tracked_runtime();
     rt.run("echo more >> /spfs/etc/a && echo n > /spfs/etc/new && rm /spfs/keep/k1");
-    let out = rt.run("spfs reset /spfs/etc/a >&2 && spfs changes changes --json");
-    let doc = parse_json(&out, "changes --json right after spfs reset");
-    let net = rt.assert_net_is_truth(&doc, "right after spfs reset /spfs/etc/a");
+    let net = rt.assert_truth_right_after(
+        "spfs reset /spfs/etc/a",
+        "right after spfs reset /spfs/etc/a",
+    );
     assert!(
         !net.contains_key(b"etc/a".as_slice()),
         "spfs reset put etc/a back"
@@ -365,8 +357,7 @@ fn reset_while_the_mount_is_busy() {
         return;
     }
     let stack = Stack::new("busy_reset");
-    let mut rt = SpfsRuntime::start(&["--edit", &stack.reference()]);
-    rt.track_inside();
+    let mut rt = stack.tracked_runtime();
     rt.run("set -e; echo more >> /spfs/etc/a; echo more >> /spfs/etc/c; echo >> /spfs/bin/sleeper");
     // Three holders of the mount: a cwd, an open file, a running program of /spfs (the
     // modified copy in the upper dir).
@@ -397,15 +388,9 @@ fn reset_while_the_mount_is_busy() {
     );
     let diff = rt.spfs_diff();
     for p in ["etc/a", "etc/c", "bin/sleeper"] {
-        assert!(
-            !diff.lines().any(|l| l
-                .get(1..)
-                .is_some_and(|l| l.split(" [").next() == Some(format!("/spfs/{p}").as_str()))),
-            "{p} was not put back:\n{diff}"
-        );
+        assert!(!diff_mentions(&diff, p), "{p} was not put back:\n{diff}");
     }
-    let doc = rt.changes();
-    rt.assert_net_is_truth(&doc, "after the busy reset");
+    rt.assert_changes_are_truth("after the busy reset");
     for holder in [cwd, open, prog] {
         assert!(alive(holder), "holder {holder} survived the reset");
     }
@@ -443,8 +428,7 @@ fn durable_runtime_run_twice() {
     );
     first.track_inside();
     first.run(FIRST_RUN);
-    let doc = first.changes();
-    first.assert_net_is_truth(&doc, "first run");
+    first.assert_changes_are_truth("first run");
     first.end();
 
     let mut second = SpfsRuntime::start(&["--rerun", name]);
@@ -452,8 +436,7 @@ fn durable_runtime_run_twice() {
     assert_eq!(second.overlay().upper, upper, "the same upper dir again");
     second.track_inside();
     second.run(SECOND_RUN);
-    let doc = second.changes();
-    let net = second.assert_net_is_truth(&doc, "second run");
+    let net = second.assert_changes_are_truth("second run");
     for p in ["etc/one", "etc/a", "keep/k1", "etc/two", "etc/c", "keep/k2"] {
         assert!(
             net.contains_key(p.as_bytes()),
@@ -495,8 +478,7 @@ fn a_new_runtime_with_a_reused_name_starts_a_changelog_of_its_own() {
     second.keep_tracker_state = true;
     second.track_inside();
     second.run("echo new > /spfs/etc/from-the-second");
-    let doc = second.changes();
-    let net = second.assert_net_is_truth(&doc, "the second runtime of that name");
+    let net = second.assert_changes_are_truth("the second runtime of that name");
     assert!(!net.contains_key(b"etc/from-the-first".as_slice()));
     let history = second.run("spfs changes history /spfs/etc/from-the-first");
     assert_eq!(history, "", "no history of another runtime");

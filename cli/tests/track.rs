@@ -9,7 +9,7 @@ mod common;
 mod support;
 mod track_support;
 
-use common::{assert_one_line_error, cmd, ok, output, s, text};
+use common::{alive, assert_one_line_error, cmd, mount_ns, ok, output, s, sigkill, text, wait_for};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};

@@ -84,7 +84,9 @@ pub fn for_each_child(
     Ok(())
 }
 
-fn lstat_opt(p: &Path) -> Option<Metadata> {
+/// `lstat` of `p`; `None` when there is nothing there (also when a proper ancestor
+/// is no dir).
+pub fn lstat_opt(p: &Path) -> Option<Metadata> {
     match fs::symlink_metadata(p) {
         Ok(m) => Some(m),
         Err(e)
@@ -96,11 +98,13 @@ fn lstat_opt(p: &Path) -> Option<Metadata> {
     }
 }
 
-fn is_whiteout(m: &Metadata) -> bool {
+/// An overlayfs whiteout: a 0/0 char device.
+pub fn is_whiteout(m: &Metadata) -> bool {
     m.file_type().is_char_device() && m.rdev() == 0
 }
 
-fn is_opaque(p: &Path) -> bool {
+/// A dir marked opaque (`trusted.overlay.opaque` = `y`).
+pub fn is_opaque(p: &Path) -> bool {
     get_xattr(p, "trusted.overlay.opaque")
         .unwrap_or_else(|e| panic!("getxattr trusted.overlay.opaque {}: {e}", p.display()))
         .is_some_and(|v| v == b"y")
@@ -131,8 +135,11 @@ fn file_type(m: &Metadata) -> FileType {
     }
 }
 
-/// The entry the lower layers show at `rel` (absent: `None`), see [`truth`].
-fn lower_entry(lowers: &[PathBuf], rel: &[u8]) -> Option<(PathBuf, Metadata)> {
+/// The entry the lower layers (top-most first) show at `rel` (absent: `None`): the
+/// top-most layer's that has it, unless a whiteout there, or a whiteout or non-dir at a
+/// proper ancestor in a layer, hides it, or an opaque dir at a proper ancestor hides it
+/// in the layers below (see [`truth`]).
+pub fn lower_entry(lowers: &[PathBuf], rel: &[u8]) -> Option<(PathBuf, Metadata)> {
     let comps: Vec<&[u8]> = rel.split(|b| *b == b'/').collect();
     let (last, ancestors) = comps.split_last().expect("non-empty path");
     'layers: for layer in lowers {

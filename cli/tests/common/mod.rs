@@ -1,13 +1,16 @@
 //! What every test file of the `spfs-changes` binary needs: the binary, commands that
-//! run it, their output, and the names the CLI prints for kinds and types.
+//! run it, their output, the names the CLI prints for kinds and types, and the
+//! processes and mount namespaces of runtimes and trackers.
 //!
 //! Each test file includes it with `mod common;` (each is its own crate); not every
 //! file uses every item.
 #![allow(dead_code)]
 
 use std::borrow::BorrowMut;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 use store::{FileType, NetKind};
 
 pub fn bin() -> PathBuf {
@@ -43,11 +46,13 @@ pub fn output(mut c: impl BorrowMut<Command>) -> Output {
     c.borrow_mut().output().expect("spawn spfs-changes")
 }
 
-/// Runs a command to its end; panics with its output unless it succeeded. Returns
-/// its stdout.
+/// Runs a command to its end (with no stdin); panics with its output unless it
+/// succeeded. Returns its stdout.
 pub fn ok(mut c: impl BorrowMut<Command>) -> String {
     let c = c.borrow_mut();
-    let out = c.output().expect("spawn spfs-changes");
+    let out = c
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {c:?}: {e}"));
     assert!(
         out.status.success(),
         "{c:?} failed ({}):\n--- stdout\n{}\n--- stderr\n{}",
@@ -109,4 +114,54 @@ pub fn file_type(name: &str) -> FileType {
         "unknown" => FileType::Unknown,
         other => panic!("unknown type {other:?}"),
     }
+}
+
+/// Sends SIGKILL to `pid`.
+pub fn sigkill(pid: u32) -> nix::Result<()> {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::SIGKILL,
+    )
+}
+
+/// The inode of a process's mount namespace (`None`: no such process).
+pub fn mount_ns(pid: u32) -> Option<u64> {
+    std::fs::metadata(format!("/proc/{pid}/ns/mnt"))
+        .ok()
+        .map(|m| m.ino())
+}
+
+/// True while `pid` runs (a zombie does not: PID 1 here may not reap orphans).
+pub fn alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next());
+    !matches!(state, None | Some('Z') | Some('X'))
+}
+
+/// Polls `cond` every 20 ms for up to `limit`.
+pub fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return true;
+        }
+        if start.elapsed() > limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Live processes in mount namespace `ns`.
+pub fn processes_in(ns: u64) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .expect("read /proc")
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| mount_ns(pid) == Some(ns) && alive(pid))
+        .collect()
 }

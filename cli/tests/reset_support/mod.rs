@@ -129,6 +129,11 @@ impl Runtime {
         self.rt.join("upper")
     }
 
+    /// The changelog the tracker kept in the state dir.
+    pub fn store(&self) -> store::Store {
+        store::Store::open(&self.state).expect("the kept changelog")
+    }
+
     /// `spfs-changes run ... -- sh -c PREAMBLE+script`, with `$T`, `$M`, `$RT`,
     /// `$UPPER`, `$LOWER` set for the script.
     pub fn command(&self, script: &str) -> Command {

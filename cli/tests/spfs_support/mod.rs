@@ -16,16 +16,19 @@
 //! also when the test fails.
 #![allow(dead_code)]
 
-use crate::common::{bin, no_ambient_target, quote, text};
+use crate::common::{
+    alive, bin, mount_ns, no_ambient_target, ok, processes_in, quote, sigkill, text, wait_for,
+};
+use crate::support::truth::{is_whiteout, lower_entry, lstat_opt};
 use crate::support::{SplitMix, Truth, describe_tree, tracking::show};
 use std::collections::BTreeSet;
 use std::fs::{self, Metadata};
 use std::io::{self, BufRead, BufReader, Write};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use store::{FileType, NetKind};
 
 /// Where the tracker keeps the changelog of the spfs runtime named `name` when it is
@@ -117,23 +120,6 @@ fn test_env(c: &mut Command) {
         .env("NO_COLOR", "1");
 }
 
-/// Runs `c` to its end with no stdin; panics with its output unless it succeeded.
-/// Returns stdout.
-pub fn ok(c: &mut Command) -> String {
-    let out = c
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {c:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{c:?} failed ({}):\n--- stdout\n{}\n--- stderr\n{}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
-}
-
 /// Makes a layer: runs `script` (`set -e`, cwd `/spfs`) in a new editable runtime over
 /// `on` (`-`: an empty one) and commits what it changed as a layer tagged `tag`.
 pub fn commit_layer(on: &str, script: &str, tag: &str) {
@@ -141,7 +127,7 @@ pub fn commit_layer(on: &str, script: &str, tag: &str) {
         "set -e\ncd /spfs\n{script}\nspfs commit layer -t {}\n",
         quote(tag)
     );
-    ok(&mut spfs(&["run", "--edit", on, "--", "sh", "-c", &full]));
+    ok(spfs(&["run", "--edit", on, "--", "sh", "-c", &full]));
 }
 
 /// The files of the base layer of [`Stack`] (spfs paths below `/spfs`).
@@ -194,65 +180,23 @@ impl Stack {
     pub fn reference(&self) -> String {
         format!("{}+{}", self.base, self.top)
     }
+
+    /// A runtime editing `base+top`, tracked from inside (`spfs changes track`).
+    pub fn tracked_runtime(&self) -> SpfsRuntime {
+        let mut rt = SpfsRuntime::start(&["--edit", &self.reference()]);
+        rt.track_inside();
+        rt
+    }
 }
 
 // ---------------------------------------------------------------------------------
 // Processes
-
-/// The inode of a process's mount namespace (`None`: no such process).
-pub fn mount_ns(pid: u32) -> Option<u64> {
-    fs::metadata(format!("/proc/{pid}/ns/mnt"))
-        .ok()
-        .map(|m| m.ino())
-}
-
-/// True while `pid` runs (a zombie does not: PID 1 here may not reap orphans).
-pub fn alive(pid: u32) -> bool {
-    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    let state = stat
-        .rsplit_once(')')
-        .and_then(|(_, rest)| rest.trim_start().chars().next());
-    !matches!(state, None | Some('Z') | Some('X'))
-}
-
-/// Polls `cond` every 20 ms for up to `limit`.
-pub fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    loop {
-        if cond() {
-            return true;
-        }
-        if start.elapsed() > limit {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 fn comm(pid: u32) -> String {
     fs::read_to_string(format!("/proc/{pid}/comm"))
         .unwrap_or_default()
         .trim()
         .to_string()
-}
-
-/// Live processes in mount namespace `ns`.
-fn processes_in(ns: u64) -> Vec<u32> {
-    fs::read_dir("/proc")
-        .expect("read /proc")
-        .filter_map(Result::ok)
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&pid| mount_ns(pid) == Some(ns) && alive(pid))
-        .collect()
-}
-
-fn sigkill(pid: u32) {
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::SIGKILL,
-    );
 }
 
 // ---------------------------------------------------------------------------------
@@ -279,20 +223,26 @@ pub struct OverlayMount {
     pub work: String,
 }
 
+/// Undoes the kernel's `\ooo` octal escapes of a mountinfo field. The kernel escapes
+/// every backslash, so each one starts an escape: the text between two of them is an
+/// escape's three digits and then plain text. (Not the tracker's byte scan, on
+/// purpose: this parser is the tests' own reference.)
 fn unescape_mountinfo(field: &str) -> String {
-    let b = field.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
+    let mut parts = field.split('\\');
+    let mut out = parts.next().unwrap_or_default().as_bytes().to_vec();
+    for part in parts {
+        let digits = part
+            .get(..3)
+            .filter(|d| d.bytes().all(|c| c.is_ascii_digit()));
+        match digits.and_then(|d| u8::from_str_radix(d, 8).ok()) {
+            Some(byte) => {
+                out.push(byte);
+                out.extend_from_slice(&part.as_bytes()[3..]);
+            }
+            None => {
+                out.push(b'\\');
+                out.extend_from_slice(part.as_bytes());
+            }
         }
     }
     String::from_utf8_lossy(&out).into_owned()
@@ -640,6 +590,22 @@ impl SpfsRuntime {
         got
     }
 
+    /// Asserts the tracker's net state (a fresh `spfs changes changes --json` from
+    /// inside) equals the upper-walk truth; returns it.
+    pub fn assert_changes_are_truth(&mut self, context: &str) -> Truth {
+        let doc = self.changes();
+        self.assert_net_is_truth(&doc, context)
+    }
+
+    /// Runs `command` inside (its stdout to stderr) and, in the same script at once
+    /// after it, `spfs changes changes --json`; asserts that answer's net state equals
+    /// the upper-walk truth; returns it.
+    pub fn assert_truth_right_after(&mut self, command: &str, context: &str) -> Truth {
+        let out = self.run(&format!("{command} >&2 && spfs changes changes --json"));
+        let doc = parse_json(&out, &format!("changes --json right after {command}"));
+        self.assert_net_is_truth(&doc, context)
+    }
+
     /// Asserts `doc` (a `changes --json` answer) says what `diff` (`spfs diff`'s
     /// stdout) says, in spfs's model (see [`spfs_model_of`]).
     pub fn assert_matches_spfs_diff(&self, doc: &serde_json::Value, diff: &str, context: &str) {
@@ -688,7 +654,7 @@ impl SpfsRuntime {
         let _ = wait_for(Duration::from_secs(5), || !alive(self.pid));
         for pid in processes_in(self.ns) {
             if comm(pid) != "spfs-monitor" {
-                sigkill(pid);
+                let _ = sigkill(pid);
             }
         }
         let _ = self.child.wait();
@@ -707,7 +673,7 @@ impl SpfsRuntime {
                     && text(&fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default())
                         .contains("spfs-changes")
                 {
-                    sigkill(pid);
+                    let _ = sigkill(pid);
                 }
             }
         }
@@ -893,6 +859,14 @@ pub fn parse_spfs_diff(out: &str) -> BTreeSet<Line> {
     lines
 }
 
+/// True when a line of `diff` (`spfs diff`'s stdout; any sign, with details or
+/// without) is about `/spfs/<rel>`.
+pub fn diff_mentions(diff: &str, rel: &str) -> bool {
+    let path = format!("/spfs/{rel}");
+    diff.lines()
+        .any(|l| l.get(1..).and_then(|l| l.split(" [").next()) == Some(path.as_str()))
+}
+
 // ---------------------------------------------------------------------------------
 // spfs's model
 
@@ -916,28 +890,6 @@ pub struct StackView {
     pub merged: PathBuf,
 }
 
-fn lstat(p: &Path) -> Option<Metadata> {
-    match fs::symlink_metadata(p) {
-        Ok(m) => Some(m),
-        Err(e)
-            if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR) =>
-        {
-            None
-        }
-        Err(e) => panic!("lstat {}: {e}", p.display()),
-    }
-}
-
-fn is_whiteout(m: &Metadata) -> bool {
-    m.file_type().is_char_device() && m.rdev() == 0
-}
-
-fn is_opaque(p: &Path) -> bool {
-    crate::support::get_xattr(p, "trusted.overlay.opaque")
-        .unwrap_or_else(|e| panic!("getxattr {}: {e}", p.display()))
-        .is_some_and(|v| v == b"y")
-}
-
 fn join(parent: &str, name: &str) -> String {
     if parent.is_empty() {
         name.to_string()
@@ -956,7 +908,7 @@ pub fn whiteouts(dir: &Path) -> BTreeSet<String> {
         for e in entries.filter_map(Result::ok) {
             let name = e.file_name().to_string_lossy().into_owned();
             let r = join(rel, &name);
-            match lstat(&dir.join(&r)) {
+            match lstat_opt(&dir.join(&r)) {
                 Some(m) if is_whiteout(&m) => {
                     out.insert(r);
                 }
@@ -984,27 +936,10 @@ impl StackView {
                 return Stacked::Absent;
             }
         }
-        let (last, ancestors) = comps.split_last().expect("non-empty path");
-        'layers: for layer in &self.lowers {
-            let mut p = layer.clone();
-            let mut hides_below = false;
-            for comp in ancestors {
-                p.push(comp);
-                match lstat(&p) {
-                    None => continue 'layers,
-                    Some(m) if !m.is_dir() => return Stacked::Absent,
-                    Some(_) => hides_below |= is_opaque(&p),
-                }
-            }
-            p.push(last);
-            match lstat(&p) {
-                Some(m) if is_whiteout(&m) => return Stacked::Absent,
-                Some(m) => return Stacked::Entry(p, m),
-                None if hides_below => return Stacked::Absent,
-                None => {}
-            }
+        match lower_entry(&self.lowers, rel.as_bytes()) {
+            Some((p, m)) => Stacked::Entry(p, m),
+            None => Stacked::Absent,
         }
-        Stacked::Absent
     }
 
     /// Names the stack may hold below the dir `rel`: entries of any lower layer there,
@@ -1036,7 +971,7 @@ impl StackView {
     }
 
     fn merged_meta(&self, rel: &str) -> Option<Metadata> {
-        lstat(&self.merged.join(rel))
+        lstat_opt(&self.merged.join(rel))
     }
 
     /// True when spfs sees a difference between the stack's `stacked` entry at `rel`

@@ -2,7 +2,10 @@
 //! private mount namespace of its own process, driven line by line from the test; a
 //! guard that stops every tracker a test started; and readers of the CLI's answers.
 
-use crate::common::{bin, cmd, file_type, net_kind, no_ambient_target, ok, s, text};
+use crate::common::{
+    alive, bin, cmd, file_type, mount_ns, net_kind, no_ambient_target, ok, processes_in, s,
+    sigkill, text, wait_for,
+};
 use crate::support::{LowerSpec, Truth, tracking::show};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::MetadataExt;
@@ -10,36 +13,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Sends SIGKILL to `pid`.
-pub fn sigkill(pid: u32) -> nix::Result<()> {
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::SIGKILL,
-    )
-}
-
-/// The inode of a process's mount namespace (`None`: no such process).
-pub fn mount_ns(pid: u32) -> Option<u64> {
-    std::fs::metadata(format!("/proc/{pid}/ns/mnt"))
-        .ok()
-        .map(|m| m.ino())
-}
-
 pub fn own_mount_ns() -> u64 {
     std::fs::metadata("/proc/thread-self/ns/mnt")
         .expect("own mount namespace")
         .ino()
-}
-
-/// True while `pid` runs (a zombie does not: PID 1 here does not reap orphans).
-pub fn alive(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    let state = stat
-        .rsplit_once(')')
-        .and_then(|(_, rest)| rest.trim_start().chars().next());
-    !matches!(state, None | Some('Z') | Some('X'))
 }
 
 /// Waits up to `limit` for `pid` to end; returns how long it took, or `None`.
@@ -52,29 +29,6 @@ pub fn wait_gone(pid: u32, limit: Duration) -> Option<Duration> {
         std::thread::sleep(Duration::from_millis(10));
     }
     Some(start.elapsed())
-}
-
-/// Polls `cond` every 20 ms for up to `limit`.
-pub fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    loop {
-        if cond() {
-            return true;
-        }
-        if start.elapsed() > limit {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn processes_in(ns: u64) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .expect("read /proc")
-        .filter_map(Result::ok)
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&pid| mount_ns(pid) == Some(ns) && alive(pid))
-        .collect()
 }
 
 /// Script of the runtime process: mounts its tmpfs and overlay, says `ready`, then
