@@ -1001,14 +1001,11 @@ mod tests {
                 .iter()
                 .map(|p| p.as_bytes().to_vec()),
         );
-        let mount = Path::new("/spfs");
-        let all = plan(
-            &store,
-            &Patterns::new(&["*".into()], mount).expect("patterns"),
-            &masks,
-            &NoLower,
-        )
-        .expect("plan");
+        let plan_of = |pattern: &str| {
+            let patterns = Patterns::new(&[pattern.into()], Path::new("/spfs")).expect("patterns");
+            plan(&store, &patterns, &masks, &NoLower).expect("plan")
+        };
+        let all = plan_of("*");
         assert_eq!(paths(&all.targets), ["d", "d-x", "etc/a", "m"]);
         assert_eq!(paths(&all.covered), ["d/new", "d/sub", "d/sub/z"]);
         assert_eq!(
@@ -1017,13 +1014,7 @@ mod tests {
             "masks at or below the targets"
         );
         // The example of spfs: `reset /etc/` puts etc/a back, etc/b stays masked.
-        let etc = plan(
-            &store,
-            &Patterns::new(&["/spfs/etc/".into()], mount).expect("patterns"),
-            &masks,
-            &NoLower,
-        )
-        .expect("plan");
+        let etc = plan_of("/spfs/etc/");
         assert_eq!(paths(&etc.targets), ["etc/a"]);
         assert!(etc.covered.is_empty() && etc.masks.is_empty());
     }
