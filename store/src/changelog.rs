@@ -593,12 +593,20 @@ impl Store {
                 .get_mut(o.path.as_slice())
                 .expect("every observed path has a slot");
             let origin = o.origin.as_ref().map(|origin| interner.id(origin));
+            // What left a path was what the net state held there, when the observer
+            // could not say.
+            let file_type = match (o.file_type, o.action, slot.old) {
+                (FileType::Unknown, Action::Deleted | Action::RenamedFrom, Some(old)) => {
+                    old.file_type
+                }
+                (file_type, _, _) => file_type,
+            };
             push(
                 &RecordHead {
                     seq,
                     time_ns: o.time_ns,
                     action: o.action,
-                    file_type: o.file_type,
+                    file_type,
                     origin,
                     link,
                     before: slot.old.map(|e| e.kind),

@@ -1019,3 +1019,29 @@ fn long_batches_span_log_chunks() {
     }
     assert_eq!(store.history(b"z/299").unwrap()[0].seq, 3300);
 }
+
+#[test]
+fn a_deletion_of_unknown_type_gets_the_recorded_type() {
+    let (_d, store) = open();
+    store
+        .apply(&batch(
+            vec![obs(Action::Created, b"d", FileType::Dir, 1)],
+            vec![set(b"d", NetKind::Added, FileType::Dir)],
+        ))
+        .unwrap();
+    create(&store, b"f", 1);
+    store
+        .apply(&batch(
+            vec![
+                obs(Action::Deleted, b"d", FileType::Unknown, 2),
+                obs(Action::RenamedFrom, b"f", FileType::Unknown, 2),
+                obs(Action::Deleted, b"never-recorded", FileType::Unknown, 2),
+            ],
+            vec![clear(b"d"), clear(b"f")],
+        ))
+        .unwrap();
+    let last = |path: &[u8]| store.history(path).unwrap().pop().unwrap().file_type;
+    assert_eq!(last(b"d"), FileType::Dir);
+    assert_eq!(last(b"f"), FileType::File);
+    assert_eq!(last(b"never-recorded"), FileType::Unknown);
+}

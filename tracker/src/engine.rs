@@ -708,10 +708,7 @@ impl Watcher {
             .lock()
             .map(|s| s.clone())
             .unwrap_or_default();
-        let layers = Live {
-            classifier: &self.classifier,
-            links: &self.links,
-        };
+        let layers = Live::new(&self.classifier, &self.links);
         let settled = settle::settle(&work, &layers, self.shared.store.as_ref(), &resetting)?;
         for (path, e) in &settled.errors {
             // Left as recorded rather than guessed; counted in status.

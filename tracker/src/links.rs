@@ -7,7 +7,7 @@
 //! a second name or changes through one; a name it does not know (a link made before
 //! the tracker started, an index past its bound) is found by one walk of the upper dir.
 
-use crate::classify::{Classifier, Net};
+use crate::classify::{Classifier, Net, UpperInode};
 use crate::settle::Layers;
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -45,11 +45,24 @@ impl LinkIndex {
     }
 }
 
-/// The layers as the watcher sees them: the classifier for states, the index for
-/// hard links.
+/// The layers as the watcher sees them for one batch: the classifier for states, the
+/// index for hard links.
 pub struct Live<'a> {
     pub classifier: &'a Classifier,
     pub links: &'a RefCell<LinkIndex>,
+    /// The paths this batch classified that have several names, with their inode:
+    /// only those have other names to look for (no second `lstat` for the rest).
+    pub several: RefCell<HashMap<Vec<u8>, UpperInode>>,
+}
+
+impl<'a> Live<'a> {
+    pub fn new(classifier: &'a Classifier, links: &'a RefCell<LinkIndex>) -> Self {
+        Live {
+            classifier,
+            links,
+            several: RefCell::default(),
+        }
+    }
 }
 
 impl Layers for Live<'_> {
@@ -59,6 +72,9 @@ impl Layers for Live<'_> {
             && inode.linkable
         {
             self.links.borrow_mut().note(inode.ino, rel);
+            if inode.links > 1 {
+                self.several.borrow_mut().insert(rel.to_vec(), inode);
+            }
         }
         Ok(state)
     }
@@ -68,12 +84,9 @@ impl Layers for Live<'_> {
     }
 
     fn other_names(&self, rel: &[u8]) -> io::Result<Vec<Vec<u8>>> {
-        let Some(inode) = self.classifier.upper_inode(rel)? else {
+        let Some(inode) = self.several.borrow().get(rel).copied() else {
             return Ok(Vec::new());
         };
-        if !inode.linkable || inode.links < 2 {
-            return Ok(Vec::new());
-        }
         let known = self
             .links
             .borrow()

@@ -63,7 +63,13 @@ impl Model {
                 time_ns: o.time_ns,
                 action: o.action,
                 path: o.path.clone(),
-                file_type: o.file_type,
+                // A deletion or rename of unknown type is of what the net state held.
+                file_type: match (o.file_type, o.action, old.get(&o.path)) {
+                    (FileType::Unknown, Action::Deleted | Action::RenamedFrom, Some(e)) => {
+                        e.file_type
+                    }
+                    (file_type, _, _) => file_type,
+                },
                 origin: o.origin.clone(),
                 link,
                 before: old.get(&o.path).map(|e| e.kind),

@@ -111,10 +111,6 @@ fn under(path: &[u8], dir: &[u8]) -> bool {
 struct Rec(BTreeMap<Vec<u8>, NetEntry>);
 
 impl Recorded for Rec {
-    fn net_entry(&self, path: &[u8]) -> Result<Option<NetEntry>, StoreError> {
-        Ok(self.0.get(path).cloned())
-    }
-
     fn net_under(&self, dir: &[u8]) -> Result<Vec<(Vec<u8>, NetEntry)>, StoreError> {
         Ok(self
             .0

@@ -39,17 +39,11 @@ pub trait Layers {
 pub trait Recorded {
     /// The recorded net state at and below `dir`.
     fn net_under(&self, dir: &[u8]) -> Result<Vec<(Vec<u8>, NetEntry)>, StoreError>;
-    /// The recorded net state of `path`.
-    fn net_entry(&self, path: &[u8]) -> Result<Option<NetEntry>, StoreError>;
 }
 
 impl Recorded for store::Store {
     fn net_under(&self, dir: &[u8]) -> Result<Vec<(Vec<u8>, NetEntry)>, StoreError> {
         store::Store::net_under(self, dir)
-    }
-
-    fn net_entry(&self, path: &[u8]) -> Result<Option<NetEntry>, StoreError> {
-        store::Store::net_entry(self, path)
     }
 }
 
@@ -117,14 +111,16 @@ pub fn settle(
     }
     // Every other name of a changed upper file changed with it.
     let mut links: HashMap<Vec<u8>, Vec<Vec<u8>>> = HashMap::new();
-    for (path, state) in classified.clone() {
+    let mut named = Vec::new();
+    for (path, state) in &classified {
         if matches!(state, Some((_, FileType::Dir | FileType::Whiteout))) {
             continue;
         }
-        let names = match layers.other_names(&path) {
+        let names = match layers.other_names(path) {
+            Ok(names) if names.is_empty() => continue,
             Ok(names) => names,
             Err(e) => {
-                out.errors.push((path, e));
+                out.errors.push((path.clone(), e));
                 continue;
             }
         };
@@ -132,13 +128,12 @@ pub fn settle(
             if !classified.contains_key(name)
                 && let Some(state) = classify(name, &mut states, &mut out.errors)
             {
-                classified.insert(name.clone(), state);
+                named.push((name.clone(), state));
             }
         }
-        if !names.is_empty() {
-            links.insert(path, names);
-        }
+        links.insert(path.clone(), names);
     }
+    classified.extend(named);
 
     let observations = &mut out.batch.observations;
     // The last move into place of a path is what put it there.
@@ -194,24 +189,17 @@ pub fn settle(
             .as_ref()
             .is_some_and(|o| resetting.contains(&o.pid));
         let action = if resetting { Action::Reset } else { action };
-        // What left a path is what was there before the batch, not what is there now.
-        let was = match logged.step {
-            Step::Action(Action::Deleted | Action::RenamedFrom) => {
-                recorded.net_entry(&logged.path)?.map(|e| e.file_type)
-            }
-            _ => None,
-        };
+        // What left a path is not what is there now: what moved is what arrived at
+        // the other end of the rename; what was deleted, the store knows
+        // (`Observation::file_type`).
         let state = match logged.step {
-            Step::Action(Action::Deleted | Action::RenamedFrom) => None,
+            Step::Action(Action::Deleted) => None,
+            Step::Action(Action::RenamedFrom) => logged
+                .renamed_to
+                .and_then(|j| states.get(&work.log[j].path).copied().flatten()),
             _ => state,
         };
-        let mut observed = observation(logged, action, state);
-        if observed.file_type == FileType::Unknown
-            && let Some(was) = was
-        {
-            observed.file_type = was;
-        }
-        observations.push(observed);
+        observations.push(observation(logged, action, state));
         // What a reset removed along with a dir was reset too, by the same process.
         if resetting
             && logged.step == Step::Action(Action::Deleted)
@@ -253,10 +241,12 @@ fn corrected(action: Action, state: Net) -> Action {
 
 fn observation(logged: &Logged, action: Action, state: Net) -> Observation {
     // The type the filesystem shows, else what the event said; a file by default,
-    // unless it is gone.
+    // unless it is gone (left unknown for the store to fill in).
     let file_type = match (logged.file_type, state) {
         (FileType::Unknown, Some((_, ft))) => ft,
-        (FileType::Unknown, None) if action != Action::Deleted => FileType::File,
+        (FileType::Unknown, None) if !matches!(action, Action::Deleted | Action::RenamedFrom) => {
+            FileType::File
+        }
         (ft, _) => ft,
     };
     Observation {
