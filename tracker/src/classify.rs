@@ -290,13 +290,13 @@ impl Classifier {
         Ok(lstat_at(dir.fd.as_fd(), name)?.map(|s| UpperInode::of(&s)))
     }
 
-    /// Every path of the upper dir whose entry is inode `ino` (a walk of the whole
-    /// upper dir: for the names of a hard-linked file no event told of).
-    pub fn names_of_inode(&self, ino: u64) -> io::Result<Vec<Vec<u8>>> {
+    /// Every entry of the upper dir that is not a dir, with its inode number (one walk
+    /// of the whole upper dir: for the names of hard-linked files).
+    pub fn upper_inodes(&self) -> io::Result<Vec<(u64, Vec<u8>)>> {
         let mut out = Vec::new();
-        self.each_upper_entry(b"", &mut |path, entry_ino| {
-            if entry_ino == Some(ino) {
-                out.push(path.to_vec());
+        self.each_upper_entry(b"", &mut |path, ino| {
+            if let Some(ino) = ino {
+                out.push((ino, path.to_vec()));
             }
             Ok(())
         })?;

@@ -657,6 +657,8 @@ impl Watcher {
         let mut path_events = Vec::new();
         let mut count = 0u64;
         for chunk in &chunks {
+            // A pid's command line is the one read with this chunk's events.
+            let mut origin: Option<Origin> = None;
             for spans in &chunk.events {
                 let event = spans.view(&chunk.bytes);
                 count += 1;
@@ -670,13 +672,16 @@ impl Watcher {
                     "cannot resolve a handle under",
                     self.classifier.upper(),
                 ))?;
-                // The reader read every writer's command line along with its events.
-                let origin = (event.pid > 0).then(|| Origin {
-                    pid: event.pid as u32,
-                    command: chunk.commands.get(&event.pid).cloned().unwrap_or_default(),
-                });
+                // The reader read every writer's command line along with its events;
+                // a writer's events come in runs.
+                if origin.as_ref().map_or(0, |o| o.pid as i32) != event.pid.max(0) {
+                    origin = (event.pid > 0).then(|| Origin {
+                        pid: event.pid as u32,
+                        command: chunk.commands.get(&event.pid).cloned().unwrap_or_default(),
+                    });
+                }
                 for e in path_events.drain(..) {
-                    work.add(e, origin.clone(), time_ns);
+                    work.add(e, &origin, time_ns);
                 }
             }
             if let Some(e) = &chunk.undecodable {

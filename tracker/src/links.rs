@@ -2,10 +2,12 @@
 //! /spfs/f2` changes `f` too, though every event names `f2`.
 //!
 //! Events name one path; a file with several names (overlayfs links them in the upper
-//! dir, one inode) changes under all of them. The index remembers the inode of every
-//! file the watcher classified, so the other names of a file are known when it gains
-//! a second name or changes through one; a name it does not know (a link made before
-//! the tracker started, an index past its bound) is found by one walk of the upper dir.
+//! dir, one inode) changes under all of them. Most runtimes never see a hard link, so
+//! the index costs nothing until the first one: then one walk of the upper dir notes
+//! the inode of every file in it, and from then on every file the watcher classifies
+//! is noted too, so the other names of a file are known when it gains a second name
+//! or changes through one. Past its bound the index is dropped, and the next hard
+//! link walks again.
 
 use crate::classify::{Classifier, Net, UpperInode};
 use crate::settle::Layers;
@@ -21,22 +23,38 @@ const INDEX_LIMIT: usize = 256 * 1024;
 /// Inode number -> the upper-relative names last seen for it.
 #[derive(Debug, Default)]
 pub struct LinkIndex {
+    /// Whether the index is kept (since the first hard link, until its bound).
+    active: bool,
     names: HashMap<u64, Vec<Vec<u8>>>,
     len: usize,
 }
 
 impl LinkIndex {
     fn note(&mut self, ino: u64, path: &[u8]) {
+        if !self.active {
+            return;
+        }
         let names = self.names.entry(ino).or_default();
         if names.iter().any(|n| n == path) {
             return;
         }
-        if self.len >= INDEX_LIMIT {
-            self.names.clear();
-            self.len = 0;
-        }
-        self.names.entry(ino).or_default().push(path.to_vec());
+        names.push(path.to_vec());
         self.len += 1;
+        if self.len > INDEX_LIMIT {
+            *self = LinkIndex::default();
+        }
+    }
+
+    /// Starts the index from a walk of the upper dir.
+    fn activate(&mut self, classifier: &Classifier) -> io::Result<()> {
+        *self = LinkIndex {
+            active: true,
+            ..LinkIndex::default()
+        };
+        for (ino, path) in classifier.upper_inodes()? {
+            self.note(ino, &path);
+        }
+        Ok(())
     }
 
     fn replace(&mut self, ino: u64, names: Vec<Vec<u8>>) {
@@ -87,6 +105,9 @@ impl Layers for Live<'_> {
         let Some(inode) = self.several.borrow().get(rel).copied() else {
             return Ok(Vec::new());
         };
+        if !self.links.borrow().active {
+            self.links.borrow_mut().activate(self.classifier)?;
+        }
         let known = self
             .links
             .borrow()
@@ -104,7 +125,13 @@ impl Layers for Live<'_> {
             names.push(rel.to_vec());
         }
         if (names.len() as u64) < inode.links {
-            names = self.classifier.names_of_inode(inode.ino)?;
+            names = self
+                .classifier
+                .upper_inodes()?
+                .into_iter()
+                .filter(|(ino, _)| *ino == inode.ino)
+                .map(|(_, path)| path)
+                .collect();
         }
         self.links.borrow_mut().replace(inode.ino, names.clone());
         names.retain(|n| n != rel);

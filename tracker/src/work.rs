@@ -61,8 +61,9 @@ impl WorkSet {
         self.paths.is_empty() && self.log.is_empty() && self.cookie == 0 && !self.lost
     }
 
-    /// Adds one path event, made by `origin` at `time_ns`.
-    pub fn add(&mut self, event: PathEvent, origin: Option<Origin>, time_ns: u64) {
+    /// Adds one path event, made by `origin` at `time_ns` (cloned only when logged:
+    /// most events repeat what is logged already).
+    pub fn add(&mut self, event: PathEvent, origin: &Option<Origin>, time_ns: u64) {
         match event {
             PathEvent::Cookie(n) => self.cookie = self.cookie.max(n),
             PathEvent::Lost => self.lost = true,
@@ -91,7 +92,7 @@ impl WorkSet {
                 } else {
                     Step::Action(action)
                 };
-                self.push(step, path, dir, origin, time_ns);
+                self.push(step, path, dir, origin.clone(), time_ns);
             }
             PathEvent::Renamed { from, to, dir } => {
                 let first = from.map(|from| {
@@ -113,7 +114,7 @@ impl WorkSet {
                         Some(_) => Step::Action(Action::RenamedTo),
                         None => Step::MovedIn,
                     };
-                    let second = self.push(step, to, dir, origin, time_ns);
+                    let second = self.push(step, to, dir, origin.clone(), time_ns);
                     if let Some(first) = first {
                         self.log[first].renamed_to = Some(second);
                     }

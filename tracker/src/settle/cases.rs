@@ -188,7 +188,7 @@ fn settle_cases() {
         let mut work = WorkSet::default();
         for line in &case.events {
             let (e, origin) = event(line);
-            work.add(e, origin, 1);
+            work.add(e, &origin, 1);
         }
         let mut now = BTreeMap::new();
         let mut failing = HashSet::new();

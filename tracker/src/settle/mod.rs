@@ -16,7 +16,7 @@
 
 use crate::classify::Net;
 use crate::work::{Logged, Step, WorkSet};
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io;
 use store::{Action, Batch, FileType, NetEntry, NetKind, NetUpdate, Observation, StoreError};
 
@@ -65,11 +65,15 @@ pub fn settle(
     resetting: &HashSet<u32>,
 ) -> Result<Settled, StoreError> {
     let mut out = Settled::default();
-    let mut dirty: BTreeSet<Vec<u8>> = work.paths.keys().cloned().collect();
+    // Paths to look at besides those the events named: what was recorded below dirs
+    // that moved or went, and what walks of dirs moved into place found.
+    let mut extra: BTreeSet<Vec<u8>> = BTreeSet::new();
     for (dir, flags) in &work.paths {
         if flags.subtree {
             for (path, _) in recorded.net_under(dir)? {
-                dirty.insert(path);
+                if !work.paths.contains_key(&path) {
+                    extra.insert(path);
+                }
             }
         }
     }
@@ -84,7 +88,9 @@ pub fn settle(
             out.errors.push((dir.clone(), e));
         }
         for (path, kind, file_type) in found {
-            dirty.insert(path.clone());
+            if !work.paths.contains_key(&path) {
+                extra.insert(path.clone());
+            }
             states.insert(path, Some((kind, file_type)));
         }
     }
@@ -103,37 +109,56 @@ pub fn settle(
             }
         }
     };
-    let mut classified: BTreeMap<Vec<u8>, Net> = BTreeMap::new();
-    for path in &dirty {
+    // In path order: the two sets are ordered, and disjoint.
+    let mut dirty = Vec::with_capacity(work.paths.len() + extra.len());
+    let (mut named_by_events, mut others) = (work.paths.keys().peekable(), extra.iter().peekable());
+    while let Some(path) = match (named_by_events.peek(), others.peek()) {
+        (Some(a), Some(b)) if b < a => others.next(),
+        (Some(_), _) => named_by_events.next(),
+        (None, _) => others.next(),
+    } {
+        dirty.push(path);
+    }
+    let net = &mut out.batch.net;
+    for path in dirty {
         if let Some(state) = classify(path, &mut states, &mut out.errors) {
-            classified.insert(path.clone(), state);
+            net.push(NetUpdate {
+                path: path.clone(),
+                state,
+            });
         }
     }
     // Every other name of a changed upper file changed with it.
     let mut links: HashMap<Vec<u8>, Vec<Vec<u8>>> = HashMap::new();
     let mut named = Vec::new();
-    for (path, state) in &classified {
-        if matches!(state, Some((_, FileType::Dir | FileType::Whiteout))) {
+    for update in net.iter() {
+        if matches!(update.state, Some((_, FileType::Dir | FileType::Whiteout))) {
             continue;
         }
-        let names = match layers.other_names(path) {
+        let names = match layers.other_names(&update.path) {
             Ok(names) if names.is_empty() => continue,
             Ok(names) => names,
             Err(e) => {
-                out.errors.push((path.clone(), e));
+                out.errors.push((update.path.clone(), e));
                 continue;
             }
         };
         for name in &names {
-            if !classified.contains_key(name)
+            if !states.contains_key(name)
                 && let Some(state) = classify(name, &mut states, &mut out.errors)
             {
-                named.push((name.clone(), state));
+                named.push(NetUpdate {
+                    path: name.clone(),
+                    state,
+                });
             }
         }
-        links.insert(path.clone(), names);
+        links.insert(update.path.clone(), names);
     }
-    classified.extend(named);
+    if !named.is_empty() {
+        net.extend(named);
+        net.sort_by(|a, b| a.path.cmp(&b.path));
+    }
 
     let observations = &mut out.batch.observations;
     // The last move into place of a path is what put it there.
@@ -219,10 +244,6 @@ pub fn settle(
             to_other_names(observations, logged, action);
         }
     }
-    out.batch.net = classified
-        .into_iter()
-        .map(|(path, state)| NetUpdate { path, state })
-        .collect();
     Ok(out)
 }
 
