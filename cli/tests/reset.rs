@@ -1414,6 +1414,8 @@ fn a_path_below_a_replaced_dir_is_put_back() {
             snap before
             step file /opq/a
             step nested /opq/sub/c
+            rm -rf "$M/opq/sub" && echo mine > "$M/opq/sub"
+            step blocked /opq/sub/c
             "#
         );
         let mut c = rt.command(&script);
@@ -1458,6 +1460,21 @@ fn a_path_below_a_replaced_dir_is_put_back() {
         }
         back.push("opq/sub");
         let last = view(&rt.step("nested").snap.mount);
+        // A new file where a dir of the path was: putting the path back would take
+        // the user's file away, so nothing is done.
+        let blocked = rt.step("blocked");
+        assert_eq!(
+            (blocked.rc, blocked.out.trim_end()),
+            (0, "nothing to reset: no change matches /opq/sub/c"),
+            "{ctx}"
+        );
+        assert_eq!(
+            view(&blocked.snap.mount)
+                .get("opq/sub")
+                .map(|v| v["type"].clone()),
+            Some(serde_json::json!("file")),
+            "{ctx}: the user's file stays"
+        );
         let lower_opq = subtree(&lower, &["opq"]);
         let also_back: Vec<&String> = lower_opq
             .keys()

@@ -713,7 +713,7 @@ impl Watcher {
             .lock()
             .map(|s| s.clone())
             .unwrap_or_default();
-        let layers = Live::new(&self.classifier, &self.links);
+        let layers = Live::new(&self.classifier, &self.resolver, &self.links);
         let settled = settle::settle(&work, &layers, self.shared.store.as_ref(), &resetting)?;
         for (path, e) in &settled.errors {
             // Left as recorded rather than guessed; counted in status.

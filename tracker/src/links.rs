@@ -10,6 +10,8 @@
 //! link walks again.
 
 use crate::classify::{Classifier, Net, UpperInode};
+use crate::fid::Handle;
+use crate::resolve::{Place, Resolver};
 use crate::settle::Layers;
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -67,6 +69,7 @@ impl LinkIndex {
 /// index for hard links.
 pub struct Live<'a> {
     pub classifier: &'a Classifier,
+    pub resolver: &'a Resolver,
     pub links: &'a RefCell<LinkIndex>,
     /// The paths this batch classified that have several names, with their inode:
     /// only those have other names to look for (no second `lstat` for the rest).
@@ -74,9 +77,14 @@ pub struct Live<'a> {
 }
 
 impl<'a> Live<'a> {
-    pub fn new(classifier: &'a Classifier, links: &'a RefCell<LinkIndex>) -> Self {
+    pub fn new(
+        classifier: &'a Classifier,
+        resolver: &'a Resolver,
+        links: &'a RefCell<LinkIndex>,
+    ) -> Self {
         Live {
             classifier,
+            resolver,
             links,
             several: RefCell::default(),
         }
@@ -95,6 +103,13 @@ impl Layers for Live<'_> {
             }
         }
         Ok(state)
+    }
+
+    fn object_name(&self, object: &Handle) -> io::Result<Option<Vec<u8>>> {
+        Ok(match self.resolver.object(object.as_ref())? {
+            Some(Place::Upper(rel)) if !rel.is_empty() => Some(rel),
+            _ => None,
+        })
     }
 
     fn walk(&self, rel: &[u8], out: &mut Vec<(Vec<u8>, NetKind, FileType)>) -> io::Result<()> {

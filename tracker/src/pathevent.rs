@@ -5,7 +5,7 @@
 //! filesystem) is dropped here; the tracker's own sync dir yields only cookies.
 
 use crate::classify::join_rel;
-use crate::fid::{DirEntryRef, Event, HandleRef};
+use crate::fid::{DirEntryRef, Event, Handle, HandleRef};
 use crate::resolve::{Place, Resolver};
 use crate::sys;
 use std::io;
@@ -28,6 +28,11 @@ pub enum PathEvent {
         change: Change,
         path: Vec<u8>,
         dir: bool,
+        /// For content and attribute changes: the inode's handle. The name an event
+        /// gives can be one that is gone by the time it is settled (overlayfs writes
+        /// a hard-linked file through the first name it looked up), and the inode
+        /// then still has others.
+        object: Option<Handle>,
     },
     /// An entry moved. `from` is `None` when it came from outside the upper dir
     /// (overlayfs stages copy-ups, whiteouts and opaque dirs in its work dir and moves
@@ -105,10 +110,15 @@ pub fn resolve(
     };
     let Some(path) = path else { return Ok(()) };
     let mut push = |change| {
+        let object = match change {
+            Change::Written | Change::Attrib => event.object.map(HandleRef::to_owned),
+            Change::Created | Change::Deleted => None,
+        };
         out.push(PathEvent::Change {
             change,
             path: path.clone(),
             dir,
+            object,
         })
     };
     if event.mask & sys::FAN_CREATE != 0 {

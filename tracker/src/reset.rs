@@ -249,6 +249,23 @@ pub fn plan(
         .chain(&covered)
         .map(|c| c.path.as_slice())
         .collect();
+    // Something new that is not a dir, between the hiding dir and a hidden path,
+    // would have to go to put the path back: not what a reset of that path asks.
+    let blocked = |path: &[u8], dir: &[u8]| -> Result<bool, TrackerError> {
+        for (i, _) in path
+            .iter()
+            .enumerate()
+            .filter(|&(i, &b)| b == b'/' && i > dir.len())
+        {
+            if store
+                .net_entry(&path[..i])?
+                .is_some_and(|e| e.file_type != FileType::Dir)
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    };
     let mut hidden = Vec::new();
     for dir in &hiding {
         // A dir that is itself a target (or below one) comes back whole.
@@ -263,6 +280,7 @@ pub fn plan(
                 || masks.hides(&path)
                 || !patterns.matches(&path, is_dir)
                 || hidden.iter().any(|h: &Change| is_below(&path, &h.path))
+                || blocked(&path, dir)?
             {
                 continue;
             }

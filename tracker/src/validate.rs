@@ -238,7 +238,18 @@ pub fn validate(
                 ))
             })?;
             for (path, layer, _) in below {
-                if masks.hides(&path) {
+                // Hidden by the environment, or there again in the new dir (put back
+                // by a reset, or made anew: its own change is recorded for it).
+                let there = layers
+                    .upper_inode(&path)
+                    .map_err(|e| {
+                        TrackerError::Validate(format!(
+                            "cannot look at {} in the upper dir: {e}",
+                            String::from_utf8_lossy(&path)
+                        ))
+                    })?
+                    .is_some();
+                if masks.hides(&path) || there {
                     continue;
                 }
                 if rules.deny_alter.contains(&AlterAction::Remove) {

@@ -2,6 +2,7 @@
 //! as watchman keeps its pending collection: each path once, with flags saying what to
 //! look at, and the log of what happened in event order.
 
+use crate::fid::Handle;
 use crate::pathevent::{Change, PathEvent};
 use std::collections::{BTreeMap, HashSet};
 use store::{Action, FileType, Origin};
@@ -41,6 +42,8 @@ pub struct Logged {
     pub time_ns: u64,
     /// For the first half of a rename: the index of the second half in the log.
     pub renamed_to: Option<usize>,
+    /// For a content or attribute change: the inode's handle (see `PathEvent`).
+    pub object: Option<Handle>,
 }
 
 /// One batch of path events.
@@ -67,7 +70,12 @@ impl WorkSet {
         match event {
             PathEvent::Cookie(n) => self.cookie = self.cookie.max(n),
             PathEvent::Lost => self.lost = true,
-            PathEvent::Change { change, path, dir } => {
+            PathEvent::Change {
+                change,
+                path,
+                dir,
+                object,
+            } => {
                 let action = match change {
                     Change::Created => Action::Created,
                     Change::Deleted => Action::Deleted,
@@ -92,7 +100,8 @@ impl WorkSet {
                 } else {
                     Step::Action(action)
                 };
-                self.push(step, path, dir, origin.clone(), time_ns);
+                let i = self.push(step, path, dir, origin.clone(), time_ns);
+                self.log[i].object = object;
             }
             PathEvent::Renamed { from, to, dir } => {
                 let first = from.map(|from| {
@@ -142,6 +151,7 @@ impl WorkSet {
             origin,
             time_ns,
             renamed_to: None,
+            object: None,
         });
         self.log.len() - 1
     }

@@ -6,6 +6,7 @@
 
 use super::{Layers, Recorded, settle};
 use crate::classify::Net;
+use crate::fid::Handle;
 use crate::pathevent::{Change, PathEvent};
 use crate::work::WorkSet;
 use std::collections::{BTreeMap, HashSet};
@@ -93,6 +94,10 @@ impl Layers for Mem {
         Ok(())
     }
 
+    fn object_name(&self, object: &Handle) -> io::Result<Option<Vec<u8>>> {
+        Ok((object.bytes != b"-").then(|| object.bytes.clone()))
+    }
+
     fn other_names(&self, rel: &[u8]) -> io::Result<Vec<Vec<u8>>> {
         Ok(self
             .links
@@ -134,6 +139,17 @@ fn state(line: &str) -> (Vec<u8>, (NetKind, FileType)) {
 
 /// An event line, with its process.
 fn event(line: &str) -> (PathEvent, Option<Origin>) {
+    // `of NAME`: the event's inode handle, which resolves to NAME now (`-`: gone).
+    let (line, object) = match line.split_once(" of ") {
+        Some((line, name)) => (
+            line,
+            Some(Handle {
+                handle_type: 1,
+                bytes: name.as_bytes().to_vec(),
+            }),
+        ),
+        None => (line, None),
+    };
     let (body, origin) = match line.split_once(" by ") {
         Some((body, pid)) => (
             body,
@@ -153,7 +169,12 @@ fn event(line: &str) -> (PathEvent, Option<Origin>) {
     };
     let change = |change| {
         let (path, dir) = path(rest);
-        PathEvent::Change { change, path, dir }
+        PathEvent::Change {
+            change,
+            path,
+            dir,
+            object: object.clone(),
+        }
     };
     let event = match verb {
         "created" => change(Change::Created),

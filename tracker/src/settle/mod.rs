@@ -15,6 +15,7 @@
 //! without root.
 
 use crate::classify::Net;
+use crate::fid::Handle;
 use crate::work::{Logged, Step, WorkSet};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io;
@@ -33,6 +34,8 @@ pub trait Layers {
     /// a change to it is a change to each. Empty for dirs, whiteouts (overlayfs shares
     /// one inode between them), single names and absent paths.
     fn other_names(&self, rel: &[u8]) -> io::Result<Vec<Vec<u8>>>;
+    /// A name the inode behind `object` has in the upper dir now, if it still has one.
+    fn object_name(&self, object: &Handle) -> io::Result<Option<Vec<u8>>>;
 }
 
 /// What the changelog already holds.
@@ -154,6 +157,54 @@ pub fn settle(
             }
         }
         links.insert(update.path.clone(), names);
+    }
+    // A change named by a name that is gone by now (overlayfs writes a hard-linked
+    // file through the first of its names it looked up, which may have been removed
+    // since): it is a change to the names the inode still has.
+    for logged in &work.log {
+        let changes_content = matches!(
+            logged.step,
+            Step::Action(Action::Written | Action::Attrib) | Step::Absorbed(_)
+        );
+        let Some(object) = logged.object.as_ref().filter(|_| changes_content) else {
+            continue;
+        };
+        if links.contains_key(&logged.path) || states.get(&logged.path).copied().flatten().is_some()
+        {
+            continue;
+        }
+        let alias = match layers.object_name(object) {
+            Ok(Some(alias)) if alias != logged.path => alias,
+            Ok(_) => continue,
+            Err(e) => {
+                out.errors.push((logged.path.clone(), e));
+                continue;
+            }
+        };
+        let mut names = vec![alias];
+        if !states.contains_key(&names[0])
+            && let Some(state) = classify(&names[0], &mut states, &mut out.errors)
+        {
+            named.push(NetUpdate {
+                path: names[0].clone(),
+                state,
+            });
+        }
+        match layers.other_names(&names[0]) {
+            Ok(others) => names.extend(others.into_iter().filter(|n| *n != logged.path)),
+            Err(e) => out.errors.push((names[0].clone(), e)),
+        }
+        for name in &names[1..] {
+            if !states.contains_key(name)
+                && let Some(state) = classify(name, &mut states, &mut out.errors)
+            {
+                named.push(NetUpdate {
+                    path: name.clone(),
+                    state,
+                });
+            }
+        }
+        links.insert(logged.path.clone(), names);
     }
     if !named.is_empty() {
         net.extend(named);
