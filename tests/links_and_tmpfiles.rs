@@ -172,3 +172,44 @@ fn an_o_tmpfile_file_put_back_to_the_lower_bytes_is_no_change() {
         },
     );
 }
+
+#[test]
+fn a_chmod_through_a_link_removed_in_the_same_batch_still_changes_the_file() {
+    both_ways(
+        |mnt, _, pause| {
+            sh(mnt, "ln f n2");
+            pause();
+            sh(mnt, "chmod 600 n2");
+            pause();
+            sh(mnt, "rm n2");
+        },
+        |fx, t, ctx| {
+            assert_tracks_truth(fx, t, ctx);
+            assert_eq!(kind_of(t, "f"), Some((Metadata, File)), "{ctx}");
+        },
+    );
+}
+
+/// Overlayfs writes a hard-linked file through the first of its names it looked up:
+/// once that name is removed, the write events name it, and the file changed all the
+/// same under its other names.
+#[test]
+fn a_write_named_by_a_removed_link_still_changes_the_file() {
+    both_ways(
+        |mnt, _, pause| {
+            sh(mnt, "ln f y");
+            pause();
+            sh(mnt, "ln f f2");
+            pause();
+            sh(mnt, "ls -lR . >/dev/null");
+            sh(mnt, "rm y");
+            pause();
+            sh(mnt, "echo more >> f2");
+        },
+        |fx, t, ctx| {
+            assert_tracks_truth(fx, t, ctx);
+            assert_eq!(kind_of(t, "f"), Some((Modified, File)), "{ctx}");
+            assert!(actions(t, "f").contains(&Action::Written), "{ctx}");
+        },
+    );
+}
