@@ -134,6 +134,22 @@ pub fn settle(
     // Every other name of a changed upper file changed with it.
     let mut links: HashMap<Vec<u8>, Vec<Vec<u8>>> = HashMap::new();
     let mut named = Vec::new();
+    // Classifies the names (not yet looked at) that a change reached.
+    let reached = |names: &[Vec<u8>],
+                   states: &mut HashMap<Vec<u8>, Net>,
+                   errors: &mut Vec<(Vec<u8>, io::Error)>,
+                   named: &mut Vec<NetUpdate>| {
+        for name in names {
+            if !states.contains_key(name)
+                && let Some(state) = classify(name, states, errors)
+            {
+                named.push(NetUpdate {
+                    path: name.clone(),
+                    state,
+                });
+            }
+        }
+    };
     for update in net.iter() {
         if matches!(update.state, Some((_, FileType::Dir | FileType::Whiteout))) {
             continue;
@@ -146,16 +162,7 @@ pub fn settle(
                 continue;
             }
         };
-        for name in &names {
-            if !states.contains_key(name)
-                && let Some(state) = classify(name, &mut states, &mut out.errors)
-            {
-                named.push(NetUpdate {
-                    path: name.clone(),
-                    state,
-                });
-            }
-        }
+        reached(&names, &mut states, &mut out.errors, &mut named);
         links.insert(update.path.clone(), names);
     }
     // A change named by a name that is gone by now (overlayfs writes a hard-linked
@@ -182,28 +189,13 @@ pub fn settle(
             }
         };
         let mut names = vec![alias];
-        if !states.contains_key(&names[0])
-            && let Some(state) = classify(&names[0], &mut states, &mut out.errors)
-        {
-            named.push(NetUpdate {
-                path: names[0].clone(),
-                state,
-            });
-        }
+        // Classified first: that is how the layers learn it has other names.
+        reached(&names, &mut states, &mut out.errors, &mut named);
         match layers.other_names(&names[0]) {
             Ok(others) => names.extend(others.into_iter().filter(|n| *n != logged.path)),
             Err(e) => out.errors.push((names[0].clone(), e)),
         }
-        for name in &names[1..] {
-            if !states.contains_key(name)
-                && let Some(state) = classify(name, &mut states, &mut out.errors)
-            {
-                named.push(NetUpdate {
-                    path: name.clone(),
-                    state,
-                });
-            }
-        }
+        reached(&names[1..], &mut states, &mut out.errors, &mut named);
         links.insert(logged.path.clone(), names);
     }
     if !named.is_empty() {
