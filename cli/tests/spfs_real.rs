@@ -451,6 +451,17 @@ fn durable_runtime_run_twice() {
         history.contains(" created ") && history.contains("/spfs/etc/one"),
         "the first run's history is kept by the rerun: {history}"
     );
+    // The upper dir is on a filesystem shared with the host: status says so, naming
+    // the dir as the runtime names it.
+    let status: serde_json::Value =
+        serde_json::from_str(&second.run("spfs changes status --json")).expect("status JSON");
+    let degraded = status["degraded"].to_string();
+    assert!(
+        degraded.contains("shares its filesystem")
+            && degraded.contains("durable_edits")
+            && !degraded.contains("/proc/"),
+        "{degraded}"
+    );
     second.end();
     assert!(durable.remove(), "spfs runtime remove {name}");
 }

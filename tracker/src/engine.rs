@@ -479,10 +479,11 @@ fn check_placement(config: &Config) -> Result<Vec<String>, TrackerError> {
             .parent()
             .is_some_and(|gp| dev(gp, "filesystem root").ok() == Some(upper_dev))
     {
+        // Named as the runtime names it, not through /proc/<pid>/root.
         degraded.push(format!(
-                "the upper dir shares its filesystem with other data; events from all of it are read and filtered (mount a dedicated tmpfs at {})",
-                parent.display()
-            ));
+            "the upper dir shares its filesystem with other data; events from all of it are read and filtered (mount a dedicated tmpfs at {})",
+            runtime_path(parent)
+        ));
     }
     Ok(degraded)
 }
