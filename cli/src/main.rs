@@ -17,11 +17,15 @@ use std::process::ExitCode;
 #[command(
     name = "spfs-changes",
     version,
-    about = "What changed in an spfs runtime, in O(changes)"
+    about = "What changed in an spfs runtime, in O(changes)",
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    /// With no subcommand: what `changes` prints (so `spfs changes` alone lists them).
+    #[command(flatten)]
+    changes: ChangesArgs,
 }
 
 #[derive(Subcommand)]
@@ -114,23 +118,36 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => run::run(args),
-        Command::Track(args) => track::track(args),
-        Command::Changes(args) => changes(args),
-        Command::Mark(args) => mark(args),
-        Command::History(args) => history(args),
-        Command::Reset(args) => reset::reset(args),
-        Command::Validate(args) => return validate::validate(args),
-        Command::Status(args) => status(args),
-        Command::Stop(target) => stop(target),
+        None => changes(cli.changes),
+        Some(command) => match command {
+            Command::Run(args) => run::run(args),
+            Command::Track(args) => track::track(args),
+            Command::Changes(args) => changes(args),
+            Command::Mark(args) => mark(args),
+            Command::History(args) => history(args),
+            Command::Reset(args) => reset::reset(args),
+            Command::Validate(args) => return validate::validate(args),
+            Command::Status(args) => status(args),
+            Command::Stop(target) => stop(target),
+        },
     };
     match result {
         Ok(code) => code,
+        // The reader went away (`spfs changes | head`): nothing more to say.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("spfs-changes: error: {}", one_line(&e));
             ExitCode::from(1)
         }
     }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 /// Joins an error and its causes on one line.

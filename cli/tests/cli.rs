@@ -75,6 +75,60 @@ fn run_prints_changes_and_serves_changes_json_inside() {
     assert!(lines[2]["token"].as_str().is_some_and(|t| t.contains(':')));
 }
 
+/// `spfs changes` runs `spfs-changes` with no arguments: bare, it lists the changes,
+/// taking the flags of `changes`; the subcommands stay.
+#[test]
+fn bare_spfs_changes_lists_the_changes() {
+    if !need_root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let state = tmp.path().join("state");
+    let out = tmp.path().to_path_buf();
+    let script = format!(
+        "cd {out}; mkdir -p /spfs/lib; echo x > /spfs/lib/x; spfs-changes mark m >/dev/null; echo hi > /spfs/a; \
+         spfs-changes > bare; spfs-changes changes > sub; spfs-changes --json --since m > since.json; \
+         spfs-changes lib > prefix",
+        out = s(&out)
+    );
+    let run = output(cmd(&[
+        "run",
+        "--state",
+        s(&state),
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]));
+    assert!(run.status.success(), "run failed: {}", text(&run.stderr));
+    assert!(
+        !text(&run.stderr).contains("error"),
+        "{}",
+        text(&run.stderr)
+    );
+    let read = |name: &str| std::fs::read_to_string(out.join(name)).expect(name);
+    assert_eq!(read("bare"), read("sub"));
+    assert_eq!(read("bare"), "+/spfs/a\n+/spfs/lib\n+/spfs/lib/x\n");
+    assert_eq!(read("prefix"), "+/spfs/lib\n+/spfs/lib/x\n");
+    let since: serde_json::Value = serde_json::from_str(&read("since.json")).expect("JSON");
+    let paths: Vec<&str> = since["changes"]
+        .as_array()
+        .expect("changes")
+        .iter()
+        .filter_map(|c| c["path"].as_str())
+        .collect();
+    assert_eq!(paths, ["/spfs/a"]);
+    // A reader that went away (`spfs changes | head`) is no error: the pipe's read
+    // end is closed before the listing is written.
+    let (read_end, write_end) = nix::unistd::pipe().expect("a pipe");
+    drop(read_end);
+    let mut bare = cmd(&["--state", s(&state)]);
+    bare.stdout(std::process::Stdio::from(write_end));
+    let closed = output(bare);
+    assert_eq!(closed.status.code(), Some(0), "{}", text(&closed.stderr));
+    assert_eq!(text(&closed.stderr), "");
+}
+
 #[test]
 fn marks_and_since_inside_a_run() {
     if !need_root() {

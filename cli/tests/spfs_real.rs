@@ -96,6 +96,8 @@ fn attach_inside_with_spfs_changes_track() {
     let stack = Stack::new("attach_inside");
     let mut rt = SpfsRuntime::start(&["--edit", &stack.reference()]);
     track_inside_then_write(&mut rt);
+    // `spfs changes` alone (spfs runs `spfs-changes` with no arguments) lists them.
+    assert_eq!(rt.run("spfs changes"), rt.run("spfs changes changes"));
 }
 
 #[test]
