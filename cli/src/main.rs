@@ -163,7 +163,7 @@ pub fn one_line(e: &anyhow::Error) -> String {
 }
 
 fn changes(args: ChangesArgs) -> anyhow::Result<ExitCode> {
-    let mut target = target::open(&args.target)?;
+    let mut target = target::open(&args.target, true)?;
     let query = store::Query {
         since: args.since.as_deref().map(store::parse_since),
         prefixes: args.prefixes.iter().map(|p| target.relative(p)).collect(),
@@ -189,7 +189,7 @@ fn changes(args: ChangesArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn history(args: HistoryArgs) -> anyhow::Result<ExitCode> {
-    let mut target = target::open(&args.target)?;
+    let mut target = target::open(&args.target, true)?;
     let rel = target.relative(&args.path);
     let records = target.history(&rel)?;
     let mut out = std::io::stdout().lock();
@@ -198,19 +198,19 @@ fn history(args: HistoryArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn mark(args: MarkArgs) -> anyhow::Result<ExitCode> {
-    let token = target::open(&args.target)?.mark(&args.name)?;
+    let token = target::open(&args.target, true)?.mark(&args.name)?;
     println!("{token}");
     Ok(ExitCode::SUCCESS)
 }
 
 fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
-    let status = target::open(&args.target)?.status()?;
+    let status = target::open(&args.target, true)?.status()?;
     let mut out = std::io::stdout().lock();
     output::write_status(&mut out, &status, args.json)?;
     Ok(ExitCode::SUCCESS)
 }
 
 fn stop(args: TargetArgs) -> anyhow::Result<ExitCode> {
-    target::open(&args)?.stop()?;
+    target::open(&args, false)?.stop()?;
     Ok(ExitCode::SUCCESS)
 }

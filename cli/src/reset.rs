@@ -31,7 +31,7 @@ pub fn reset(args: ResetArgs) -> anyhow::Result<ExitCode> {
     } else {
         args.patterns
     };
-    let Target::Live { mut client, mount } = target::open(&args.target)? else {
+    let Target::Live { mut client, mount } = target::open(&args.target, true)? else {
         bail!(
             "no tracker runs for this runtime: reset needs one to find the changes and record the reset"
         );

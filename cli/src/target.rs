@@ -27,7 +27,9 @@ pub enum Target {
     },
 }
 
-pub fn open(args: &TargetArgs) -> anyhow::Result<Target> {
+/// The changelog `args` name, or the one of the runtime this process is in (whose
+/// tracker is started when none runs and `auto_start`), or the latest `run`'s.
+pub fn open(args: &TargetArgs, auto_start: bool) -> anyhow::Result<Target> {
     let socket = args
         .socket
         .clone()
@@ -41,10 +43,7 @@ pub fn open(args: &TargetArgs) -> anyhow::Result<Target> {
         .or_else(|| std::env::var_os("SPFS_CHANGES_STATE").map(PathBuf::from))
     {
         Some(s) => s,
-        None => match tracker::runtime::key_of_current()
-            .map(|key| Path::new(RUNTIMES_DIR).join(key))
-            .filter(|dir| dir.is_dir())
-        {
+        None => match in_runtime(auto_start)? {
             Some(dir) => dir,
             None => {
                 let latest = Path::new(RUNS_DIR).join("latest");
@@ -82,6 +81,25 @@ pub fn open(args: &TargetArgs) -> anyhow::Result<Target> {
         mount,
         state,
     })
+}
+
+/// The state dir of the runtime this process is in, if it is in one; with
+/// `auto_start`, a tracker is started for it when none runs (said once, on stderr).
+fn in_runtime(auto_start: bool) -> anyhow::Result<Option<PathBuf>> {
+    if !auto_start {
+        return Ok(tracker::runtime::key_of_current()
+            .map(|key| Path::new(RUNTIMES_DIR).join(key))
+            .filter(|dir| dir.is_dir()));
+    }
+    let Some((state, tracking)) = tracker::service::ensure_tracked(Path::new("/spfs"))? else {
+        return Ok(None);
+    };
+    if let tracker::service::Tracking::Started { pid, .. } = tracking {
+        eprintln!(
+            "spfs-changes: no tracker watched this runtime; one does from now on (tracker pid {pid}). What changed before is known from the upper dir, not who changed it or when."
+        );
+    }
+    Ok(Some(state))
 }
 
 fn live(socket: &Path) -> anyhow::Result<Target> {

@@ -74,7 +74,7 @@ pub fn validate(args: ValidateArgs) -> ExitCode {
 }
 
 fn run(args: &ValidateArgs) -> anyhow::Result<(Report, PathBuf)> {
-    let Target::Live { mut client, mount } = target::open(&args.target)? else {
+    let Target::Live { mut client, mount } = target::open(&args.target, true)? else {
         bail!(
             "no tracker runs for this runtime: validation compares changes with the runtime's lower layers"
         );

@@ -100,6 +100,31 @@ fn attach_inside_with_spfs_changes_track() {
     assert_eq!(rt.run("spfs changes"), rt.run("spfs changes changes"));
 }
 
+/// A query in a runtime no tracker watches starts one (a rescan of the upper dir),
+/// says so once on stderr, and answers; the next query finds it running.
+#[test]
+fn a_query_with_no_tracker_starts_one() {
+    if !need_spfs() {
+        return;
+    }
+    let stack = Stack::new("auto_start");
+    let mut rt = SpfsRuntime::start(&["--edit", &stack.reference()]);
+    rt.run("echo new > /spfs/etc/new; rm /spfs/etc/a");
+    let first = rt.exec("spfs changes");
+    assert_eq!(first.rc, 0, "{}", first.stderr);
+    assert!(
+        first.stderr.contains("no tracker watched this runtime")
+            && first.stderr.lines().count() == 1,
+        "one line on stderr: {:?}",
+        first.stderr
+    );
+    let second = rt.exec("spfs changes");
+    assert_eq!((second.rc, second.stderr.as_str()), (0, ""));
+    assert_eq!(first.stdout, second.stdout);
+    assert!(first.stdout.contains("+/spfs/etc/new") && first.stdout.contains("-/spfs/etc/a"));
+    rt.assert_changes_are_truth("after a query started the tracker");
+}
+
 #[test]
 fn attach_from_outside_by_pid() {
     if !need_spfs() {

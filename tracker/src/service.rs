@@ -171,6 +171,39 @@ pub fn running_tracker(state: &Path) -> Option<String> {
         .or(Some("?".into()))
 }
 
+/// The state dir of the runtime the calling process is in (its overlay at
+/// `mount_point`), with a tracker serving it: the one already there, or one started
+/// now in the background (then `Tracking::Started`: what changed before this moment
+/// is known from a rescan, not who changed it or when). `None` outside a runtime.
+/// Starting one needs root (fanotify marks), and this process to have one thread.
+pub fn ensure_tracked(mount_point: &Path) -> Result<Option<(PathBuf, Tracking)>, TrackerError> {
+    let Some(key) = crate::runtime::key_of_current() else {
+        return Ok(None);
+    };
+    let state = Path::new(RUNTIMES_DIR).join(&key);
+    if let Some(pid) = running_tracker(&state) {
+        let socket = state.join(SOCKET_NAME);
+        return Ok(Some((state, Tracking::AlreadyTracked { pid, socket })));
+    }
+    if !nix::unistd::geteuid().is_root() {
+        return Err(TrackerError::Attach(
+            "no tracker watches this runtime, and starting one needs root (fanotify): ask for the spfs-changes service to run on this host".into(),
+        ));
+    }
+    // A private mount namespace with nothing at the mount point is not a runtime.
+    let mounted = std::fs::read("/proc/thread-self/mountinfo")
+        .map(|text| {
+            crate::mountinfo::find_mount(&crate::mountinfo::parse(&text), mount_point).is_some()
+        })
+        .unwrap_or(false);
+    if !mounted {
+        return Ok(None);
+    }
+    let runtime = Runtime::by_mount(mount_point)?;
+    let tracking = track(runtime, state.clone(), false, |_| {})?;
+    Ok(Some((state, tracking)))
+}
+
 /// What `track` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Tracking {

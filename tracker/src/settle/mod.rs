@@ -167,7 +167,14 @@ pub fn settle(
     }
     // A change named by a name that is gone by now (overlayfs writes a hard-linked
     // file through the first of its names it looked up, which may have been removed
-    // since): it is a change to the names the inode still has.
+    // since): it is a change to the names the inode still has. A name renamed away
+    // in this batch is not one: the rename says where its content went.
+    let renamed_away: HashSet<&[u8]> = work
+        .log
+        .iter()
+        .filter(|l| l.step == Step::Action(Action::RenamedFrom))
+        .map(|l| l.path.as_slice())
+        .collect();
     for logged in &work.log {
         let changes_content = matches!(
             logged.step,
@@ -176,7 +183,9 @@ pub fn settle(
         let Some(object) = logged.object.as_ref().filter(|_| changes_content) else {
             continue;
         };
-        if links.contains_key(&logged.path) || states.get(&logged.path).copied().flatten().is_some()
+        if links.contains_key(&logged.path)
+            || states.get(&logged.path).copied().flatten().is_some()
+            || renamed_away.contains(logged.path.as_slice())
         {
             continue;
         }
@@ -212,8 +221,13 @@ pub fn settle(
         .filter(|(_, l)| l.step == Step::MovedIn)
         .map(|(i, l)| (l.path.as_slice(), i))
         .collect();
-    // The same change, logged for every other name of the file (hard links).
+    // The same change, logged for every other name of the file (hard links); by a
+    // resetting process, a reset.
     let to_other_names = |observations: &mut Vec<Observation>, logged: &Logged, action| {
+        let action = match &logged.origin {
+            Some(o) if resetting.contains(&o.pid) => Action::Reset,
+            _ => action,
+        };
         for name in links.get(&logged.path).into_iter().flatten() {
             let state = states.get(name).copied().flatten();
             let logged = Logged {
@@ -256,6 +270,7 @@ pub fn settle(
             .origin
             .as_ref()
             .is_some_and(|o| resetting.contains(&o.pid));
+        let changes_content = matches!(action, Action::Written | Action::Attrib);
         let action = if resetting { Action::Reset } else { action };
         // What left a path is not what is there now: what moved is what arrived at
         // the other end of the rename; what was deleted, the store knows
@@ -283,7 +298,7 @@ pub fn settle(
                 });
             }
         }
-        if matches!(action, Action::Written | Action::Attrib) {
+        if changes_content {
             to_other_names(observations, logged, action);
         }
     }
