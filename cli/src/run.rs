@@ -84,14 +84,26 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .status()
         .with_context(|| format!("cannot run {}", program.to_string_lossy()))?;
 
-    let set = service.tracker().query(&store::Query::default())?;
-    output::write_changes(
-        &mut std::io::stdout().lock(),
-        &set,
-        &args.mount,
-        Format::Diff,
-    )?;
+    let set = service.tracker().query(&store::Query::default());
+    // Stopped (the changelog flushed) whatever became of the listing.
+    let listed = set.map_err(anyhow::Error::from).and_then(|set| {
+        output::write_changes(
+            &mut std::io::stdout().lock(),
+            &set,
+            &args.mount,
+            Format::Diff,
+        )
+        .map_err(anyhow::Error::from)
+    });
     service.stop()?;
+    match listed {
+        // Nobody reads the listing any more (`run ... | head`): the command's exit
+        // status still stands.
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) => {}
+        other => other?,
+    }
     eprintln!(
         "spfs-changes: changelog kept in {} (spfs-changes changes --state {})",
         state.display(),

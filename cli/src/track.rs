@@ -51,6 +51,8 @@ pub fn track(args: TrackArgs) -> anyhow::Result<ExitCode> {
             mount.display(),
             socket.display()
         ),
+        // `track` starts one or fails.
+        Tracking::Kept => {}
     })?;
     Ok(ExitCode::SUCCESS)
 }

@@ -596,9 +596,11 @@ impl Store {
             // What left a path was what the net state held there, when the observer
             // could not say.
             let file_type = match (o.file_type, o.action, slot.old) {
-                (FileType::Unknown, Action::Deleted | Action::RenamedFrom, Some(old)) => {
-                    old.file_type
-                }
+                (
+                    FileType::Unknown,
+                    Action::Deleted | Action::RenamedFrom | Action::Reset,
+                    Some(old),
+                ) => old.file_type,
                 (file_type, _, _) => file_type,
             };
             push(

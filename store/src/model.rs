@@ -127,8 +127,8 @@ pub struct Origin {
 pub struct Observation {
     pub action: Action,
     pub path: Vec<u8>,
-    /// `Unknown` on a deletion or the first half of a rename: the record gets the
-    /// type the net state held for the path.
+    /// `Unknown` on a deletion, a reset or the first half of a rename: the record gets
+    /// the type the net state held for the path.
     pub file_type: FileType,
     pub origin: Option<Origin>,
     /// Wall-clock time, nanoseconds since the Unix epoch.

@@ -27,6 +27,9 @@ const INDEX_LIMIT: usize = 256 * 1024;
 pub struct LinkIndex {
     /// Whether the index is kept (since the first hard link, until its bound).
     active: bool,
+    /// The upper dir holds more files than the index's bound: names are found by a
+    /// walk each time instead of walking to rebuild an index that cannot hold them.
+    exhausted: bool,
     names: HashMap<u64, Vec<Vec<u8>>>,
     len: usize,
 }
@@ -43,23 +46,37 @@ impl LinkIndex {
         names.push(path.to_vec());
         self.len += 1;
         if self.len > INDEX_LIMIT {
-            *self = LinkIndex::default();
+            *self = LinkIndex {
+                exhausted: true,
+                ..LinkIndex::default()
+            };
         }
     }
 
-    /// Starts the index from a walk of the upper dir.
+    /// Starts the index from a walk of the upper dir (each path once: no checks for
+    /// repeats, which the whiteouts overlayfs links to one inode would make slow).
     fn activate(&mut self, classifier: &Classifier) -> io::Result<()> {
         *self = LinkIndex {
             active: true,
             ..LinkIndex::default()
         };
         for (ino, path) in classifier.upper_inodes()? {
-            self.note(ino, &path);
+            self.names.entry(ino).or_default().push(path);
+            self.len += 1;
+        }
+        if self.len > INDEX_LIMIT {
+            *self = LinkIndex {
+                exhausted: true,
+                ..LinkIndex::default()
+            };
         }
         Ok(())
     }
 
     fn replace(&mut self, ino: u64, names: Vec<Vec<u8>>) {
+        if !self.active {
+            return;
+        }
         let old = self.names.insert(ino, names).map_or(0, |n| n.len());
         self.len = self.len - old + self.names.get(&ino).map_or(0, Vec::len);
     }
@@ -120,7 +137,11 @@ impl Layers for Live<'_> {
         let Some(inode) = self.several.borrow().get(rel).copied() else {
             return Ok(Vec::new());
         };
-        if !self.links.borrow().active {
+        let (active, exhausted) = {
+            let links = self.links.borrow();
+            (links.active, links.exhausted)
+        };
+        if !active && !exhausted {
             self.links.borrow_mut().activate(self.classifier)?;
         }
         let known = self

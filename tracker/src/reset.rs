@@ -510,7 +510,7 @@ fn maps_devs(pid: u32) -> HashSet<u64> {
 
 /// Another mount of the overlay's superblock than ours, in any mount namespace.
 fn mounted_elsewhere(spec: &MountSpec) -> Option<String> {
-    namespaces().into_iter().find_map(|(pid, _, mounts)| {
+    namespaces().seen.into_iter().find_map(|(pid, _, mounts)| {
         mounts
             .iter()
             .find(|e| {
@@ -532,7 +532,11 @@ fn mounted_elsewhere(spec: &MountSpec) -> Option<String> {
 fn still_in_use(spec: &MountSpec) -> Option<String> {
     // Mount ids are unique across namespaces: one that no namespace shows is detached.
     let mut mounted_ids = HashSet::new();
-    for (pid, task, mounts) in namespaces() {
+    let namespaces = namespaces();
+    if let Some(why) = namespaces.unreadable {
+        return Some(format!("{why}: it might use the upper dir"));
+    }
+    for (pid, task, mounts) in namespaces.seen {
         for e in mounts {
             mounted_ids.insert(e.id);
             // Our superblock's device number is free once it is gone, and the next
@@ -585,29 +589,56 @@ fn still_in_use(spec: &MountSpec) -> Option<String> {
 /// The ids of the mounts of every mount namespace in use.
 fn all_mount_ids() -> HashSet<u64> {
     namespaces()
+        .seen
         .into_iter()
         .flat_map(|(_, _, mounts)| mounts.into_iter().map(|e| e.id))
         .collect()
 }
 
-/// Each mount namespace in use, once: a process in it, the thread's `/proc` dir
-/// that shows it, and its mounts.
-fn namespaces() -> Vec<(u32, PathBuf, Vec<MountEntry>)> {
+/// Each mount namespace in use, once, read through any of its tasks.
+fn namespaces() -> Namespaces {
     let mut seen_ns = HashSet::new();
-    let mut out = Vec::new();
+    let mut unreadable: std::collections::HashMap<u64, String> = Default::default();
+    let mut out = Namespaces::default();
     for pid in sys::pids() {
         for task in tasks(pid) {
             let Ok(ns) = std::fs::metadata(task.join("ns/mnt")).map(|m| m.ino()) else {
                 continue;
             };
-            if seen_ns.insert(ns)
-                && let Ok(text) = std::fs::read(task.join("mountinfo"))
-            {
-                out.push((pid, task, mountinfo::parse(&text)));
+            if seen_ns.contains(&ns) {
+                continue;
+            }
+            match std::fs::read(task.join("mountinfo")) {
+                Ok(text) => {
+                    seen_ns.insert(ns);
+                    unreadable.remove(&ns);
+                    out.seen.push((pid, task, mountinfo::parse(&text)));
+                }
+                // Refused (not just a task that ended meanwhile): what that namespace
+                // mounts cannot be known.
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    unreadable.entry(ns).or_insert_with(|| {
+                        format!("the mount table of pid {pid} cannot be read ({e})")
+                    });
+                }
+                // The task ended meanwhile: another of its namespace may be read.
+                Err(_) => {}
             }
         }
     }
+    // Unreadable through every task of its namespace.
+    out.unreadable = unreadable.into_values().next();
     out
+}
+
+/// The mount namespaces in use, as `namespaces` finds them.
+#[derive(Default)]
+struct Namespaces {
+    /// Each namespace once: a process in it, the thread's `/proc` dir that shows it,
+    /// and its mounts.
+    seen: Vec<(u32, PathBuf, Vec<MountEntry>)>,
+    /// Why some namespace's mounts could not be read: it might use the upper dir.
+    unreadable: Option<String>,
 }
 
 fn is_overlay(p: &Path) -> bool {
@@ -729,9 +760,18 @@ pub fn execute(
             put_masks_back(&spec.upper, &spec.lowers, &plan.masks).map(|()| removed)
         }),
     };
-    let mounted = spec.mount();
-    let removed = edited?;
-    mounted?;
+    let removed = match (edited, spec.mount()) {
+        (Ok(removed), Ok(())) => removed,
+        (Err(e), Ok(())) | (Ok(_), Err(e)) => return Err(e),
+        // Both: the edit's reason, and how to get the overlay back.
+        (Err(edit), Err(mount)) => {
+            return Err(TrackerError::Reset(format!(
+                "{}; and {}",
+                edit.to_string().trim_start_matches("reset: "),
+                mount.to_string().trim_start_matches("reset: ")
+            )));
+        }
+    };
     // What a removed or replaced dir hides is written back through the mount: a new
     // overlay superblock is in place, and the dir stays as it is.
     if !plan.hidden.is_empty() {
@@ -848,6 +888,12 @@ fn remove_all(upper: &Path, targets: &[Vec<u8>]) -> Result<usize, TrackerError> 
     let mut removed = 0;
     let unique: BTreeSet<&Vec<u8>> = targets.iter().collect();
     for rel in unique {
+        crate::restore::check_rel(rel).map_err(|why| {
+            TrackerError::Reset(format!(
+                "refusing to remove {:?}: {why}",
+                String::from_utf8_lossy(rel)
+            ))
+        })?;
         let (parent, name) = match rel.iter().rposition(|&b| b == b'/') {
             Some(i) => (&rel[..i], &rel[i + 1..]),
             None => (&b""[..], &rel[..]),
@@ -946,8 +992,13 @@ pub fn request(
     let me = std::process::id();
     client.call(&Request::ResetBegin(me))?;
     let outcome = execute(&spec, &plan, progress);
-    client.call(&Request::ResetEnd(me))?;
-    Ok(Some((runtime, plan, outcome?)))
+    // What the reset did matters more than whether the tracker heard it ended.
+    let ended = client.call(&Request::ResetEnd(me));
+    let outcome = outcome?;
+    if let Err(e) = ended {
+        tracing::warn!(error = %e, "the tracker did not confirm the end of the reset");
+    }
+    Ok(Some((runtime, plan, outcome)))
 }
 
 /// Joins the runtime's mount namespace (when not already in it) and leaves any dir

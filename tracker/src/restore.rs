@@ -169,7 +169,7 @@ pub fn through_mount(
 }
 
 /// A path from the changelog must be plain names: no `.`, `..` or empty component.
-fn check_rel(rel: &[u8]) -> Result<(), &'static str> {
+pub(crate) fn check_rel(rel: &[u8]) -> Result<(), &'static str> {
     if rel
         .split(|&b| b == b'/')
         .any(|c| c.is_empty() || c == b"." || c == b"..")

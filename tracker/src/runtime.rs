@@ -76,10 +76,16 @@ impl Runtime {
         let reach = if init.is_none() || init == Some(own) {
             Reach::Here
         } else {
-            Reach::Namespace {
-                ns: own,
-                witness: std::os::unix::process::parent_id(),
-            }
+            // The parent as the first witness when it shares the namespace (`spfs
+            // changes track` from a runtime's shell); else any process of it.
+            let parent = std::os::unix::process::parent_id();
+            let witness = match mount_ns_of(parent) {
+                Ok(ns) if ns == own => parent,
+                _ => find_process_in(own).ok_or_else(|| {
+                    TrackerError::Attach("no process of this mount namespace found".into())
+                })?,
+            };
+            Reach::Namespace { ns: own, witness }
         };
         let env_pid = match reach {
             Reach::Here => None,

@@ -185,11 +185,6 @@ pub fn ensure_tracked(mount_point: &Path) -> Result<Option<(PathBuf, Tracking)>,
         let socket = state.join(SOCKET_NAME);
         return Ok(Some((state, Tracking::AlreadyTracked { pid, socket })));
     }
-    if !nix::unistd::geteuid().is_root() {
-        return Err(TrackerError::Attach(
-            "no tracker watches this runtime, and starting one needs root (fanotify): ask for the spfs-changes service to run on this host".into(),
-        ));
-    }
     // A private mount namespace with nothing at the mount point is not a runtime.
     let mounted = std::fs::read("/proc/thread-self/mountinfo")
         .map(|text| {
@@ -198,6 +193,15 @@ pub fn ensure_tracked(mount_point: &Path) -> Result<Option<(PathBuf, Tracking)>,
         .unwrap_or(false);
     if !mounted {
         return Ok(None);
+    }
+    if !nix::unistd::geteuid().is_root() {
+        // Not allowed to start one: what an earlier tracker kept is all there is.
+        if state.join(store::DB_DIR_NAME).exists() {
+            return Ok(Some((state, Tracking::Kept)));
+        }
+        return Err(TrackerError::Attach(
+            "no tracker watches this runtime, and starting one needs root (fanotify): ask for the spfs-changes service to run on this host".into(),
+        ));
     }
     let runtime = Runtime::by_mount(mount_point)?;
     let tracking = track(runtime, state.clone(), false, |_| {})?;
@@ -211,6 +215,9 @@ pub enum Tracking {
     Started { pid: u32, socket: PathBuf },
     /// A tracker already serves this state dir (its pid, `?` when unknown).
     AlreadyTracked { pid: String, socket: PathBuf },
+    /// No tracker, and none could be started: the state dir holds what an earlier
+    /// one kept (`ensure_tracked` as another user than root).
+    Kept,
 }
 
 /// Attaches a tracker to `runtime` with its changelog in `state`, unless one already

@@ -16,6 +16,21 @@ pub struct Flags {
     pub subtree: bool,
     /// A dir moved into place: what it holds must be walked.
     pub walk: bool,
+    /// Bumped when the entry at the path goes (deleted, renamed away or over): what
+    /// happens after is to another entry, not a repeat or part of a creation.
+    entry: u32,
+}
+
+impl Flags {
+    fn gone(&mut self) {
+        self.created = false;
+        self.entry += 1;
+    }
+
+    /// Which entry at the path this is (see `Logged::current`).
+    pub fn entry(&self) -> u32 {
+        self.entry
+    }
 }
 
 /// What one event says happened, before the filesystem is looked at.
@@ -44,6 +59,9 @@ pub struct Logged {
     pub renamed_to: Option<usize>,
     /// For a content or attribute change: the inode's handle (see `PathEvent`).
     pub object: Option<Handle>,
+    /// Which entry at the path this speaks of (`Flags::entry`): when it is not the
+    /// path's last, the path holds another entry at the end of the batch.
+    pub entry: u32,
 }
 
 /// One batch of path events.
@@ -55,11 +73,19 @@ pub struct WorkSet {
     pub cookie: u64,
     /// Events were lost (queue overflow, an undecodable record): rescan.
     pub lost: bool,
-    /// (action, path, pid) already logged: writes repeat (every write(2) is an event).
-    seen: HashSet<(Action, Vec<u8>, u32)>,
+    /// (action, path, entry, pid) already logged: writes repeat (every write(2) is
+    /// an event).
+    seen: HashSet<(Action, Vec<u8>, u32, u32)>,
 }
 
 impl WorkSet {
+    /// Whether `logged` speaks of the entry at its path at the end of the batch.
+    pub fn is_current(&self, logged: &Logged) -> bool {
+        self.paths
+            .get(&logged.path)
+            .is_none_or(|f| f.entry == logged.entry)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.paths.is_empty() && self.log.is_empty() && self.cookie == 0 && !self.lost
     }
@@ -88,11 +114,13 @@ impl WorkSet {
                 }
                 let repeats = matches!(action, Action::Written | Action::Attrib);
                 let absorbed = repeats && flags.created;
-                if change == Change::Created {
-                    flags.created = true;
+                match change {
+                    Change::Created => flags.created = true,
+                    Change::Deleted => flags.gone(),
+                    Change::Written | Change::Attrib => {}
                 }
-                let pid = origin.as_ref().map_or(0, |o| o.pid);
-                if repeats && !self.seen.insert((action, path.clone(), pid)) {
+                let (entry, pid) = (flags.entry, origin.as_ref().map_or(0, |o| o.pid));
+                if repeats && !self.seen.insert((action, path.clone(), entry, pid)) {
                     return;
                 }
                 let step = if absorbed {
@@ -107,6 +135,7 @@ impl WorkSet {
                 let first = from.map(|from| {
                     let flags = self.paths.entry(from.clone()).or_default();
                     flags.subtree |= dir;
+                    flags.gone();
                     self.push(
                         Step::Action(Action::RenamedFrom),
                         from,
@@ -117,6 +146,7 @@ impl WorkSet {
                 });
                 if let Some(to) = to {
                     let flags = self.paths.entry(to.clone()).or_default();
+                    flags.gone();
                     flags.subtree |= dir;
                     flags.walk |= dir;
                     let step = match first {
@@ -140,6 +170,7 @@ impl WorkSet {
         origin: Option<Origin>,
         time_ns: u64,
     ) -> usize {
+        let entry = self.paths.get(&path).map_or(0, |f| f.entry);
         self.log.push(Logged {
             step,
             path,
@@ -152,6 +183,7 @@ impl WorkSet {
             time_ns,
             renamed_to: None,
             object: None,
+            entry,
         });
         self.log.len() - 1
     }

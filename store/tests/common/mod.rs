@@ -65,9 +65,11 @@ impl Model {
                 path: o.path.clone(),
                 // A deletion or rename of unknown type is of what the net state held.
                 file_type: match (o.file_type, o.action, old.get(&o.path)) {
-                    (FileType::Unknown, Action::Deleted | Action::RenamedFrom, Some(e)) => {
-                        e.file_type
-                    }
+                    (
+                        FileType::Unknown,
+                        Action::Deleted | Action::RenamedFrom | Action::Reset,
+                        Some(e),
+                    ) => e.file_type,
                     (file_type, _, _) => file_type,
                 },
                 origin: o.origin.clone(),

@@ -115,12 +115,13 @@ fn under(path: &[u8], dir: &[u8]) -> bool {
 
 struct Rec(BTreeMap<Vec<u8>, NetEntry>);
 
+/// As the store answers: entries strictly below `dir`.
 impl Recorded for Rec {
     fn net_under(&self, dir: &[u8]) -> Result<Vec<(Vec<u8>, NetEntry)>, StoreError> {
         Ok(self
             .0
             .iter()
-            .filter(|(p, _)| under(p, dir))
+            .filter(|(p, _)| under(p, dir) && p.as_slice() != dir)
             .map(|(p, e)| (p.clone(), e.clone()))
             .collect())
     }

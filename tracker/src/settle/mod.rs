@@ -40,7 +40,7 @@ pub trait Layers {
 
 /// What the changelog already holds.
 pub trait Recorded {
-    /// The recorded net state at and below `dir`.
+    /// The recorded net state strictly below `dir`.
     fn net_under(&self, dir: &[u8]) -> Result<Vec<(Vec<u8>, NetEntry)>, StoreError>;
 }
 
@@ -251,7 +251,11 @@ pub fn settle(
     }
     for i in order {
         let logged = &work.log[i];
-        let state = states.get(&logged.path).copied().flatten();
+        // What the path shows now says nothing of an entry that left it since.
+        let state = match work.is_current(logged) {
+            true => states.get(&logged.path).copied().flatten(),
+            false => None,
+        };
         let action = match logged.step {
             Step::Absorbed(action) => {
                 to_other_names(observations, logged, action);
@@ -271,6 +275,7 @@ pub fn settle(
             .as_ref()
             .is_some_and(|o| resetting.contains(&o.pid));
         let changes_content = matches!(action, Action::Written | Action::Attrib);
+        let what = action;
         let action = if resetting { Action::Reset } else { action };
         // What left a path is not what is there now: what moved is what arrived at
         // the other end of the rename; what was deleted, the store knows
@@ -282,13 +287,21 @@ pub fn settle(
                 .and_then(|j| states.get(&work.log[j].path).copied().flatten()),
             _ => state,
         };
-        observations.push(observation(logged, action, state));
+        // Typed by what happened (a reset of a deleted symlink is no file).
+        observations.push(Observation {
+            action,
+            ..observation(logged, what, state)
+        });
         // What a reset removed along with a dir was reset too, by the same process.
         if resetting
             && logged.step == Step::Action(Action::Deleted)
             && logged.file_type == FileType::Dir
         {
             for (path, entry) in recorded.net_under(&logged.path)? {
+                // Those with events of their own are logged by them.
+                if work.paths.contains_key(&path) {
+                    continue;
+                }
                 observations.push(Observation {
                     action: Action::Reset,
                     path,
