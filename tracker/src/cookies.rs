@@ -28,6 +28,7 @@ struct State {
     failed: Option<String>,
 }
 
+/// The sync cookies of one tracker: written in its sync dir, noticed by its watcher.
 pub struct Cookies {
     dir: OwnedFd,
     dir_path: PathBuf,

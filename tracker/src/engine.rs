@@ -276,10 +276,12 @@ impl Tracker {
         Ok(tracker)
     }
 
+    /// Its changelog (read it after a `sync` to see every change made before).
     pub fn store(&self) -> &Arc<Store> {
         &self.shared.store
     }
 
+    /// What it was started with.
     pub fn config(&self) -> &Config {
         &self.config
     }
@@ -397,6 +399,8 @@ impl Tracker {
         synced
     }
 
+    /// Its counters and state (counts the net state: O(changes)). Fails when the
+    /// changelog cannot be read.
     pub fn status(&self) -> Result<Status, TrackerError> {
         let c = &self.shared.counters;
         let stats = self.shared.store.stats()?;

@@ -85,8 +85,11 @@ impl LinkIndex {
 /// The layers as the watcher sees them for one batch: the classifier for states, the
 /// index for hard links.
 pub struct Live<'a> {
+    /// States against the lower layers.
     pub classifier: &'a Classifier,
+    /// Handles to paths (for changes named by a name that is gone).
     pub resolver: &'a Resolver,
+    /// The inode -> names index, kept across batches.
     pub links: &'a RefCell<LinkIndex>,
     /// The paths this batch classified that have several names, with their inode:
     /// only those have other names to look for (no second `lstat` for the rest).

@@ -27,16 +27,19 @@ pub struct Masks {
 }
 
 impl Masks {
+    /// The masks at `paths` (upper-relative, no leading `/`).
     pub fn new(paths: impl IntoIterator<Item = Vec<u8>>) -> Self {
         Masks {
             paths: paths.into_iter().collect(),
         }
     }
 
+    /// True when the environment masks nothing.
     pub fn is_empty(&self) -> bool {
         self.paths.is_empty()
     }
 
+    /// How many masks there are.
     pub fn len(&self) -> usize {
         self.paths.len()
     }
@@ -68,6 +71,7 @@ impl Masks {
             .filter(move |p| rel.is_empty() || p.len() == rel.len() || p[rel.len()] == b'/')
     }
 
+    /// The masks, in path order.
     pub fn iter(&self) -> impl Iterator<Item = &Vec<u8>> {
         self.paths.iter()
     }

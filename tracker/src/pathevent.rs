@@ -13,7 +13,9 @@ use std::io;
 /// What happened to a path, as far as one event says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Change {
+    /// A new entry (a copy-up or a whiteout put in place too: settling tells).
     Created,
+    /// An entry removed.
     Deleted,
     /// Content written (`FAN_MODIFY`, `FAN_CLOSE_WRITE`).
     Written,
@@ -24,6 +26,7 @@ pub enum Change {
 /// One event on the upper dir's paths (no leading `/`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PathEvent {
+    /// Something happened to the entry at `path` (a dir when `dir`).
     Change {
         change: Change,
         path: Vec<u8>,

@@ -74,18 +74,22 @@ impl Service {
         })
     }
 
+    /// The tracker it serves.
     pub fn tracker(&self) -> &Arc<Tracker> {
         &self.tracker
     }
 
+    /// Its control socket (`<state dir>/control.sock`).
     pub fn socket(&self) -> PathBuf {
         self.state.join(SOCKET_NAME)
     }
 
+    /// Where its changelog lives.
     pub fn state_dir(&self) -> &Path {
         &self.state
     }
 
+    /// The runtime it tracks.
     pub fn runtime(&self) -> &Runtime {
         &self.runtime
     }

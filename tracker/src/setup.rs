@@ -14,9 +14,13 @@ pub const SPFS_OVERLAY_OPTIONS: &str = "index=off,metacopy=off,redirect_dir=foll
 /// An overlay runtime made by [`Overlay::create`].
 #[derive(Debug, Clone)]
 pub struct Overlay {
+    /// Where the overlay is mounted (`/spfs` for `run`).
     pub mount_point: PathBuf,
+    /// The tmpfs holding `upper/`, `work/` and `lower/`.
     pub runtime_dir: PathBuf,
+    /// `<runtime_dir>/upper`.
     pub upper: PathBuf,
+    /// `<runtime_dir>/work`.
     pub work: PathBuf,
     /// Top-most first, ending with the runtime dir's empty `lower/`, as spfs does.
     pub lowers: Vec<PathBuf>,

@@ -49,11 +49,15 @@ pub enum Step {
 /// One entry of the batch's log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Logged {
+    /// What the event says happened.
     pub step: Step,
+    /// The path, relative to the upper dir.
     pub path: Vec<u8>,
     /// `Dir` when the event said so; otherwise filled in when settling.
     pub file_type: FileType,
+    /// The process that made the change, when the event named one.
     pub origin: Option<Origin>,
+    /// When the batch was read, nanoseconds since the Unix epoch.
     pub time_ns: u64,
     /// For the first half of a rename: the index of the second half in the log.
     pub renamed_to: Option<usize>,
@@ -67,7 +71,9 @@ pub struct Logged {
 /// One batch of path events.
 #[derive(Debug, Default)]
 pub struct WorkSet {
+    /// Every path the batch named, once, in path order, with what to look at.
     pub paths: BTreeMap<Vec<u8>, Flags>,
+    /// What happened, in event order.
     pub log: Vec<Logged>,
     /// The highest sync cookie seen.
     pub cookie: u64,
@@ -86,6 +92,7 @@ impl WorkSet {
             .is_none_or(|f| f.entry == logged.entry)
     }
 
+    /// True when the batch named no path, no cookie and lost nothing.
     pub fn is_empty(&self) -> bool {
         self.paths.is_empty() && self.log.is_empty() && self.cookie == 0 && !self.lost
     }

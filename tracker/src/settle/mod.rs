@@ -53,6 +53,7 @@ impl Recorded for store::Store {
 /// What a batch settles into.
 #[derive(Debug, Default)]
 pub struct Settled {
+    /// The records and net updates to write, at once.
     pub batch: Batch,
     /// Paths that could not be inspected: their recorded state is left alone.
     pub errors: Vec<(Vec<u8>, io::Error)>,
