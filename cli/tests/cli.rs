@@ -22,16 +22,7 @@ fn run_prints_changes_and_serves_changes_json_inside() {
         "echo hi > /spfs/a; mkdir /spfs/d; spfs-changes changes --json > {}",
         json_out.display()
     );
-    let out = output(cmd(&[
-        "run",
-        "--state",
-        s(&state),
-        "--",
-        "sh",
-        "-c",
-        &script,
-    ]));
-    assert!(out.status.success(), "run failed: {}", text(&out.stderr));
+    let out = run_in_runtime(&state, &script);
     let printed = text(&out.stdout);
     assert_eq!(
         printed.lines().collect::<Vec<_>>(),
@@ -75,6 +66,13 @@ fn run_prints_changes_and_serves_changes_json_inside() {
     assert!(lines[2]["token"].as_str().is_some_and(|t| t.contains(':')));
 }
 
+/// `spfs-changes run --state STATE -- sh -c SCRIPT`, which must succeed.
+fn run_in_runtime(state: &std::path::Path, script: &str) -> std::process::Output {
+    let out = output(cmd(&["run", "--state", s(state), "--", "sh", "-c", script]));
+    assert!(out.status.success(), "run failed: {}", text(&out.stderr));
+    out
+}
+
 /// `spfs changes` runs `spfs-changes` with no arguments: bare, it lists the changes,
 /// taking the flags of `changes`; the subcommands stay.
 #[test]
@@ -91,16 +89,7 @@ fn bare_spfs_changes_lists_the_changes() {
          spfs-changes lib > prefix",
         out = s(&out)
     );
-    let run = output(cmd(&[
-        "run",
-        "--state",
-        s(&state),
-        "--",
-        "sh",
-        "-c",
-        &script,
-    ]));
-    assert!(run.status.success(), "run failed: {}", text(&run.stderr));
+    let run = run_in_runtime(&state, &script);
     assert!(
         !text(&run.stderr).contains("error"),
         "{}",
