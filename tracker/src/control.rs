@@ -197,7 +197,15 @@ async fn serve_client(
     owner_uid: u32,
     stop: mpsc::UnboundedSender<()>,
 ) {
-    let allowed = match stream.peer_cred() {
+    let cred = stream.peer_cred();
+    // The kernel's word for who is asking (in this process's pid namespace), not the
+    // client's: a reset marks what that process does.
+    let peer_pid = cred
+        .as_ref()
+        .ok()
+        .and_then(|c| c.pid())
+        .and_then(|p| u32::try_from(p).ok());
+    let allowed = match cred {
         Ok(cred) if cred.uid() == 0 || cred.uid() == owner_uid => Ok(()),
         Ok(cred) => Err(format!(
             "uid {} may not use this tracker (only root and uid {owner_uid})",
@@ -209,6 +217,31 @@ async fn serve_client(
         let _ = stream.write_all(&encode(&Response::Error(why))).await;
         return;
     }
+    let mut resetting = None;
+    serve_requests(
+        &mut stream,
+        &tracker,
+        &runtime,
+        &stop,
+        peer_pid,
+        &mut resetting,
+    )
+    .await;
+    // A client that ends (or dies) in the middle of a reset ends it: its pid may be
+    // another process's later.
+    if let Some(pid) = resetting {
+        tracker.abandon_reset(pid);
+    }
+}
+
+async fn serve_requests(
+    stream: &mut tokio::net::UnixStream,
+    tracker: &Arc<Tracker>,
+    runtime: &Arc<Mutex<RuntimeInfo>>,
+    stop: &mpsc::UnboundedSender<()>,
+    peer_pid: Option<u32>,
+    resetting: &mut Option<u32>,
+) {
     loop {
         let mut len = [0u8; 4];
         if stream.read_exact(&mut len).await.is_err() {
@@ -236,6 +269,19 @@ async fn serve_client(
                 Err(_) => Response::Error("runtime information is unavailable".into()),
             },
             Ok(req) => {
+                let req = match req {
+                    Request::ResetBegin(pid) => {
+                        let pid = peer_pid.unwrap_or(pid);
+                        *resetting = Some(pid);
+                        Request::ResetBegin(pid)
+                    }
+                    Request::ResetEnd(pid) => {
+                        let pid = peer_pid.unwrap_or(pid);
+                        *resetting = None;
+                        Request::ResetEnd(pid)
+                    }
+                    other => other,
+                };
                 let tracker = tracker.clone();
                 tokio::task::spawn_blocking(move || answer(&tracker, req))
                     .await

@@ -388,6 +388,13 @@ impl Tracker {
         Ok(())
     }
 
+    /// Forgets `begin_reset` at once (its client went away).
+    pub fn abandon_reset(&self, pid: u32) {
+        if let Ok(mut r) = self.shared.resetting.lock() {
+            r.remove(&pid);
+        }
+    }
+
     /// Ends `begin_reset`, after every change the reset made is recorded.
     pub fn end_reset(&self, pid: u32) -> Result<Token, TrackerError> {
         let synced = self.sync();
