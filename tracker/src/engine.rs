@@ -22,10 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use store::{
-    Action, Batch, ChangeSet, FileType, NetKind, NetUpdate, Observation, Origin, Query, Store,
-    Token,
-};
+use store::{Batch, ChangeSet, FileType, NetKind, NetUpdate, Origin, Query, Store, Token};
 
 /// The directories of one overlay runtime.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,15 +121,21 @@ struct Shared {
     resetting: Mutex<HashSet<u32>>,
     /// Batches end only at sync cookies (see `Tracker::batch_at_syncs`).
     batch_at_syncs: AtomicBool,
+    /// The layers as they are now: a remount changes them all at once.
+    stack: Mutex<Stack>,
+    counters: Counters,
+}
+
+/// What the overlay is made of now.
+struct Stack {
+    /// The lower layers, top-most first, as reachable from here.
+    lowers: Vec<PathBuf>,
     /// The environment's masks (spfs's whiteouts for paths its layers delete).
-    masks: std::sync::RwLock<Masks>,
-    /// The lower layers now (top-most first): a remount can change them.
-    lowers: std::sync::RwLock<Vec<PathBuf>>,
-    /// The layers as the watcher classifies against them now, held by descriptor (the
+    masks: Masks,
+    /// The layers as the watcher classifies against them, held by descriptor (the
     /// paths may only have been reachable through a process that has exited since):
     /// other threads classify with clones of it.
-    layers: Mutex<Classifier>,
-    counters: Counters,
+    layers: Classifier,
 }
 
 /// A running tracker. Dropping it stops the watcher thread; `stop` also reports errors.
@@ -203,9 +206,11 @@ impl Tracker {
             store,
             stop_flag: Arc::new(AtomicBool::new(false)),
             cookies: Cookies::new(&config.sync_dir)?,
-            masks: std::sync::RwLock::new(config.masks.clone()),
-            lowers: std::sync::RwLock::new(layout.lowers.clone()),
-            layers: Mutex::new(layers),
+            stack: Mutex::new(Stack {
+                lowers: layout.lowers.clone(),
+                masks: config.masks.clone(),
+                layers,
+            }),
             resetting: Mutex::new(HashSet::new()),
             batch_at_syncs: AtomicBool::new(false),
             counters: Counters::default(),
@@ -290,18 +295,18 @@ impl Tracker {
     /// remounts change them.
     pub fn lowers(&self) -> Vec<PathBuf> {
         self.shared
-            .lowers
-            .read()
-            .map(|l| l.clone())
+            .stack
+            .lock()
+            .map(|s| s.lowers.clone())
             .unwrap_or_else(|_| self.config.layout.lowers.clone())
     }
 
     /// The environment's masks as last read (a copy: they change at remounts).
     pub fn masks(&self) -> Masks {
         self.shared
-            .masks
-            .read()
-            .map(|m| m.clone())
+            .stack
+            .lock()
+            .map(|s| s.masks.clone())
             .unwrap_or_default()
     }
 
@@ -360,9 +365,10 @@ impl Tracker {
     /// The layers as the watcher classifies against them now, for this thread.
     fn layers(&self) -> Result<Classifier, TrackerError> {
         self.shared
-            .layers
+            .stack
             .lock()
             .map_err(|_| poisoned())?
+            .layers
             .try_clone()
             .map_err(TrackerError::io(
                 "cannot open the layers of",
@@ -578,25 +584,19 @@ impl Watcher {
                 "cannot open the new lower layers of",
                 self.classifier.upper(),
             ))?;
-        if let Ok(mut l) = self.shared.lowers.write() {
-            l.clone_from(&lowers);
-        }
         let layers = self.classifier.try_clone().map_err(TrackerError::io(
             "cannot open the new lower layers of",
             self.classifier.upper(),
         ))?;
-        if let Ok(mut l) = self.shared.layers.lock() {
-            *l = layers;
-        }
-        match masks {
-            Ok(masks) => {
-                if let Ok(mut m) = self.shared.masks.write() {
-                    *m = masks;
-                }
+        if let Ok(mut stack) = self.shared.stack.lock() {
+            stack.lowers.clone_from(&lowers);
+            stack.layers = layers;
+            match masks {
+                Ok(masks) => stack.masks = masks,
+                // Keep the old ones: spfs rewrites those at every mount, and a guess
+                // could make a reset remove one.
+                Err(e) => tracing::warn!(error = %e, "cannot read the masks of the new stack"),
             }
-            // Keep the old ones: spfs rewrites those at every mount, and a guess could
-            // make a reset remove one.
-            Err(e) => tracing::warn!(error = %e, "cannot read the masks of the new stack"),
         }
         tracing::info!(
             layers = lowers.len(),
@@ -606,8 +606,8 @@ impl Watcher {
     }
 
     /// Classifies every path of the upper dir again (after the lower layers changed)
-    /// and records what differs as `Reclassified`: no history was lost, so the
-    /// instance stays and marks keep their meaning.
+    /// and writes what differs; the store logs each as `Reclassified`. No history was
+    /// lost, so the instance stays and marks keep their meaning.
     fn reclassify_all(&mut self) -> Result<(), TrackerError> {
         self.resolver.invalidate();
         self.classifier.forget();
@@ -617,31 +617,19 @@ impl Watcher {
             .into_iter()
             .map(|(path, kind, ft)| (path, (kind, ft)))
             .collect();
-        let time_ns = now_ns();
         let mut batch = Batch::default();
-        let reclassified =
-            |batch: &mut Batch, path: Vec<u8>, state: Option<(NetKind, FileType)>, ft| {
-                batch.observations.push(Observation {
-                    action: Action::Reclassified,
-                    path: path.clone(),
-                    file_type: ft,
-                    origin: None,
-                    time_ns,
-                });
-                batch.net.push(NetUpdate { path, state });
-            };
         for (path, entry) in self.shared.store.net_under(b"")? {
             match now.remove(&path) {
                 Some(state) if state == (entry.kind, entry.file_type) => {}
-                Some(state) => reclassified(&mut batch, path, Some(state), state.1),
-                None => reclassified(&mut batch, path, None, entry.file_type),
+                state => batch.net.push(NetUpdate { path, state }),
             }
         }
-        let mut added: Vec<_> = now.into_iter().collect();
-        added.sort_by(|a, b| a.0.cmp(&b.0));
-        for (path, state) in added {
-            reclassified(&mut batch, path, Some(state), state.1);
-        }
+        batch
+            .net
+            .extend(now.into_iter().map(|(path, state)| NetUpdate {
+                path,
+                state: Some(state),
+            }));
         if !batch.net.is_empty() {
             self.shared.store.apply(&batch)?;
         }
