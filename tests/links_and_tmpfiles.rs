@@ -12,7 +12,7 @@ use nix::unistd::{linkat, write};
 use std::os::fd::AsFd;
 use std::path::Path;
 use store::{Action, FileType::*, NetKind::*, Query};
-use support::tracking::{assert_tracks_truth, start};
+use support::tracking::{actions, assert_tracks_truth, start};
 use support::{Fixture, LowerSpec, in_private_mount_ns, need_root, sh};
 use tracker::Tracker;
 
@@ -61,17 +61,6 @@ fn kind_of(t: &Tracker, path: &str) -> Option<(store::NetKind, store::FileType)>
         .into_iter()
         .find(|c| c.path == path.as_bytes())
         .and_then(|c| c.kind.map(|k| (k, c.file_type)))
-}
-
-/// The actions the log holds for `path`.
-fn actions(t: &Tracker, path: &str) -> Vec<Action> {
-    t.sync().expect("sync");
-    t.store()
-        .history(path.as_bytes())
-        .expect("history")
-        .into_iter()
-        .map(|r| r.action)
-        .collect()
 }
 
 #[test]

@@ -5,20 +5,9 @@
 mod support;
 
 use store::Action;
-use support::tracking::start;
+use support::tracking::{actions, start};
 use support::{Fixture, LowerSpec, in_private_mount_ns, need_root};
 use tracker::control::{Client, Request, Response, RuntimeInfo, Server};
-
-/// The actions the log holds for `path`.
-fn actions(t: &tracker::Tracker, path: &str) -> Vec<Action> {
-    t.sync().expect("sync");
-    t.store()
-        .history(path.as_bytes())
-        .expect("history")
-        .into_iter()
-        .map(|r| r.action)
-        .collect()
-}
 
 #[test]
 fn a_reset_mark_is_the_callers_and_ends_with_its_connection() {

@@ -1021,7 +1021,7 @@ fn long_batches_span_log_chunks() {
 }
 
 #[test]
-fn a_deletion_of_unknown_type_gets_the_recorded_type() {
+fn a_deletion_reset_or_rename_of_unknown_type_gets_the_recorded_type() {
     let (_d, store) = open();
     store
         .apply(&batch(
@@ -1030,18 +1030,21 @@ fn a_deletion_of_unknown_type_gets_the_recorded_type() {
         ))
         .unwrap();
     create(&store, b"f", 1);
+    create(&store, b"g", 1);
     store
         .apply(&batch(
             vec![
                 obs(Action::Deleted, b"d", FileType::Unknown, 2),
                 obs(Action::RenamedFrom, b"f", FileType::Unknown, 2),
+                obs(Action::Reset, b"g", FileType::Unknown, 2),
                 obs(Action::Deleted, b"never-recorded", FileType::Unknown, 2),
             ],
-            vec![clear(b"d"), clear(b"f")],
+            vec![clear(b"d"), clear(b"f"), clear(b"g")],
         ))
         .unwrap();
     let last = |path: &[u8]| store.history(path).unwrap().pop().unwrap().file_type;
     assert_eq!(last(b"d"), FileType::Dir);
     assert_eq!(last(b"f"), FileType::File);
+    assert_eq!(last(b"g"), FileType::File);
     assert_eq!(last(b"never-recorded"), FileType::Unknown);
 }

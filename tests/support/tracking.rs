@@ -66,3 +66,14 @@ pub fn show(t: &Truth) -> String {
         .collect();
     format!("{{{}}}", items.join(", "))
 }
+
+/// The actions the log holds for `path`, oldest first, after a sync.
+pub fn actions(t: &Tracker, path: &str) -> Vec<store::Action> {
+    t.sync().unwrap_or_else(|e| panic!("sync: {e}"));
+    t.store()
+        .history(path.as_bytes())
+        .unwrap_or_else(|e| panic!("history: {e}"))
+        .into_iter()
+        .map(|r| r.action)
+        .collect()
+}

@@ -639,11 +639,7 @@ impl Watcher {
     /// Whether `chunk` holds the creation of a sync cookie.
     fn holds_cookie(&self, chunk: &Chunk) -> bool {
         chunk.events.iter().any(|spans| {
-            let event = spans.view(&chunk.bytes);
-            event.mask & sys::FAN_CREATE != 0
-                && event.entry.is_some_and(|e| {
-                    e.dir == self.sync_handle.as_ref() && Cookies::number(e.name).is_some()
-                })
+            pathevent::cookie(&spans.view(&chunk.bytes), self.sync_handle.as_ref()).is_some()
         })
     }
 

@@ -63,12 +63,8 @@ pub fn resolve(
         out.push(PathEvent::Lost);
         return Ok(());
     }
-    if let Some(entry) = event.entry
-        && entry.dir == sync
-    {
-        if event.mask & sys::FAN_CREATE != 0
-            && let Some(n) = crate::cookies::Cookies::number(entry.name)
-        {
+    if event.entry.is_some_and(|e| e.dir == sync) {
+        if let Some(n) = cookie(event, sync) {
             out.push(PathEvent::Cookie(n));
         }
         return Ok(());
@@ -148,6 +144,15 @@ pub fn resolve(
         }
     }
     Ok(())
+}
+
+/// The number of the sync cookie whose creation `event` is, if it is one (`sync` is
+/// the sync dir's handle).
+pub fn cookie(event: &Event<'_>, sync: HandleRef<'_>) -> Option<u64> {
+    let entry = event.entry.filter(|e| e.dir == sync)?;
+    (event.mask & sys::FAN_CREATE != 0)
+        .then(|| crate::cookies::Cookies::number(entry.name))
+        .flatten()
 }
 
 /// `#` then decimal digits: the name `d_tmpfile` gives an O_TMPFILE inode.

@@ -142,10 +142,11 @@ impl Runtime {
 
     /// What the control socket tells clients about this runtime.
     pub fn info(&self) -> crate::control::RuntimeInfo {
-        let (pid, mount_ns) = match self.reach {
-            Reach::Namespace { ns, witness } => (witness, ns),
-            Reach::Here => (std::process::id(), own_mount_ns().unwrap_or(0)),
+        let mount_ns = match self.reach {
+            Reach::Namespace { ns, .. } => ns,
+            Reach::Here => own_mount_ns().unwrap_or(0),
         };
+        let pid = self.witness_pid();
         crate::control::RuntimeInfo {
             mount_point: self.mount_point.clone(),
             pid,
@@ -259,11 +260,7 @@ impl Runtime {
     /// runtime's namespace, so a remount is seen at once (Linux 6.15+; the error
     /// otherwise, and the caller falls back to reading mountinfo at each sync).
     pub fn mount_group(&self) -> std::io::Result<sys::MountGroup> {
-        let ns = match self.reach {
-            Reach::Here => PathBuf::from("/proc/thread-self/ns/mnt"),
-            Reach::Namespace { witness, .. } => PathBuf::from(format!("/proc/{witness}/ns/mnt")),
-        };
-        let fd = std::fs::File::open(ns)?;
+        let fd = std::fs::File::open(proc_dir(&self.reach).join("ns/mnt"))?;
         sys::MountGroup::new(std::os::fd::AsFd::as_fd(&fd))
     }
 
@@ -329,11 +326,17 @@ fn layers_of(entry: &MountEntry, mount_point: &Path) -> Result<OverlayLayers, Tr
     })
 }
 
+/// The `/proc` dir of a process in the runtime's namespace: this thread's when it is
+/// here (`unshare` acts on one thread), else the witness's.
+fn proc_dir(reach: &Reach) -> PathBuf {
+    match reach {
+        Reach::Here => PathBuf::from("/proc/thread-self"),
+        Reach::Namespace { witness, .. } => PathBuf::from(format!("/proc/{witness}")),
+    }
+}
+
 fn read_mountinfo(reach: &Reach) -> Result<Vec<MountEntry>, TrackerError> {
-    let path = match reach {
-        Reach::Here => PathBuf::from("/proc/thread-self/mountinfo"),
-        Reach::Namespace { witness, .. } => PathBuf::from(format!("/proc/{witness}/mountinfo")),
-    };
+    let path = proc_dir(reach).join("mountinfo");
     let text = std::fs::read(&path).map_err(TrackerError::io("cannot read", &path))?;
     Ok(mountinfo::parse(&text))
 }
