@@ -60,20 +60,21 @@ impl Config {
         }
     }
 
-    /// The layout, state and sync dirs, and masks of `runtime`, which the tracker
-    /// then follows across remounts.
+    /// The layout of `runtime`, with its `masks`; the tracker then follows it across
+    /// remounts.
     pub fn for_runtime(
         runtime: Runtime,
+        masks: Masks,
         state_dir: PathBuf,
         sync_dir: PathBuf,
-    ) -> Result<Self, TrackerError> {
-        Ok(Self {
+    ) -> Self {
+        Self {
             layout: runtime.layout(),
             state_dir,
             sync_dir,
-            masks: runtime.masks()?,
+            masks,
             runtime: Some(runtime),
-        })
+        }
     }
 }
 

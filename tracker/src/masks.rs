@@ -314,16 +314,16 @@ impl SpfsCli {
         parse_runtime_info(name, &self.run(&["runtime", "info", name])?)
     }
 
-    /// The masks of the runtime called `name`, as spfs writes them into its upper dir.
-    pub fn runtime_masks(&self, name: &str) -> Result<Masks, String> {
-        let stack = self.runtime_info(name)?.stack_top_down;
+    /// The masks of a stack (digests top-down), as spfs writes them into the upper dir
+    /// of a runtime of that stack.
+    pub fn masks_of_stack(&self, stack: &[String]) -> Result<Masks, String> {
         if stack.is_empty() {
             return Ok(Masks::default());
         }
         let mut args = vec!["info", "-vv", "--follow"];
         args.extend(stack.iter().map(String::as_str));
         let objects = parse_info(&self.run(&args)?);
-        let manifests = manifests_bottom_up(&stack, &objects)?;
+        let manifests = manifests_bottom_up(stack, &objects)?;
         Ok(merge_bottom_up(manifests))
     }
 }
@@ -374,22 +374,17 @@ fn cli_for(pid: u32, name: &str) -> Result<SpfsCli, TrackerError> {
     })
 }
 
-/// The masks of the spfs runtime process `pid` is in (named by its `SPFS_RUNTIME`);
-/// empty when it is not an spfs runtime.
-pub fn of_spfs_runtime(pid: u32, runtime_name: Option<&str>) -> Result<Masks, TrackerError> {
-    let Some(name) = runtime_name else {
-        return Ok(Masks::default());
-    };
-    cli_for(pid, name)?.runtime_masks(name).map_err(|e| {
-        TrackerError::Attach(format!("cannot read the masks of spfs runtime {name}: {e}"))
-    })
-}
-
-/// spfs's record of the runtime `name` that process `pid` is in.
-pub fn spfs_runtime(pid: u32, name: &str) -> Result<SpfsRuntime, TrackerError> {
-    cli_for(pid, name)?
+/// spfs's record of the runtime `name` that process `pid` is in, and the masks it
+/// writes for that runtime's stack (one `spfs runtime info`, one `spfs info`).
+pub fn spfs_runtime(pid: u32, name: &str) -> Result<(SpfsRuntime, Masks), TrackerError> {
+    let cli = cli_for(pid, name)?;
+    let record = cli
         .runtime_info(name)
-        .map_err(|e| TrackerError::Attach(format!("cannot read spfs runtime {name}: {e}")))
+        .map_err(|e| TrackerError::Attach(format!("cannot read spfs runtime {name}: {e}")))?;
+    let masks = cli.masks_of_stack(&record.stack_top_down).map_err(|e| {
+        TrackerError::Attach(format!("cannot read the masks of spfs runtime {name}: {e}"))
+    })?;
+    Ok((record, masks))
 }
 
 #[cfg(test)]

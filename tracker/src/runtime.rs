@@ -264,18 +264,18 @@ impl Runtime {
         sys::MountGroup::new(std::os::fd::AsFd::as_fd(&fd))
     }
 
-    /// What tells this runtime from any other that had or will have its state dir:
-    /// spfs's runtime name and creation time (a rerun of a durable runtime keeps
-    /// both; a new runtime given the same name does not). `None` outside spfs.
-    pub fn identity(&self) -> Result<Option<String>, TrackerError> {
+    /// What spfs says of this runtime now (`None` outside spfs): what tells it from
+    /// any other that had or will have its state dir (spfs's runtime name and creation
+    /// time: a rerun of a durable runtime keeps both, a new runtime given the same
+    /// name does not), and the environment's masks. Errors when spfs cannot say:
+    /// reset and validate must then not guess.
+    pub fn spfs(&self) -> Result<Option<(String, Masks)>, TrackerError> {
         let Some(name) = &self.spfs_name else {
             return Ok(None);
         };
-        let info = crate::masks::spfs_runtime(self.witness_pid(), name)?;
-        Ok(Some(format!(
-            "spfs runtime {name} created {}",
-            info.created
-        )))
+        let (record, masks) = crate::masks::spfs_runtime(self.witness_pid(), name)?;
+        let identity = format!("spfs runtime {name} created {}", record.created);
+        Ok(Some((identity, masks)))
     }
 
     /// A process of the runtime (this one when it is reached here).
@@ -289,7 +289,7 @@ impl Runtime {
     /// The environment's masks, read from spfs (empty when this is not an spfs
     /// runtime). Errors when spfs cannot say: reset and validate must then not guess.
     pub fn masks(&self) -> Result<Masks, TrackerError> {
-        crate::masks::of_spfs_runtime(self.witness_pid(), self.spfs_name.as_deref())
+        Ok(self.spfs()?.map(|(_, masks)| masks).unwrap_or_default())
     }
 }
 

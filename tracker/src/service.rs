@@ -3,6 +3,7 @@
 //! around it, and spk can start the same thing in-process.
 
 use crate::control::Server;
+use crate::masks::Masks;
 use crate::runtime::Runtime;
 use crate::{Config, Tracker, TrackerError};
 use std::path::{Path, PathBuf};
@@ -24,7 +25,7 @@ pub const RUNTIMES_DIR: &str = "/var/lib/spfs-changes/runtimes";
 /// The log file of a background tracker, in its state dir.
 pub const LOG_NAME: &str = "tracker.log";
 
-/// The changelog's info key naming the runtime it belongs to (`Runtime::identity`).
+/// The changelog's info key naming the runtime it belongs to (`Runtime::spfs`).
 const IDENTITY_KEY: &str = "runtime";
 
 /// How often `supervise` checks that the runtime still exists.
@@ -46,12 +47,15 @@ impl Service {
     pub fn start(runtime: Runtime, state: PathBuf) -> Result<Service, TrackerError> {
         std::fs::create_dir_all(&state)
             .map_err(TrackerError::io("cannot create state dir", &state))?;
-        let identity = runtime.identity()?;
+        let (identity, masks) = match runtime.spfs()? {
+            Some((identity, masks)) => (Some(identity), masks),
+            None => (None, Masks::default()),
+        };
         if let Some(identity) = &identity {
             set_aside_other_runtimes_changelog(&state, identity)?;
         }
         let sync_dir = runtime.sync_dir()?;
-        let config = Config::for_runtime(runtime.clone(), state.clone(), sync_dir)?;
+        let config = Config::for_runtime(runtime.clone(), masks, state.clone(), sync_dir);
         let tracker = Arc::new(Tracker::start(config)?);
         if std::env::var_os(BATCH_AT_SYNCS_ENV).is_some_and(|v| v == "1") {
             tracker.batch_at_syncs(true);
