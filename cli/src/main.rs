@@ -73,6 +73,10 @@ struct ChangesArgs {
     /// One JSON object per line, then a trailer line with the token.
     #[arg(long)]
     jsonl: bool,
+    /// Also list what `spfs diff` cannot see: owner, mtime or xattrs changed, bytes
+    /// rewritten unchanged (`[owner {0:0=>1000:1000}]`, `[mtime]`, `[touched]`).
+    #[arg(long)]
+    all: bool,
     /// Only paths matching this glob (relative to the mount, e.g. `lib/**/*.so`).
     #[arg(long = "glob")]
     globs: Vec<String>,
@@ -169,7 +173,7 @@ fn changes(args: ChangesArgs) -> anyhow::Result<ExitCode> {
         prefixes: args.prefixes.iter().map(|p| target.relative(p)).collect(),
         globs: args.globs,
     };
-    let set = target.changes(query)?;
+    let set = target.diff(query)?;
     let mut out = std::io::stdout().lock();
     let format = if args.json {
         output::Format::Json
@@ -184,7 +188,12 @@ fn changes(args: ChangesArgs) -> anyhow::Result<ExitCode> {
             output::fresh_reason(reason)
         );
     }
-    output::write_changes(&mut out, &set, target.mount(), format)?;
+    let how = output::Listing {
+        format,
+        all: args.all,
+        color: std::io::IsTerminal::is_terminal(&std::io::stdout()),
+    };
+    output::write_changes(&mut out, &set, target.mount(), how)?;
     Ok(ExitCode::SUCCESS)
 }
 

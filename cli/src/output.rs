@@ -9,8 +9,9 @@ use serde_json::{Value, json};
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use store::{Change, ChangeSet, FreshReason, LogRecord, NetKind};
+use store::{FreshReason, LogRecord, NetKind};
 use tracker::Status;
+use tracker::diff::{DiffEntry, DiffSet, Node, NodeKind, Sign};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -19,31 +20,48 @@ pub enum Format {
     JsonLines,
 }
 
+/// How the listing is printed.
+#[derive(Clone, Copy)]
+pub struct Listing {
+    pub format: Format,
+    /// Also the paths equal in spfs's model that the changelog holds as changed.
+    pub all: bool,
+    /// Colours as `spfs diff` prints them on a terminal.
+    pub color: bool,
+}
+
 pub fn write_changes(
     out: &mut impl Write,
-    set: &ChangeSet,
+    set: &DiffSet,
     mount: &Path,
-    format: Format,
+    how: Listing,
 ) -> io::Result<()> {
-    match format {
+    match how.format {
         Format::Diff => {
-            for c in &set.changes {
-                writeln!(out, "{}", diff_line(c, mount))?;
+            for e in &set.entries {
+                if e.sign == Sign::Touched && !how.all {
+                    continue;
+                }
+                out.write_all(diff_line(e, mount, how.all, how.color).as_bytes())?;
+                out.write_all(b"\n")?;
             }
         }
         Format::Json => {
+            let (recorded, implied): (Vec<_>, Vec<_>) =
+                set.entries.iter().partition(|e| e.change.is_some());
             let doc = json!({
                 "token": set.token.to_string(),
                 "fresh": set.fresh.as_ref().map(fresh_reason),
                 "mount": mount.to_string_lossy(),
-                "changes": set.changes.iter().map(|c| change_json(c, mount)).collect::<Vec<_>>(),
+                "changes": recorded.iter().map(|e| entry_json(e, mount)).collect::<Vec<_>>(),
+                "implied": implied.iter().map(|e| entry_json(e, mount)).collect::<Vec<_>>(),
             });
             serde_json::to_writer_pretty(&mut *out, &doc)?;
             writeln!(out)?;
         }
         Format::JsonLines => {
-            for c in &set.changes {
-                serde_json::to_writer(&mut *out, &change_json(c, mount))?;
+            for e in &set.entries {
+                serde_json::to_writer(&mut *out, &entry_json(e, mount))?;
                 writeln!(out)?;
             }
             let trailer = json!({
@@ -57,19 +75,74 @@ pub fn write_changes(
     out.flush()
 }
 
-/// `+/spfs/a`, `-/spfs/a`, `~/spfs/a [content]`, as `spfs diff` prints.
-pub fn diff_line(c: &Change, mount: &Path) -> String {
-    let path = escape(&full_path(mount, &c.path));
-    match (c.kind, c.before) {
-        (Some(NetKind::Added), _) => format!("+{path}"),
-        (Some(NetKind::Removed), _) => format!("-{path}"),
-        (Some(NetKind::Modified), _) => format!("~{path} [content]"),
-        (Some(NetKind::Metadata), _) => format!("~{path} [metadata]"),
-        (Some(NetKind::Replaced), _) => format!("~{path} [replaced {}]", c.file_type.name()),
-        (None, Some(NetKind::Added)) => format!("-{path}"),
-        (None, Some(NetKind::Removed)) => format!("+{path} [restored]"),
-        (None, _) => format!("~{path} [reverted]"),
+/// One line as `spfs diff` prints it (crates/spfs/src/io.rs `format_diffs`): the sign,
+/// the path, the details; on a terminal the sign bold, the details dim and the line
+/// green (added), red (removed) or bright blue (changed). (spfs pads the sign to 8
+/// columns with `{:>8}`, which its `Display` ignores: no padding.)
+pub fn diff_line(e: &DiffEntry, mount: &Path, all: bool, color: bool) -> String {
+    let path = escape(&full_path(mount, &e.path));
+    let sign = e.sign.symbol().to_string();
+    let details = e.details(all);
+    if !color {
+        return format!("{sign}{path}{details}");
     }
+    let style = |code: &str, text: &str| format!("\x1b[{code}m{text}\x1b[0m");
+    let details = if details.is_empty() {
+        details
+    } else {
+        style("2", &details)
+    };
+    let line = format!("{}{path}{details}", style("1", &sign));
+    let code = match e.sign {
+        Sign::Added => "32",
+        Sign::Removed => "31",
+        Sign::Changed => "94",
+        Sign::Touched => "2",
+    };
+    style(code, &line)
+}
+
+fn mode_text(n: Option<Node>) -> Value {
+    n.map(|n| json!(format!("{:06o}", n.mode)))
+        .unwrap_or(Value::Null)
+}
+
+fn entry_json(e: &DiffEntry, mount: &Path) -> Value {
+    let full = full_path(mount, &e.path);
+    let c = e.change.as_ref();
+    let node_type = |n: Option<Node>| n.map(|n| n.kind);
+    let file_type = match c {
+        Some(c) => c.file_type.name(),
+        None => match node_type(e.after).or(node_type(e.before)) {
+            Some(NodeKind::Dir) => "dir",
+            Some(NodeKind::Symlink) => "symlink",
+            Some(NodeKind::Mask) => "whiteout",
+            _ => "file",
+        },
+    };
+    let mut v = json!({
+        "path": String::from_utf8_lossy(&full),
+        "kind": c.and_then(|c| c.kind).map(NetKind::name),
+        "before": c.and_then(|c| c.before).map(NetKind::name),
+        "type": file_type,
+        "pid": c.and_then(|c| c.origin.as_ref()).map(|o| o.pid),
+        "command": c.and_then(|c| c.origin.as_ref()).map(|o| String::from_utf8_lossy(&o.command).into_owned()),
+        "seq": c.map(|c| c.seq),
+        "diff": e.sign.name(),
+        "mode_before": mode_text(e.before),
+        "mode_after": mode_text(e.after),
+        "size_before": e.before.map(|n| n.size),
+        "size_after": e.after.map(|n| n.size),
+        "changed": e.fields.iter().map(|f| f.name()).collect::<Vec<_>>(),
+        "before_known": e.before_known,
+    });
+    if c.is_none() {
+        v["implied"] = json!(true);
+    }
+    if std::str::from_utf8(&full).is_err() {
+        v["path_bytes"] = json!(full);
+    }
+    v
 }
 
 /// A changelog path (relative to the upper dir) as seen under the mount.
@@ -101,23 +174,6 @@ pub fn escape(bytes: &[u8]) -> String {
         }
     }
     s
-}
-
-fn change_json(c: &Change, mount: &Path) -> Value {
-    let full = full_path(mount, &c.path);
-    let mut v = json!({
-        "path": String::from_utf8_lossy(&full),
-        "kind": c.kind.map(NetKind::name),
-        "before": c.before.map(NetKind::name),
-        "type": c.file_type.name(),
-        "pid": c.origin.as_ref().map(|o| o.pid),
-        "command": c.origin.as_ref().map(|o| String::from_utf8_lossy(&o.command).into_owned()),
-        "seq": c.seq,
-    });
-    if std::str::from_utf8(&full).is_err() {
-        v["path_bytes"] = json!(full);
-    }
-    v
 }
 
 /// One line per record: `seq time action type path pid command`.
@@ -230,7 +286,39 @@ pub fn write_status(out: &mut impl Write, s: &Status, as_json: bool) -> io::Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use store::FileType;
+    use store::{Change, FileType};
+
+    fn recorded(c: Change) -> DiffEntry {
+        DiffEntry {
+            path: c.path.clone(),
+            sign: Sign::Added,
+            before: None,
+            after: None,
+            before_known: true,
+            fields: Vec::new(),
+            change: Some(c),
+        }
+    }
+
+    #[test]
+    fn lines_are_printed_as_spfs_prints_them() {
+        let e = recorded(Change {
+            path: b"a/b".to_vec(),
+            kind: Some(NetKind::Added),
+            before: None,
+            file_type: FileType::File,
+            origin: None,
+            seq: 1,
+        });
+        assert_eq!(
+            diff_line(&e, Path::new("/spfs"), false, false),
+            "+/spfs/a/b"
+        );
+        assert_eq!(
+            diff_line(&e, Path::new("/spfs"), false, true),
+            "\x1b[32m\x1b[1m+\x1b[0m/spfs/a/b\x1b[0m"
+        );
+    }
 
     #[test]
     fn escape_keeps_one_path_per_line() {
@@ -252,15 +340,15 @@ mod tests {
             origin: None,
             seq: 3,
         };
-        let v = change_json(&c, Path::new("/spfs"));
+        let v = entry_json(&recorded(c.clone()), Path::new("/spfs"));
         let bytes: Vec<u8> = serde_json::from_value(v["path_bytes"].clone()).expect("byte array");
         assert_eq!(bytes, b"/spfs/x\xff\n");
         assert_eq!(v["kind"], "added");
-        let ok = change_json(
-            &Change {
+        let ok = entry_json(
+            &recorded(Change {
                 path: b"a\nb".to_vec(),
                 ..c
-            },
+            }),
             Path::new("/spfs"),
         );
         assert_eq!(ok["path"], "/spfs/a\nb");

@@ -84,14 +84,18 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .status()
         .with_context(|| format!("cannot run {}", program.to_string_lossy()))?;
 
-    let set = service.tracker().query(&store::Query::default());
+    let set = service.tracker().diff(&store::Query::default());
     // Stopped (the changelog flushed) whatever became of the listing.
     let listed = set.map_err(anyhow::Error::from).and_then(|set| {
         output::write_changes(
             &mut std::io::stdout().lock(),
             &set,
             &args.mount,
-            Format::Diff,
+            output::Listing {
+                format: Format::Diff,
+                all: false,
+                color: std::io::IsTerminal::is_terminal(&std::io::stdout()),
+            },
         )
         .map_err(anyhow::Error::from)
     });

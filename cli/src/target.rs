@@ -5,7 +5,7 @@ use crate::TargetArgs;
 use anyhow::{Context, bail};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
-use store::{ChangeSet, Query, Store, Token};
+use store::{Query, Store, Token};
 use tracker::Status;
 use tracker::control::{Client, Request, Response};
 
@@ -140,13 +140,15 @@ impl Target {
         bytes
     }
 
-    pub fn changes(&mut self, query: Query) -> anyhow::Result<ChangeSet> {
+    /// The changes compared as `spfs diff` compares them; from a kept changelog (no
+    /// layers to compare with), signs from the recorded kinds only.
+    pub fn diff(&mut self, query: Query) -> anyhow::Result<tracker::diff::DiffSet> {
         match self {
-            Target::Live { client, .. } => match client.call(&Request::Changes(query))? {
-                Response::Changes(set) => Ok(set),
+            Target::Live { client, .. } => match client.call(&Request::Diff(query))? {
+                Response::Diff(set) => Ok(*set),
                 other => bail!("unexpected answer from tracker: {other:?}"),
             },
-            Target::Kept { store, .. } => Ok(store.query(&query)?),
+            Target::Kept { store, .. } => Ok(tracker::diff::recorded_only(store.query(&query)?)),
         }
     }
 

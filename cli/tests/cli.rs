@@ -26,8 +26,8 @@ fn run_prints_changes_and_serves_changes_json_inside() {
     let printed = text(&out.stdout);
     assert_eq!(
         printed.lines().collect::<Vec<_>>(),
-        ["+/spfs/a", "+/spfs/d"],
-        "run printed {printed:?}"
+        ["+/spfs/d", "+/spfs/a"],
+        "run printed {printed:?} (spfs diff's order: dirs first)"
     );
 
     let inside: serde_json::Value =
@@ -48,8 +48,8 @@ fn run_prints_changes_and_serves_changes_json_inside() {
     assert_eq!(
         kinds,
         [
-            ("/spfs/a".into(), "added".into(), "file".into()),
-            ("/spfs/d".into(), "added".into(), "dir".into())
+            ("/spfs/d".into(), "added".into(), "dir".into()),
+            ("/spfs/a".into(), "added".into(), "file".into())
         ]
     );
     assert!(inside["fresh"].is_null());
@@ -61,8 +61,8 @@ fn run_prints_changes_and_serves_changes_json_inside() {
         .map(|l| serde_json::from_str(l).expect("JSON line"))
         .collect();
     assert_eq!(lines.len(), 3, "two changes and a trailer: {lines:?}");
-    assert_eq!(lines[0]["path"], "/spfs/a");
-    assert_eq!(lines[1]["path"], "/spfs/d");
+    assert_eq!(lines[0]["path"], "/spfs/d");
+    assert_eq!(lines[1]["path"], "/spfs/a");
     assert!(lines[2]["token"].as_str().is_some_and(|t| t.contains(':')));
 }
 
@@ -97,7 +97,7 @@ fn bare_spfs_changes_lists_the_changes() {
     );
     let read = |name: &str| std::fs::read_to_string(out.join(name)).expect(name);
     assert_eq!(read("bare"), read("sub"));
-    assert_eq!(read("bare"), "+/spfs/a\n+/spfs/lib\n+/spfs/lib/x\n");
+    assert_eq!(read("bare"), "+/spfs/lib\n+/spfs/lib/x\n+/spfs/a\n");
     assert_eq!(read("prefix"), "+/spfs/lib\n+/spfs/lib/x\n");
     let since: serde_json::Value = serde_json::from_str(&read("since.json")).expect("JSON");
     let paths: Vec<&str> = since["changes"]
@@ -161,6 +161,8 @@ fn marks_and_since_inside_a_run() {
         format!("+{m}/lib/new.so"),
         format!("+{m}/odd\\nname"),
         format!("-{m}/lib/old.so"),
+        // lib's entries changed: spfs diff lists the dir too.
+        format!("~{m}/lib"),
     ];
     want.sort();
     assert_eq!(got, want, "changes since the mark");

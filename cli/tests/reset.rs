@@ -335,7 +335,7 @@ fn run_cases(lower: &LowerSpec, changes: &str, before: Net, cases: &[Case]) {
     let m = s(&rt.mnt);
     assert!(
         printed.contains(&format!("+{m}/after.txt\n"))
-            && printed.contains(&format!("~{m}/keep.txt [content]\n")),
+            && printed.contains(&format!("~{m}/keep.txt [content, size {{5=>10}}]\n")),
         "run's final listing: {printed}"
     );
 

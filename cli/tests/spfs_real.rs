@@ -98,6 +98,29 @@ fn attach_inside_with_spfs_changes_track() {
     track_inside_then_write(&mut rt);
     // `spfs changes` alone (spfs runs `spfs-changes` with no arguments) lists them.
     assert_eq!(rt.run("spfs changes"), rt.run("spfs changes changes"));
+    // What spfs's model cannot see is printed with --all only: an owner and a time
+    // changed.
+    let l = rt.listings();
+    for touched in [
+        "~/spfs/keep/k3 [owner {0:0=>1:1}]",
+        "~/spfs/keep/k4 [mtime]",
+    ] {
+        assert!(
+            l.all.lines().any(|line| line == touched) && !l.ours.contains(touched),
+            "{touched} with --all only:\n--- spfs changes\n{}\n--- --all\n{}",
+            l.ours,
+            l.all
+        );
+    }
+    assert!(
+        l.ours.contains("~/spfs/keep/k2 [mode {100644=>100600}]\n")
+            && l.ours.contains("~/spfs/mod\n")
+            && l.ours.contains("+/spfs/mod/m9\n")
+            && l.ours
+                .contains("~/spfs/etc/b [mode {020000=>100644}, content, size {0=>6}]\n"),
+        "details as spfs diff gives them:\n{}",
+        l.ours
+    );
 }
 
 /// A query in a runtime no tracker watches starts one (a rescan of the upper dir),

@@ -18,6 +18,7 @@ mod token;
 pub use changelog::{DB_DIR_NAME, Store};
 pub use error::StoreError;
 pub use model::*;
+pub use query::Filter;
 pub use token::parse_since;
 
 #[cfg(test)]

@@ -10,15 +10,17 @@ use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 
-/// The path filter of a query.
-struct Filter {
+/// The path filter of a query: its prefixes and globs.
+pub struct Filter {
     /// Normalised (no leading or trailing `/`), and empty when everything matches.
     prefixes: Vec<Vec<u8>>,
     globs: Option<GlobSet>,
 }
 
 impl Filter {
-    fn new(prefixes: &[Vec<u8>], globs: &[String]) -> Result<Filter, StoreError> {
+    /// The filter of `prefixes` (component-wise, leading and trailing `/` ignored) and
+    /// `globs` (globset syntax). Errors: `StoreError::BadGlob`.
+    pub fn new(prefixes: &[Vec<u8>], globs: &[String]) -> Result<Filter, StoreError> {
         let mut norm: Vec<Vec<u8>> = prefixes.iter().map(|p| trim_slashes(p).to_vec()).collect();
         // The root prefix keeps everything.
         if norm.iter().any(Vec::is_empty) {
@@ -53,7 +55,8 @@ impl Filter {
         })
     }
 
-    fn matches(&self, path: &[u8]) -> bool {
+    /// Whether `path` (relative, no leading `/`) is kept.
+    pub fn matches(&self, path: &[u8]) -> bool {
         (self.prefixes.is_empty() || self.prefixes.iter().any(|p| under(path, p)))
             && self
                 .globs

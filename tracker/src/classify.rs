@@ -380,6 +380,48 @@ impl Classifier {
         }
     }
 
+    /// The entry the lower layers show at `rel`, whatever the upper dir holds.
+    pub fn lower_entry(&self, rel: &[u8]) -> io::Result<Option<Found>> {
+        if rel.is_empty() {
+            return Ok(None);
+        }
+        let (dir_rel, name) = parent_and_name(rel);
+        Ok(match self.lower(dir_rel, name)? {
+            Lower::Present(_, e) => Some(Found::of(e)),
+            Lower::Absent | Lower::Hidden => None,
+        })
+    }
+
+    /// The entry the overlay shows at `rel`: the upper one unless there is none (a
+    /// whiteout, or an opaque dir above, hides the lower one).
+    pub fn merged_entry(&self, rel: &[u8]) -> io::Result<Option<Found>> {
+        if rel.is_empty() {
+            return Ok(None);
+        }
+        let (dir_rel, name) = parent_and_name(rel);
+        if !dir_rel.is_empty()
+            && !self
+                .merged_entry(dir_rel)?
+                .is_some_and(|d| is_type(&d.stat, SFlag::S_IFDIR))
+        {
+            return Ok(None);
+        }
+        let upper = self.upper_dir(dir_rel)?;
+        if let Some(dir) = &upper {
+            if let Some(stat) = lstat_at(dir.fd.as_fd(), name)? {
+                return Ok((!is_whiteout(&stat)).then(|| Found {
+                    parent: dir.fd.clone(),
+                    name: name.to_owned(),
+                    stat,
+                }));
+            }
+            if dir.hidden {
+                return Ok(None);
+            }
+        }
+        self.lower_entry(rel)
+    }
+
     /// What the lower layers hold below dir `rel`, as overlayfs merges them: each path
     /// once, with the index of the top-most layer holding it and whether it is a dir.
     /// Used to name every original a removed or replaced dir took with it.
@@ -443,6 +485,77 @@ impl Classifier {
         }
         Ok(Lower::Absent)
     }
+}
+
+/// An entry of one layer (or the upper dir): its dir, its name and what `lstat` said.
+pub struct Found {
+    parent: Arc<File>,
+    name: std::ffi::OsString,
+    pub stat: FileStat,
+}
+
+impl Found {
+    fn of(e: Entry<'_>) -> Found {
+        Found {
+            parent: e.parent,
+            name: e.name.to_owned(),
+            stat: e.stat,
+        }
+    }
+
+    fn entry(&self) -> Entry<'_> {
+        Entry {
+            parent: self.parent.clone(),
+            name: &self.name,
+            stat: self.stat,
+        }
+    }
+
+    /// Whether the content of two entries differs as spfs's digests would: a file's
+    /// bytes, a symlink's target (a file and a symlink compare bytes with target).
+    pub fn content_differs(&self, other: &Found) -> io::Result<bool> {
+        let (a, b) = (self.content_source()?, other.content_source()?);
+        match (a, b) {
+            (Content::Bytes(x), Content::Bytes(y)) => Ok(x != y),
+            (Content::File, Content::File) => Ok(self.stat.st_size != other.stat.st_size
+                || !same_bytes(&self.entry(), &other.entry())?),
+            (Content::Bytes(x), Content::File) => Ok(!file_is(&other.entry(), &x)?),
+            (Content::File, Content::Bytes(y)) => Ok(!file_is(&self.entry(), &y)?),
+        }
+    }
+
+    fn content_source(&self) -> io::Result<Content> {
+        if is_type(&self.stat, SFlag::S_IFLNK) {
+            let target = readlinkat(self.parent.as_fd(), self.name.as_os_str())?;
+            Ok(Content::Bytes(target.as_bytes().to_vec()))
+        } else if is_type(&self.stat, SFlag::S_IFREG) {
+            Ok(Content::File)
+        } else {
+            // Devices: their number is all they hold.
+            Ok(Content::Bytes(self.stat.st_rdev.to_le_bytes().to_vec()))
+        }
+    }
+
+    /// Whether the user xattrs (overlayfs' own left out) of two entries differ.
+    pub fn xattrs_differ(&self, other: &Found) -> io::Result<bool> {
+        xattrs_differ(&self.entry(), &other.entry())
+    }
+}
+
+enum Content {
+    Bytes(Vec<u8>),
+    File,
+}
+
+/// Whether file `e` holds exactly `bytes`.
+fn file_is(e: &Entry<'_>, bytes: &[u8]) -> io::Result<bool> {
+    if e.stat.st_size as u64 != bytes.len() as u64 {
+        return Ok(false);
+    }
+    let mut f = open_file(e)?;
+    let mut buf = vec![0u8; bytes.len() + 1];
+    let n = read_full(&mut f, &mut buf)?;
+    Ok(buf[..n] == *bytes)
 }
 
 /// Opens each layer dir.

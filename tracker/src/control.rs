@@ -49,6 +49,9 @@ pub enum Request {
     ResetBegin(u32),
     ResetEnd(u32),
     Validate(Option<store::Since>, crate::validate::Rules),
+    /// The changes compared as `spfs diff` compares them (last: older clients keep
+    /// their variant numbers).
+    Diff(Query),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,6 +66,7 @@ pub enum Response {
     Done,
     Stopping,
     Error(String),
+    Diff(Box<crate::diff::DiffSet>),
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -297,6 +301,7 @@ async fn serve_requests(
 fn answer(tracker: &Tracker, req: Request) -> Response {
     let result = match req {
         Request::Changes(q) => tracker.query(&q).map(Response::Changes),
+        Request::Diff(q) => tracker.diff(&q).map(|d| Response::Diff(Box::new(d))),
         Request::History(path) => tracker
             .sync()
             .and_then(|_| Ok(tracker.store().history(&path)?))

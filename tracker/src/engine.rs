@@ -335,6 +335,26 @@ impl Tracker {
         Ok(self.shared.store.mark(name)?)
     }
 
+    /// What `spfs diff` would print for the changes `q` selects (see `diff`): each
+    /// changed path compared as spfs compares it, with the dirs above and the entries
+    /// below a removed dir, in spfs's order.
+    pub fn diff(&self, q: &Query) -> Result<crate::diff::DiffSet, TrackerError> {
+        let filter = store::Filter::new(&q.prefixes, &q.globs)?;
+        let set = self.query(q)?;
+        let since = q.since.is_some() && set.fresh.is_none();
+        let layers = self.layers()?;
+        let masks = self.masks();
+        let sides = crate::diff::Live::new(&layers, &masks);
+        let scope = crate::diff::Scope {
+            since,
+            keep: &|p| filter.matches(p),
+        };
+        crate::diff::diff(set, &sides, &scope).map_err(TrackerError::io(
+            "cannot compare with the lower layers the changes of",
+            &self.config.layout.upper,
+        ))
+    }
+
     /// Evaluates spk's validation rules over what changed since `since`.
     pub fn validate(
         &self,

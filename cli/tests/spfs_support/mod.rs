@@ -625,13 +625,63 @@ impl SpfsRuntime {
         );
     }
 
+    /// `spfs changes`, `spfs diff` and `spfs changes --all` inside, one after the
+    /// other with nothing between them: their stdouts.
+    pub fn listings(&mut self) -> Listings {
+        let out = self.run(
+            "spfs changes; echo '@@ spfs diff'; spfs diff 2>/dev/null; echo '@@ --all'; spfs changes --all",
+        );
+        let (ours, rest) = out
+            .split_once("@@ spfs diff\n")
+            .unwrap_or_else(|| panic!("the three listings, got:\n{out}"));
+        let (spfs, all) = rest
+            .split_once("@@ --all\n")
+            .unwrap_or_else(|| panic!("the three listings, got:\n{out}"));
+        Listings {
+            ours: ours.to_string(),
+            spfs: spfs.to_string(),
+            all: all.to_string(),
+        }
+    }
+
+    /// Asserts `spfs changes` prints exactly what `spfs diff` prints, byte for byte,
+    /// and that `--all` prints the same lines in the same order with only touched
+    /// paths between them.
+    pub fn assert_prints_as_spfs_diff(&mut self, context: &str) {
+        let l = self.listings();
+        assert!(
+            l.ours == l.spfs,
+            "{context}: `spfs changes` differs from `spfs diff`\n{}\n--- masks {:?}\n--- upper dir\n{}",
+            line_diff(&l.spfs, &l.ours),
+            self.masks,
+            self.describe_upper()
+        );
+        let extra = touched_lines(&l.ours, &l.all)
+            .unwrap_or_else(|why| panic!("{context}: `spfs changes --all`: {why}\n{}", l.all));
+        for line in extra {
+            let details = line.split_once(" [").map(|(_, d)| d).unwrap_or("");
+            assert!(
+                line.trim_start().starts_with('~')
+                    && details
+                        .trim_end_matches(']')
+                        .split(", ")
+                        .all(|d| d == "touched"
+                            || d == "mtime"
+                            || d == "xattrs"
+                            || d.starts_with("owner {")),
+                "{context}: `--all` added a line that is not a touched path: {line}"
+            );
+        }
+    }
+
     /// Both checks on a fresh `spfs changes changes --json` and `spfs diff` from
-    /// inside; returns the answer.
+    /// inside, and the text listings byte for byte; returns the JSON answer.
     pub fn assert_consistent(&mut self, context: &str) -> serde_json::Value {
         let doc = self.changes();
         self.assert_net_is_truth(&doc, context);
         let diff = self.spfs_diff();
         self.assert_matches_spfs_diff(&doc, &diff, context);
+        self.assert_prints_as_spfs_diff(context);
         // Shown with --nocapture or when the test fails.
         eprintln!(
             "{context}: {} changes, {} spfs diff lines agree",
@@ -686,6 +736,53 @@ impl SpfsRuntime {
 impl Drop for SpfsRuntime {
     fn drop(&mut self) {
         self.end();
+    }
+}
+
+/// The stdouts of `spfs changes`, `spfs diff` and `spfs changes --all`.
+pub struct Listings {
+    pub ours: String,
+    pub spfs: String,
+    pub all: String,
+}
+
+/// The lines of `b` and `a` that differ, each marked (`-` only in `a`, `+` only in
+/// `b`), with their line numbers.
+fn line_diff(a: &str, b: &str) -> String {
+    let (la, lb): (Vec<&str>, Vec<&str>) = (a.lines().collect(), b.lines().collect());
+    let mut out = String::new();
+    for i in 0..la.len().max(lb.len()) {
+        let (x, y) = (la.get(i), lb.get(i));
+        if x != y {
+            out.push_str(&format!(
+                "line {}: spfs diff {:?}\n        spfs changes {:?}\n",
+                i + 1,
+                x,
+                y
+            ));
+        }
+    }
+    if out.is_empty() && a != b {
+        out.push_str("(the same lines; the bytes differ at the end)");
+    }
+    out
+}
+
+/// The lines `all` holds beyond `base`, when `base`'s lines are all in it in the same
+/// order.
+fn touched_lines<'a>(base: &str, all: &'a str) -> Result<Vec<&'a str>, String> {
+    let mut wanted = base.lines().peekable();
+    let mut extra = Vec::new();
+    for line in all.lines() {
+        if wanted.peek() == Some(&line) {
+            wanted.next();
+        } else {
+            extra.push(line);
+        }
+    }
+    match wanted.next() {
+        None => Ok(extra),
+        Some(missing) => Err(format!("lacks, or misplaces, {missing:?}")),
     }
 }
 

@@ -1,0 +1,592 @@
+//! What `spfs diff` would print for a runtime, from the changelog and the layers.
+//!
+//! spfs compares two manifests (crates/spfs/src/tracking/diff.rs): the stack's merged
+//! manifest (lower layers plus masks) and a walk of `/spfs`. An entry is its kind (dir,
+//! blob, mask), mode, size and content digest (file bytes, symlink target), and two dir
+//! entries are equal only when their modes and every entry below them are: so every
+//! dir above a change is itself `~`, everything below a removed dir is `-`, and an
+//! owner, a time or bytes rewritten unchanged are no change at all.
+//!
+//! The changelog nominates the paths (a path spfs could see as changed is always a
+//! recorded change, below one, a mask, or a dir above one); this module asks the
+//! filesystem what each side holds there and decides as spfs does. It is pure: the
+//! filesystem is behind [`Sides`], so the rules are tested without root (`cases.txt`).
+
+#[cfg(test)]
+mod cases;
+
+use crate::classify::{Classifier, Found, file_type};
+use crate::masks::Masks;
+use nix::sys::stat::FileStat;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io;
+use store::{Change, ChangeSet, FileType, FreshReason, NetKind, Token};
+
+/// The kind of a manifest entry, as spfs's `EntryKind` (a symlink is a blob whose
+/// content is its target).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeKind {
+    Dir,
+    File,
+    Symlink,
+    /// A path the environment's layers delete (spfs `EntryKind::Mask`).
+    Mask,
+    /// A fifo, socket or device: spfs cannot hold these (its walk fails on them).
+    Special,
+}
+
+/// One side of a path: what spfs's manifest would hold, plus what its model leaves out
+/// (owner, mtime) so `--all` and JSON can say what else changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    pub kind: NodeKind,
+    /// `st_mode` with the type bits (`0o100644`, `0o40755`); for a mask, the mode of
+    /// the whiteout spfs committed it from (`0o20000`).
+    pub mode: u32,
+    /// Bytes of a file, length of a symlink's target; 0 for dirs and masks (spfs's
+    /// `Entry::size`).
+    pub size: u64,
+    pub uid: u32,
+    pub gid: u32,
+    /// Modification time, nanoseconds since the Unix epoch.
+    pub mtime_ns: i128,
+}
+
+impl Node {
+    /// spfs's mask entry. spfs commits a mask from an overlayfs whiteout and keeps its
+    /// `lstat` mode (crates/spfs/src/tracking/manifest.rs `compute_node`): a char device
+    /// with no permissions.
+    pub const MASK: Node = Node {
+        kind: NodeKind::Mask,
+        mode: 0o20000,
+        size: 0,
+        uid: 0,
+        gid: 0,
+        mtime_ns: 0,
+    };
+
+    fn is_dir(&self) -> bool {
+        self.kind == NodeKind::Dir
+    }
+
+    /// Whether spfs gives this entry a content digest (dirs and masks have the null one).
+    fn has_content(&self) -> bool {
+        !matches!(self.kind, NodeKind::Dir | NodeKind::Mask)
+    }
+}
+
+/// How a path differs, as spfs's `DiffMode` (`Touched`: equal in spfs's model, but the
+/// changelog recorded a change there: owner, mtime, xattrs or bytes rewritten).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Sign {
+    Added,
+    Removed,
+    Changed,
+    Touched,
+}
+
+impl Sign {
+    /// `+`, `-`, `~` as spfs prints them; `~` for touched too.
+    pub fn symbol(self) -> char {
+        match self {
+            Sign::Added => '+',
+            Sign::Removed => '-',
+            Sign::Changed | Sign::Touched => '~',
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Sign::Added => "added",
+            Sign::Removed => "removed",
+            Sign::Changed => "changed",
+            Sign::Touched => "touched",
+        }
+    }
+}
+
+/// One aspect in which the two sides of a path differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Field {
+    /// In spfs's model: `st_mode` (type bits included).
+    Mode,
+    /// In spfs's model: the content digest (file bytes, symlink target).
+    Content,
+    /// In spfs's model: the size.
+    Size,
+    /// In spfs's model: a dir's entries (something below it differs).
+    Entries,
+    /// Outside spfs's model.
+    Owner,
+    /// Outside spfs's model.
+    Mtime,
+    /// Outside spfs's model: user xattrs.
+    Xattrs,
+}
+
+impl Field {
+    pub fn name(self) -> &'static str {
+        match self {
+            Field::Mode => "mode",
+            Field::Content => "content",
+            Field::Size => "size",
+            Field::Entries => "entries",
+            Field::Owner => "owner",
+            Field::Mtime => "mtime",
+            Field::Xattrs => "xattrs",
+        }
+    }
+}
+
+/// One line of the answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiffEntry {
+    /// Relative to the mount, no leading slash.
+    pub path: Vec<u8>,
+    pub sign: Sign,
+    /// The side compared against: the lower layers (with masks), or, for a path that
+    /// was already a change at a `--since` point, `None` and `before_known` false.
+    pub before: Option<Node>,
+    pub after: Option<Node>,
+    /// False when the state at the `since` point is not known (the path had already
+    /// changed then): the sign comes from the recorded kinds and no details are given.
+    pub before_known: bool,
+    /// What differs, in this order; empty for a touched path that differs in nothing
+    /// (bytes rewritten unchanged, a chmod and back).
+    pub fields: Vec<Field>,
+    /// The recorded change of this path, when it is one (dirs above a change and
+    /// entries below a removed dir are not).
+    pub change: Option<Change>,
+}
+
+impl DiffEntry {
+    /// The details `spfs diff` prints for it (`[mode {100644=>100600}, content, size
+    /// {2=>4}]`, crates/spfs/src/io.rs `format_diffs`), or, with `all`, what else
+    /// changed for a touched path (`[owner {0:0=>1000:1000}, mtime]`, `[touched]`).
+    pub fn details(&self, all: bool) -> String {
+        let (Some(a), Some(b)) = (self.before, self.after) else {
+            return String::new();
+        };
+        let mut abouts = Vec::new();
+        for f in &self.fields {
+            match f {
+                Field::Mode => abouts.push(format!("mode {{{:06o}=>{:06o}}}", a.mode, b.mode)),
+                Field::Content => abouts.push("content".to_string()),
+                Field::Size => abouts.push(format!("size {{{}=>{}}}", a.size, b.size)),
+                Field::Owner if all && self.sign == Sign::Touched => abouts.push(format!(
+                    "owner {{{}:{}=>{}:{}}}",
+                    a.uid, a.gid, b.uid, b.gid
+                )),
+                Field::Mtime | Field::Xattrs if all && self.sign == Sign::Touched => {
+                    abouts.push(f.name().to_string())
+                }
+                _ => {}
+            }
+        }
+        if self.sign == Sign::Touched && all && abouts.is_empty() {
+            abouts.push("touched".to_string());
+        }
+        if abouts.is_empty() {
+            String::new()
+        } else {
+            format!(" [{}]", abouts.join(", "))
+        }
+    }
+}
+
+/// An answer: the lines in spfs's order, touched paths included (printers leave them
+/// out unless asked).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiffSet {
+    pub token: Token,
+    pub fresh: Option<FreshReason>,
+    pub entries: Vec<DiffEntry>,
+}
+
+/// What the two sides hold at one path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pair {
+    pub before: Option<Node>,
+    pub after: Option<Node>,
+    /// Both have content and it differs (bytes, link target). Only meaningful then.
+    pub content_differs: bool,
+}
+
+/// The filesystem as the diff sees it.
+pub trait Sides {
+    /// The path in the stack's merged manifest (`before`: lower layers and masks) and
+    /// in the runtime's merged view (`after`).
+    fn pair(&self, rel: &[u8]) -> io::Result<Pair>;
+    /// Whether the user xattrs of the two sides differ (asked only of paths equal in
+    /// spfs's model).
+    fn xattrs_differ(&self, rel: &[u8]) -> io::Result<bool>;
+    /// Every path below dir `rel` on the before side, in any order.
+    fn before_below(&self, rel: &[u8]) -> io::Result<Vec<Vec<u8>>>;
+    /// Masks at and below `rel` (all of them when empty).
+    fn masks(&self) -> Vec<Vec<u8>>;
+}
+
+/// How a query's answer is to be diffed.
+pub struct Scope<'a> {
+    /// Whether the answer is since a point (then paths already changed there have an
+    /// unknown before side).
+    pub since: bool,
+    /// Keeps the paths a query's prefixes and globs keep.
+    pub keep: &'a dyn Fn(&[u8]) -> bool,
+}
+
+/// The diff of the changed paths in `set`, in spfs's order.
+pub fn diff(set: ChangeSet, sides: &dyn Sides, scope: &Scope<'_>) -> io::Result<DiffSet> {
+    let mut entries: BTreeMap<Vec<u8>, DiffEntry> = BTreeMap::new();
+    let mut derived: Vec<Vec<u8>> = Vec::new();
+    for change in set.changes {
+        let path = change.path.clone();
+        let known = !scope.since || change.before.is_none();
+        if !known {
+            entries.insert(path, unknown_before(sides, change)?);
+            continue;
+        }
+        let pair = sides.pair(&path)?;
+        let removes_below = matches!(change.kind, Some(NetKind::Removed | NetKind::Replaced))
+            && pair.before.is_some_and(|b| b.is_dir());
+        if removes_below {
+            derived.extend(sides.before_below(&path)?);
+        }
+        if let Some(e) = compare(sides, &path, pair, Some(change))? {
+            entries.insert(path, e);
+        }
+    }
+    if !scope.since {
+        derived.extend(sides.masks());
+    }
+    for path in derived {
+        if entries.contains_key(&path) || !(scope.keep)(&path) {
+            continue;
+        }
+        let pair = sides.pair(&path)?;
+        if let Some(e) = compare(sides, &path, pair, None)?
+            && e.sign != Sign::Touched
+        {
+            entries.insert(path, e);
+        }
+    }
+    add_parents(sides, &mut entries, scope)?;
+    let mut entries: Vec<DiffEntry> = entries.into_values().collect();
+    entries.sort_by_cached_key(|e| order_key(&e.path, is_tree(e)));
+    Ok(DiffSet {
+        token: set.token,
+        fresh: set.fresh,
+        entries,
+    })
+}
+
+/// Every dir above a path that differs in spfs's model has different entries, so spfs
+/// prints it as changed.
+fn add_parents(
+    sides: &dyn Sides,
+    entries: &mut BTreeMap<Vec<u8>, DiffEntry>,
+    scope: &Scope<'_>,
+) -> io::Result<()> {
+    let mut parents: Vec<Vec<u8>> = Vec::new();
+    for e in entries.values().filter(|e| e.sign != Sign::Touched) {
+        let mut p = e.path.as_slice();
+        while let Some(i) = p.iter().rposition(|&b| b == b'/') {
+            p = &p[..i];
+            parents.push(p.to_vec());
+        }
+    }
+    parents.sort();
+    parents.dedup();
+    for p in parents {
+        if let Some(e) = entries.get_mut(&p) {
+            if e.sign == Sign::Touched && e.before_known {
+                e.sign = Sign::Changed;
+                e.fields.retain(|f| in_spfs_model(*f));
+                e.fields.push(Field::Entries);
+                e.fields.sort();
+            }
+            continue;
+        }
+        if !(scope.keep)(&p) {
+            continue;
+        }
+        let pair = sides.pair(&p)?;
+        if let (Some(a), Some(b)) = (pair.before, pair.after)
+            && a.is_dir()
+            && b.is_dir()
+        {
+            let mut fields = Vec::new();
+            if a.mode != b.mode {
+                fields.push(Field::Mode);
+            }
+            fields.push(Field::Entries);
+            entries.insert(
+                p.clone(),
+                DiffEntry {
+                    path: p,
+                    sign: Sign::Changed,
+                    before: Some(a),
+                    after: Some(b),
+                    before_known: true,
+                    fields,
+                    change: None,
+                },
+            );
+        }
+    }
+    Ok(())
+}
+
+fn in_spfs_model(f: Field) -> bool {
+    matches!(
+        f,
+        Field::Mode | Field::Content | Field::Size | Field::Entries
+    )
+}
+
+/// spfs's comparison of one path (crates/spfs/src/tracking/diff.rs `diff_path` and
+/// `Entry`'s equality), with what its model leaves out for recorded changes. `None`:
+/// no difference at all, and nothing recorded.
+fn compare(
+    sides: &dyn Sides,
+    path: &[u8],
+    pair: Pair,
+    change: Option<Change>,
+) -> io::Result<Option<DiffEntry>> {
+    let entry = |sign, fields, change| DiffEntry {
+        path: path.to_vec(),
+        sign,
+        before: pair.before,
+        after: pair.after,
+        before_known: true,
+        fields,
+        change,
+    };
+    let (a, b) = match (pair.before, pair.after) {
+        (None, None) => return Ok(change.map(|c| entry(Sign::Touched, Vec::new(), Some(c)))),
+        // The after side is a walk of the mount: it never holds a mask.
+        (Some(_), None) => return Ok(Some(entry(Sign::Removed, Vec::new(), change))),
+        (None, Some(_)) => return Ok(Some(entry(Sign::Added, Vec::new(), change))),
+        (Some(a), Some(b)) => (a, b),
+    };
+    let mut fields = Vec::new();
+    if a.mode != b.mode {
+        fields.push(Field::Mode);
+    }
+    let content = match (a.has_content(), b.has_content()) {
+        (true, true) => pair.content_differs,
+        // A null digest against a real one.
+        (true, false) | (false, true) => true,
+        (false, false) => false,
+    };
+    if content {
+        fields.push(Field::Content);
+    }
+    if a.size != b.size {
+        fields.push(Field::Size);
+    }
+    if !fields.is_empty() {
+        return Ok(Some(entry(Sign::Changed, fields, change)));
+    }
+    // Equal in spfs's model; what else differs is worth a line only with a record.
+    let Some(change) = change else {
+        return Ok(None);
+    };
+    if a.uid != b.uid || a.gid != b.gid {
+        fields.push(Field::Owner);
+    }
+    if a.mtime_ns != b.mtime_ns {
+        fields.push(Field::Mtime);
+    }
+    if a.kind != NodeKind::Mask && sides.xattrs_differ(path)? {
+        fields.push(Field::Xattrs);
+    }
+    Ok(Some(entry(Sign::Touched, fields, Some(change))))
+}
+
+/// A path that had already changed at the `since` point: its state then is not kept,
+/// so the sign comes from the recorded kinds (then and now) and no details are given.
+fn unknown_before(sides: &dyn Sides, change: Change) -> io::Result<DiffEntry> {
+    let after = sides.pair(&change.path)?.after;
+    let sign = sign_of_kinds(change.before, change.kind);
+    Ok(DiffEntry {
+        path: change.path.clone(),
+        sign,
+        before: None,
+        after,
+        before_known: false,
+        fields: Vec::new(),
+        change: Some(change),
+    })
+}
+
+/// The sign a change has from its recorded kinds alone: at the `since` point (`None`:
+/// equal to the lower layers) and now.
+fn sign_of_kinds(before: Option<NetKind>, now: Option<NetKind>) -> Sign {
+    match (before, now) {
+        (_, Some(NetKind::Added)) if before != Some(NetKind::Added) => Sign::Added,
+        (Some(NetKind::Added), None) => Sign::Removed,
+        (Some(NetKind::Removed), None) => Sign::Added,
+        (Some(NetKind::Removed), Some(k)) if k != NetKind::Removed => Sign::Added,
+        (b, Some(NetKind::Removed)) if b != Some(NetKind::Removed) => Sign::Removed,
+        _ => Sign::Changed,
+    }
+}
+
+fn is_tree(e: &DiffEntry) -> bool {
+    e.before.is_some_and(|n| n.is_dir()) || e.after.is_some_and(|n| n.is_dir())
+}
+
+/// spfs's order of manifest nodes (crates/spfs/src/tracking/manifest.rs, `Ord for
+/// ManifestNode`): component by component, dirs before everything else, then names
+/// byte-wise; a dir before what it holds. A path seen as a dir on either side sorts
+/// as a dir (spfs keeps the first of its two nodes, and the dir's sorts first).
+pub fn order_key(path: &[u8], is_tree: bool) -> Vec<(u8, Vec<u8>)> {
+    let parts: Vec<&[u8]> = path.split(|&b| b == b'/').collect();
+    let last = parts.len() - 1;
+    parts
+        .into_iter()
+        .enumerate()
+        .map(|(i, name)| (u8::from(i == last && !is_tree), name.to_vec()))
+        .collect()
+}
+
+/// The answer when no layers can be read (the runtime has ended): each recorded change
+/// with its sign from the recorded kinds and no details.
+pub fn recorded_only(set: ChangeSet) -> DiffSet {
+    let entries = set
+        .changes
+        .into_iter()
+        .map(|change| DiffEntry {
+            path: change.path.clone(),
+            sign: sign_of_kinds(change.before, change.kind),
+            before: None,
+            after: None,
+            before_known: false,
+            fields: Vec::new(),
+            change: Some(change),
+        })
+        .collect();
+    let mut set = DiffSet {
+        token: set.token,
+        fresh: set.fresh,
+        entries,
+    };
+    set.entries.sort_by_cached_key(|e| {
+        let dir = e
+            .change
+            .as_ref()
+            .is_some_and(|c| c.file_type == store::FileType::Dir);
+        order_key(&e.path, dir)
+    });
+    set
+}
+
+/// The layers and masks of a live runtime as the two sides of the diff.
+pub struct Live<'a> {
+    layers: &'a Classifier,
+    masks: &'a Masks,
+}
+
+impl<'a> Live<'a> {
+    pub fn new(layers: &'a Classifier, masks: &'a Masks) -> Self {
+        Live { layers, masks }
+    }
+
+    fn before(&self, rel: &[u8]) -> io::Result<Option<Found>> {
+        if self.masks.hides(rel) {
+            return Ok(None);
+        }
+        self.layers.lower_entry(rel)
+    }
+
+    /// Whether a dir above `rel` is masked (a mask itself is an entry; below it, none).
+    fn below_mask(&self, rel: &[u8]) -> bool {
+        match rel.iter().rposition(|&b| b == b'/') {
+            Some(i) => self.masks.hides(&rel[..i]),
+            None => false,
+        }
+    }
+}
+
+impl Sides for Live<'_> {
+    fn pair(&self, rel: &[u8]) -> io::Result<Pair> {
+        let after = self.layers.merged_entry(rel)?;
+        let (before, found) = if self.below_mask(rel) {
+            (None, None)
+        } else if self.masks.contains(rel) {
+            (Some(Node::MASK), None)
+        } else {
+            let found = self.before(rel)?;
+            (found.as_ref().map(|f| node_of(&f.stat)), found)
+        };
+        let content_differs = match (&found, &after) {
+            (Some(a), Some(b))
+                if node_of(&a.stat).has_content() && node_of(&b.stat).has_content() =>
+            {
+                a.content_differs(b)?
+            }
+            _ => false,
+        };
+        Ok(Pair {
+            before,
+            after: after.as_ref().map(|f| node_of(&f.stat)),
+            content_differs,
+        })
+    }
+
+    fn xattrs_differ(&self, rel: &[u8]) -> io::Result<bool> {
+        match (self.before(rel)?, self.layers.merged_entry(rel)?) {
+            (Some(a), Some(b)) => a.xattrs_differ(&b),
+            _ => Ok(false),
+        }
+    }
+
+    fn before_below(&self, rel: &[u8]) -> io::Result<Vec<Vec<u8>>> {
+        let mut out: Vec<Vec<u8>> = self
+            .layers
+            .lower_tree(rel)?
+            .into_iter()
+            .map(|(p, _, _)| p)
+            .filter(|p| !self.below_mask(p))
+            .collect();
+        out.extend(
+            self.masks
+                .under(rel)
+                .filter(|m| m.as_slice() != rel && !self.below_mask(m))
+                .cloned(),
+        );
+        Ok(out)
+    }
+
+    fn masks(&self) -> Vec<Vec<u8>> {
+        self.masks
+            .iter()
+            .filter(|m| !self.below_mask(m))
+            .cloned()
+            .collect()
+    }
+}
+
+/// spfs's view of one `lstat`.
+pub fn node_of(s: &FileStat) -> Node {
+    let kind = match file_type(s) {
+        FileType::Dir => NodeKind::Dir,
+        FileType::File => NodeKind::File,
+        FileType::Symlink => NodeKind::Symlink,
+        _ => NodeKind::Special,
+    };
+    Node {
+        kind,
+        mode: s.st_mode,
+        size: if kind == NodeKind::Dir {
+            0
+        } else {
+            s.st_size as u64
+        },
+        uid: s.st_uid,
+        gid: s.st_gid,
+        mtime_ns: i128::from(s.st_mtime) * 1_000_000_000 + i128::from(s.st_mtime_nsec),
+    }
+}
