@@ -48,6 +48,15 @@ enum Command {
     Status(StatusArgs),
     /// Ask a running tracker to stop.
     Stop(TargetArgs),
+    /// The runtimes with a changelog on this host: name, pid, mount, tracker, changed
+    /// paths, state dir.
+    List(ListArgs),
+}
+
+#[derive(Args)]
+struct ListArgs {
+    #[arg(long)]
+    json: bool,
 }
 
 /// Which changelog to talk to.
@@ -60,6 +69,12 @@ pub struct TargetArgs {
     /// latest `run`].
     #[arg(long, global = true)]
     state: Option<PathBuf>,
+    /// The spfs runtime of this name (`spfs runtime list`), from anywhere on the host.
+    #[arg(long = "runtime", global = true, value_name = "NAME")]
+    runtime_name: Option<String>,
+    /// The runtime process PID is in, from anywhere on the host.
+    #[arg(long, global = true, value_name = "PID")]
+    pid: Option<u32>,
 }
 
 #[derive(Args)]
@@ -133,6 +148,7 @@ fn main() -> ExitCode {
             Command::Validate(args) => return validate::validate(args),
             Command::Status(args) => status(args),
             Command::Stop(target) => stop(target),
+            Command::List(args) => list(args),
         },
     };
     match result {
@@ -216,6 +232,16 @@ fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let status = target::open(&args.target, true)?.status()?;
     let mut out = std::io::stdout().lock();
     output::write_status(&mut out, &status, args.json)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
+    use tracker::service::{RUNS_DIR, RUNTIMES_DIR};
+    let listed = tracker::service::list(&[
+        std::path::Path::new(RUNTIMES_DIR),
+        std::path::Path::new(RUNS_DIR),
+    ]);
+    output::write_list(&mut std::io::stdout().lock(), &listed, args.json)?;
     Ok(ExitCode::SUCCESS)
 }
 

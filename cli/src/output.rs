@@ -12,6 +12,7 @@ use std::path::Path;
 use store::{FreshReason, LogRecord, NetKind};
 use tracker::Status;
 use tracker::diff::{DiffEntry, DiffSet, Node, NodeKind, Sign};
+use tracker::service::Listed;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -216,6 +217,53 @@ pub fn write_history(
                 escape(&path)
             )?;
         }
+    }
+    out.flush()
+}
+
+/// `list`: a line per state dir (name, runtime pid, mount, tracker pid, changed
+/// paths, state dir), or JSON.
+pub fn write_list(out: &mut impl Write, listed: &[Listed], as_json: bool) -> io::Result<()> {
+    if as_json {
+        let doc: Vec<Value> = listed
+            .iter()
+            .map(|l| {
+                let r = l.record.as_ref();
+                json!({
+                    "name": r.and_then(|r| r.name.clone()),
+                    "pid": r.map(|r| r.pid),
+                    "mount": r.map(|r| r.mount_point.to_string_lossy().into_owned()),
+                    "mount_ns": r.map(|r| r.mount_ns),
+                    "owner_uid": r.map(|r| r.owner_uid),
+                    "tracker_pid": l.tracker.as_ref().and_then(|p| p.parse::<u32>().ok()),
+                    "live": l.tracker.is_some(),
+                    "changed": l.changed,
+                    "state": l.state.to_string_lossy(),
+                })
+            })
+            .collect();
+        serde_json::to_writer_pretty(&mut *out, &doc)?;
+        writeln!(out)?;
+        return out.flush();
+    }
+    writeln!(
+        out,
+        "{:<36} {:>8} {:<10} {:>8} {:>8}  STATE",
+        "NAME", "PID", "MOUNT", "TRACKER", "CHANGED"
+    )?;
+    for l in listed {
+        let r = l.record.as_ref();
+        let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+        writeln!(
+            out,
+            "{:<36} {:>8} {:<10} {:>8} {:>8}  {}",
+            or_dash(r.and_then(|r| r.name.clone())),
+            or_dash(r.map(|r| r.pid.to_string())),
+            or_dash(r.map(|r| r.mount_point.display().to_string())),
+            l.tracker.clone().unwrap_or_else(|| "ended".into()),
+            or_dash(l.changed.map(|c| c.to_string())),
+            l.state.display()
+        )?;
     }
     out.flush()
 }

@@ -9,10 +9,8 @@ use store::{Query, Store, Token};
 use tracker::Status;
 use tracker::control::{Client, Request, Response};
 
-/// Where `run` keeps each runtime's changelog, and `latest` links the newest.
-pub const RUNS_DIR: &str = "/var/lib/spfs-changes/runs";
-pub use tracker::service::RUNTIMES_DIR;
-pub use tracker::service::SOCKET_NAME;
+pub use tracker::service::{RUNS_DIR, SOCKET_NAME};
+use tracker::service::{Tracking, Which};
 
 pub enum Target {
     Live {
@@ -37,14 +35,21 @@ pub fn open(args: &TargetArgs, auto_start: bool) -> anyhow::Result<Target> {
     if let Some(socket) = socket {
         return live(&socket);
     }
+    let which = match (&args.runtime_name, args.pid) {
+        (Some(_), Some(_)) => bail!("--runtime and --pid name a runtime each: give one"),
+        (Some(name), None) => Some(Which::Named(name.clone())),
+        (None, Some(pid)) => Some(Which::Pid(pid)),
+        (None, None) => None,
+    };
     let state = match args
         .state
         .clone()
         .or_else(|| std::env::var_os("SPFS_CHANGES_STATE").map(PathBuf::from))
     {
         Some(s) => s,
-        None => match in_runtime(auto_start)? {
+        None => match located(which.as_ref().unwrap_or(&Which::Current), auto_start)? {
             Some(dir) => dir,
+            None if which.is_some() => bail!("no changelog of that runtime is kept on this host"),
             None => {
                 let latest = Path::new(RUNS_DIR).join("latest");
                 std::fs::read_link(&latest).with_context(|| {
@@ -83,18 +88,25 @@ pub fn open(args: &TargetArgs, auto_start: bool) -> anyhow::Result<Target> {
     })
 }
 
-/// The state dir of the runtime this process is in, if it is in one; with
-/// `auto_start`, a tracker is started for it when none runs (said once, on stderr).
-fn in_runtime(auto_start: bool) -> anyhow::Result<Option<PathBuf>> {
+/// The state dir of runtime `which` (the one this process is in, if any, for
+/// `Which::Current`); with `auto_start`, a tracker is started for it when none runs
+/// (said once, on stderr).
+fn located(which: &Which, auto_start: bool) -> anyhow::Result<Option<PathBuf>> {
     if !auto_start {
-        return Ok(tracker::runtime::key_of_current()
-            .map(|key| Path::new(RUNTIMES_DIR).join(key))
+        let key = match which {
+            Which::Current => tracker::runtime::key_of_current(),
+            Which::Pid(pid) => tracker::runtime::key_of_pid(*pid),
+            Which::Named(name) => Some(tracker::runtime::key_of_name(name)),
+        };
+        return Ok(key
+            .map(|key| Path::new(tracker::service::RUNTIMES_DIR).join(key))
             .filter(|dir| dir.is_dir()));
     }
-    let Some((state, tracking)) = tracker::service::ensure_tracked(Path::new("/spfs"))? else {
+    let Some((state, tracking)) = tracker::service::ensure_tracked(which, Path::new("/spfs"))?
+    else {
         return Ok(None);
     };
-    if let tracker::service::Tracking::Started { pid, .. } = tracking {
+    if let Tracking::Started { pid, .. } = tracking {
         eprintln!(
             "spfs-changes: no tracker watched this runtime; one does from now on (tracker pid {pid}). What changed before is known from the upper dir, not who changed it or when."
         );

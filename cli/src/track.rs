@@ -13,8 +13,11 @@ pub struct TrackArgs {
     #[arg(long)]
     mount: Option<PathBuf>,
     /// Any process of the runtime: its mount namespace is tracked from outside.
-    #[arg(long)]
+    #[arg(long, value_name = "PID")]
     pid: Option<u32>,
+    /// The spfs runtime of this name (`spfs runtime list`), tracked from outside.
+    #[arg(long = "runtime", value_name = "NAME", conflicts_with = "pid")]
+    runtime_name: Option<String>,
     /// Stay in the foreground (for service managers) instead of detaching.
     #[arg(long)]
     foreground: bool,
@@ -28,7 +31,13 @@ pub fn track(args: TrackArgs) -> anyhow::Result<ExitCode> {
         bail!("`track` needs root: fanotify filesystem marks need CAP_SYS_ADMIN");
     }
     let mount = args.mount.clone().unwrap_or_else(|| PathBuf::from("/spfs"));
-    let runtime = match args.pid {
+    let pid = match &args.runtime_name {
+        Some(name) => Some(tracker::runtime::find_spfs_runtime(name).ok_or_else(|| {
+            anyhow::anyhow!("no process of an spfs runtime named {name} is running here")
+        })?),
+        None => args.pid,
+    };
+    let runtime = match pid {
         Some(pid) => Runtime::by_pid(pid, &mount)?,
         None => Runtime::by_mount(&mount)?,
     };

@@ -188,6 +188,70 @@ fn attach_from_outside_by_pid() {
     rt.assert_matches_spfs_diff(&outside, &diff, "asked from outside");
 }
 
+/// From the host, `--runtime NAME` and `--pid PID` name a runtime for every command:
+/// the first query starts its tracker (late, from a rescan), both then find the same
+/// one, answer what `spfs diff` prints inside, and `list` shows it.
+#[test]
+fn name_a_runtime_from_the_host_by_name_or_pid() {
+    if !need_spfs() {
+        return;
+    }
+    let stack = Stack::new("by_name");
+    let mut rt = SpfsRuntime::start(&["--edit", &stack.reference()]);
+    rt.run(WRITES);
+    let name = rt.name.clone();
+    let pid = rt.pid.to_string();
+    let first = common::output(common::cmd(&["changes", "--runtime", &name]));
+    assert!(first.status.success(), "{}", common::text(&first.stderr));
+    assert!(
+        common::text(&first.stderr).contains("no tracker watched this runtime"),
+        "says it started one: {}",
+        common::text(&first.stderr)
+    );
+    let by_pid = common::ok(common::cmd(&["changes", "--pid", &pid]));
+    let by_name = common::ok(common::cmd(&["changes", "--runtime", &name]));
+    assert_eq!(common::text(&first.stdout), by_name);
+    assert_eq!(by_pid, by_name, "--pid and --runtime name one runtime");
+    let l = rt.listings();
+    assert_eq!(
+        by_name, l.spfs,
+        "from the host, what spfs diff prints inside"
+    );
+
+    // Every command takes them: a mark from the host is seen inside.
+    let token = common::ok(common::cmd(&["mark", "from-host", "--runtime", &name]));
+    rt.run("echo later > /spfs/etc/later");
+    let since = rt.run("spfs changes --since from-host");
+    assert_eq!(
+        since, "~/spfs/etc\n+/spfs/etc/later\n",
+        "after mark {token}"
+    );
+    let history = common::ok(common::cmd(&["history", "/spfs/etc/later", "--pid", &pid]));
+    assert!(history.contains("created"), "{history}");
+
+    let listed = parse_json(&common::ok(common::cmd(&["list", "--json"])), "list --json");
+    let entry = listed
+        .as_array()
+        .and_then(|a| a.iter().find(|e| e["name"] == name.as_str()))
+        .unwrap_or_else(|| panic!("{name} in list: {listed}"));
+    assert_eq!(entry["live"], true, "{entry}");
+    assert_eq!(entry["mount"], "/spfs", "{entry}");
+    assert!(entry["changed"].as_u64().is_some_and(|n| n > 10), "{entry}");
+    assert_eq!(
+        entry["state"],
+        rt.tracker_state().to_str().expect("UTF-8"),
+        "{entry}"
+    );
+
+    let unknown = common::output(common::cmd(&["changes", "--runtime", "no-such-runtime"]));
+    assert_eq!(unknown.status.code(), Some(1));
+    let err = common::text(&unknown.stderr);
+    assert!(
+        err.lines().count() == 1 && err.contains("no spfs runtime named no-such-runtime"),
+        "{err}"
+    );
+}
+
 /// Seeds of the random operations; each runs [`RANDOM_OPS`] operations in a runtime of
 /// its own, checked halfway and at the end.
 const SEEDS: [u64; 5] = [1, 2, 3, 0x5eed, 0xdead_beef];

@@ -124,7 +124,7 @@ impl Runtime {
             None => meta.uid(),
         };
         runtime.key = match (runtime.spfs_name.clone(), &runtime.reach) {
-            (Some(name), _) => format!("spfs-{}", sanitize(&name)),
+            (Some(name), _) => key_of_name(&name),
             (None, Reach::Namespace { ns, .. }) => format!("mntns-{ns}"),
             (None, Reach::Here) => format!("mount-{}", sanitize(&mount_point.to_string_lossy())),
         };
@@ -413,13 +413,37 @@ fn sanitize(s: &str) -> String {
     cleaned.trim_matches('_').chars().take(100).collect()
 }
 
+/// The state dir key of the spfs runtime named `name`.
+pub fn key_of_name(name: &str) -> String {
+    format!("spfs-{}", sanitize(name))
+}
+
+/// The state dir key of the runtime process `pid` is in, if it is in one (spfs's name
+/// for it, else its private mount namespace).
+pub fn key_of_pid(pid: u32) -> Option<String> {
+    if let Some(name) = spfs_runtime_name(pid) {
+        return Some(key_of_name(&name));
+    }
+    let ns = mount_ns_of(pid).ok()?;
+    (outside_process().map(|(_, o)| o) != Some(ns)).then(|| format!("mntns-{ns}"))
+}
+
+/// A process of the spfs runtime named `name` (spfs exports `SPFS_RUNTIME` to each),
+/// outside the host's mount namespace, if one can be read.
+pub fn find_spfs_runtime(name: &str) -> Option<u32> {
+    let host = outside_process().map(|(_, ns)| ns);
+    sys::pids().into_iter().find(|&pid| {
+        spfs_runtime_name(pid).as_deref() == Some(name) && mount_ns_of(pid).ok() != host
+    })
+}
+
 /// The key a process inside a runtime computes for the runtime it is in, so a client
 /// can find the tracker's state dir without being told.
 pub fn key_of_current() -> Option<String> {
     if let Ok(name) = std::env::var("SPFS_RUNTIME")
         && !name.is_empty()
     {
-        return Some(format!("spfs-{}", sanitize(&name)));
+        return Some(key_of_name(&name));
     }
     let own = own_mount_ns()?;
     (outside_process().map(|(_, ns)| ns) != Some(own)).then(|| format!("mntns-{own}"))

@@ -25,6 +25,12 @@ pub const RUNTIMES_DIR: &str = "/var/lib/spfs-changes/runtimes";
 /// The log file of a background tracker, in its state dir.
 pub const LOG_NAME: &str = "tracker.log";
 
+/// Where `run` keeps each runtime's changelog, and `latest` links the newest.
+pub const RUNS_DIR: &str = "/var/lib/spfs-changes/runs";
+
+/// The file in a state dir describing the runtime it tracks (`Record`).
+pub const RECORD_NAME: &str = "runtime.json";
+
 /// The changelog's info key naming the runtime it belongs to (`Runtime::spfs`).
 const IDENTITY_KEY: &str = "runtime";
 
@@ -70,6 +76,7 @@ impl Service {
         let pid_file = state.join(PID_FILE_NAME);
         std::fs::write(&pid_file, format!("{}\n", std::process::id()))
             .map_err(TrackerError::io("cannot write", &pid_file))?;
+        Record::of(&runtime).write(&state)?;
         Ok(Service {
             tracker,
             server,
@@ -134,6 +141,190 @@ impl Service {
     }
 }
 
+/// What a state dir says of the runtime it tracks (`runtime.json`, written when a
+/// tracker starts): for `list`, and for finding a runtime's changelog by name.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Record {
+    /// spfs's name for the runtime, if it is an spfs runtime.
+    pub name: Option<String>,
+    /// The overlay's mount point, in the runtime's namespace.
+    pub mount_point: PathBuf,
+    /// A process of the runtime when the tracker started.
+    pub pid: u32,
+    /// The runtime's mount namespace (inode).
+    pub mount_ns: u64,
+    /// Who may use the control socket besides root.
+    pub owner_uid: u32,
+    /// The tracker's pid.
+    pub tracker_pid: u32,
+    /// When the tracker started, nanoseconds since the Unix epoch.
+    pub started_ns: u64,
+}
+
+impl Record {
+    fn of(runtime: &Runtime) -> Record {
+        let info = runtime.info();
+        Record {
+            name: runtime.spfs_name.clone(),
+            mount_point: info.mount_point,
+            pid: info.pid,
+            mount_ns: info.mount_ns,
+            owner_uid: runtime.owner_uid,
+            tracker_pid: std::process::id(),
+            started_ns: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64),
+        }
+    }
+
+    fn write(&self, state: &Path) -> Result<(), TrackerError> {
+        let path = state.join(RECORD_NAME);
+        // Serializing a struct of plain fields to JSON cannot fail.
+        let text = serde_json::to_vec_pretty(self).expect("a record serializes");
+        std::fs::write(&path, text).map_err(TrackerError::io("cannot write", &path))
+    }
+
+    /// The record in state dir `state`, if it has a readable one.
+    pub fn read(state: &Path) -> Option<Record> {
+        serde_json::from_slice(&std::fs::read(state.join(RECORD_NAME)).ok()?).ok()
+    }
+}
+
+/// One state dir, as `list` shows it.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub state: PathBuf,
+    pub record: Option<Record>,
+    /// The pid of the tracker answering there (`?` when it did not write it), if one
+    /// does.
+    pub tracker: Option<String>,
+    /// Changed paths in its changelog, when the tracker said (a live one only: a kept
+    /// changelog is not opened to count).
+    pub changed: Option<u64>,
+}
+
+/// Every state dir under `dirs` (`RUNTIMES_DIR`, `RUNS_DIR`), live trackers first,
+/// each group by state dir.
+pub fn list(dirs: &[&Path]) -> Vec<Listed> {
+    use crate::control::{Client, Request, Response};
+    let mut out = Vec::new();
+    for dir in dirs {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let state = entry.path();
+            // `latest` is a link to another entry of RUNS_DIR.
+            if entry.file_type().map_or(true, |t| !t.is_dir()) {
+                continue;
+            }
+            let tracker = running_tracker(&state);
+            let changed = tracker.as_ref().and_then(|_| {
+                let mut client = Client::connect(&state.join(SOCKET_NAME)).ok()?;
+                match client.call(&Request::Status).ok()? {
+                    Response::Status(s) => Some(s.net_paths),
+                    _ => None,
+                }
+            });
+            out.push(Listed {
+                record: Record::read(&state),
+                state,
+                tracker,
+                changed,
+            });
+        }
+    }
+    out.sort_by(|a, b| (a.tracker.is_none(), &a.state).cmp(&(b.tracker.is_none(), &b.state)));
+    out
+}
+
+/// Which runtime a command speaks of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Which {
+    /// The one the calling process is in.
+    Current,
+    /// The runtime process `pid` is in.
+    Pid(u32),
+    /// The spfs runtime of this name (`spfs runtime list`).
+    Named(String),
+}
+
+/// The state dir of runtime `which` (its overlay at `mount_point`), with a tracker
+/// serving it: the one already there, or one started now in the background (then
+/// `Tracking::Started`: what changed before this moment is known from a rescan, not
+/// who changed it or when). `None` when the calling process is in no runtime
+/// (`Which::Current` only). Starting one needs root (fanotify marks), and this process
+/// to have one thread. Errors: no such process or runtime, not root and nothing kept.
+pub fn ensure_tracked(
+    which: &Which,
+    mount_point: &Path,
+) -> Result<Option<(PathBuf, Tracking)>, TrackerError> {
+    let (key, pid) = match which {
+        Which::Current => match crate::runtime::key_of_current() {
+            Some(key) => (key, None),
+            None => return Ok(None),
+        },
+        Which::Pid(pid) => match crate::runtime::key_of_pid(*pid) {
+            Some(key) => (key, Some(*pid)),
+            None => {
+                return Err(TrackerError::Attach(format!(
+                    "process {pid} is not in a runtime (or cannot be read): it shares the host's mount namespace"
+                )));
+            }
+        },
+        Which::Named(name) => (
+            crate::runtime::key_of_name(name),
+            crate::runtime::find_spfs_runtime(name),
+        ),
+    };
+    let state = Path::new(RUNTIMES_DIR).join(&key);
+    if let Some(tracker) = running_tracker(&state) {
+        let socket = state.join(SOCKET_NAME);
+        return Ok(Some((
+            state,
+            Tracking::AlreadyTracked {
+                pid: tracker,
+                socket,
+            },
+        )));
+    }
+    let live = match (which, pid) {
+        (Which::Named(name), None) => {
+            if state.join(store::DB_DIR_NAME).exists() {
+                return Ok(Some((state, Tracking::Kept)));
+            }
+            return Err(TrackerError::Attach(format!(
+                "no spfs runtime named {name} is running here, and no changelog of one is kept (see `spfs runtime list`)"
+            )));
+        }
+        // A private mount namespace with nothing at the mount point is not a runtime.
+        (Which::Current, _) => std::fs::read("/proc/thread-self/mountinfo")
+            .map(|text| {
+                crate::mountinfo::find_mount(&crate::mountinfo::parse(&text), mount_point).is_some()
+            })
+            .unwrap_or(false),
+        _ => true,
+    };
+    if !live {
+        return Ok(None);
+    }
+    if !nix::unistd::geteuid().is_root() {
+        // Not allowed to start one: what an earlier tracker kept is all there is.
+        if state.join(store::DB_DIR_NAME).exists() {
+            return Ok(Some((state, Tracking::Kept)));
+        }
+        return Err(TrackerError::Attach(
+            "no tracker watches this runtime, and starting one needs root (fanotify): ask for the spfs-changes service to run on this host".into(),
+        ));
+    }
+    let runtime = match pid {
+        Some(pid) => Runtime::by_pid(pid, mount_point)?,
+        None => Runtime::by_mount(mount_point)?,
+    };
+    let tracking = track(runtime, state.clone(), false, |_| {})?;
+    Ok(Some((state, tracking)))
+}
+
 /// A changelog in `state` that is not `identity`'s (an earlier runtime that had the
 /// same name) is renamed aside, `changelog.sled.earlier-<unix seconds>`: never
 /// adopted, never deleted.
@@ -177,43 +368,6 @@ pub fn running_tracker(state: &Path) -> Option<String> {
     Some(pid.trim().to_string())
         .filter(|p| !p.is_empty())
         .or(Some("?".into()))
-}
-
-/// The state dir of the runtime the calling process is in (its overlay at
-/// `mount_point`), with a tracker serving it: the one already there, or one started
-/// now in the background (then `Tracking::Started`: what changed before this moment
-/// is known from a rescan, not who changed it or when). `None` outside a runtime.
-/// Starting one needs root (fanotify marks), and this process to have one thread.
-pub fn ensure_tracked(mount_point: &Path) -> Result<Option<(PathBuf, Tracking)>, TrackerError> {
-    let Some(key) = crate::runtime::key_of_current() else {
-        return Ok(None);
-    };
-    let state = Path::new(RUNTIMES_DIR).join(&key);
-    if let Some(pid) = running_tracker(&state) {
-        let socket = state.join(SOCKET_NAME);
-        return Ok(Some((state, Tracking::AlreadyTracked { pid, socket })));
-    }
-    // A private mount namespace with nothing at the mount point is not a runtime.
-    let mounted = std::fs::read("/proc/thread-self/mountinfo")
-        .map(|text| {
-            crate::mountinfo::find_mount(&crate::mountinfo::parse(&text), mount_point).is_some()
-        })
-        .unwrap_or(false);
-    if !mounted {
-        return Ok(None);
-    }
-    if !nix::unistd::geteuid().is_root() {
-        // Not allowed to start one: what an earlier tracker kept is all there is.
-        if state.join(store::DB_DIR_NAME).exists() {
-            return Ok(Some((state, Tracking::Kept)));
-        }
-        return Err(TrackerError::Attach(
-            "no tracker watches this runtime, and starting one needs root (fanotify): ask for the spfs-changes service to run on this host".into(),
-        ));
-    }
-    let runtime = Runtime::by_mount(mount_point)?;
-    let tracking = track(runtime, state.clone(), false, |_| {})?;
-    Ok(Some((state, tracking)))
 }
 
 /// What `track` did.
