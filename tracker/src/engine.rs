@@ -258,9 +258,26 @@ impl Tracker {
             watcher.rescan("tracker started over an existing upper dir or changelog")?;
         }
         let stop = shared.stop_flag.clone();
+        let mut threads = Vec::new();
+        // Short-lived writers are named by what they exec'd, read while they lived.
+        let execs = match &config.runtime {
+            Some(runtime) => match crate::execs::start(runtime.info().mount_ns, stop.clone()) {
+                Ok((cache, thread)) => {
+                    threads.push(thread);
+                    Some(cache)
+                }
+                Err(e) => {
+                    degraded.push(format!(
+                        "the process events connector is not available ({e}): a writer gone before its event is read is named by pid only"
+                    ));
+                    None
+                }
+            },
+            None => None,
+        };
         let reader = std::thread::Builder::new()
             .name("spfs-changes-read".into())
-            .spawn(move || reader::run(group, backlog, stop))
+            .spawn(move || reader::run(group, backlog, stop, execs))
             .map_err(TrackerError::io(
                 "cannot start reader thread for",
                 &layout.upper,
@@ -272,11 +289,12 @@ impl Tracker {
                 "cannot start watcher thread for",
                 &layout.upper,
             ))?;
+        threads.extend([reader, thread]);
         let tracker = Tracker {
             shared,
             config,
             degraded,
-            threads: vec![reader, thread],
+            threads,
         };
         tracker.sync()?;
         Ok(tracker)

@@ -9,6 +9,7 @@
 //! watcher takes what is backlogged (up to `MAX_BATCH`) at once, so the busier the
 //! writers, the larger (and cheaper per event) its batches.
 
+use crate::execs::ExecCache;
 use crate::fid;
 use crate::sys::{self, FanotifyGroup};
 use std::collections::{HashMap, VecDeque};
@@ -29,9 +30,10 @@ pub(crate) struct Chunk {
 
 impl Chunk {
     /// Decodes `bytes` (one read of a fanotify group) and reads the command line of
-    /// each writer, reusing those in `known`.
-    fn decode(bytes: Vec<u8>, known: &mut HashMap<i32, (Vec<u8>, Instant)>) -> Chunk {
+    /// each writer, reusing those `commands` knows.
+    fn decode(bytes: Vec<u8>, commands_known: &mut Commands) -> Chunk {
         let now = Instant::now();
+        let Commands { known, execs } = commands_known;
         known.retain(|_, (_, at)| now.duration_since(*at) < COMMAND_TTL);
         let mut events = Vec::new();
         let mut undecodable = None;
@@ -47,7 +49,7 @@ impl Chunk {
             if event.pid > 0 && !commands.contains_key(&event.pid) {
                 let (command, _) = known
                     .entry(event.pid)
-                    .or_insert_with(|| (sys::command_of(event.pid as u32), now));
+                    .or_insert_with(|| (command_of(event.pid as u32, execs.as_deref()), now));
                 commands.insert(event.pid, command.clone());
             }
             events.push(fid::EventSpans::of(&event, &bytes));
@@ -148,10 +150,34 @@ const BUSY_GAP: Duration = Duration::from_millis(20);
 /// How long a writer's command line read from /proc is reused for its next events.
 const COMMAND_TTL: Duration = Duration::from_millis(200);
 
+/// Writers' command lines: those read lately, and the exec cache when there is one.
+struct Commands {
+    known: HashMap<i32, (Vec<u8>, Instant)>,
+    execs: Option<Arc<ExecCache>>,
+}
+
+/// The command line of writer `pid`: from /proc while it lives (what it runs now,
+/// whatever the exec cache has processed yet), else as the exec cache saw it start.
+fn command_of(pid: u32, execs: Option<&ExecCache>) -> Vec<u8> {
+    let now = sys::command_of(pid);
+    if !now.is_empty() {
+        return now;
+    }
+    execs.and_then(|c| c.command(pid)).unwrap_or_default()
+}
+
 /// Reads until `stop` is set or reading fails (the failure lands in the backlog).
-pub(crate) fn run(group: FanotifyGroup, backlog: Arc<Backlog>, stop: Arc<AtomicBool>) {
+pub(crate) fn run(
+    group: FanotifyGroup,
+    backlog: Arc<Backlog>,
+    stop: Arc<AtomicBool>,
+    execs: Option<Arc<ExecCache>>,
+) {
     let mut buf = vec![0u8; READ_BUF];
-    let mut known: HashMap<i32, (Vec<u8>, Instant)> = HashMap::new();
+    let mut known = Commands {
+        known: HashMap::new(),
+        execs,
+    };
     let mut last_drain = Instant::now() - BUSY_GAP;
     while !stop.load(Ordering::SeqCst) {
         match group.wait(Duration::from_millis(100)) {

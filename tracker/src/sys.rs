@@ -338,6 +338,90 @@ pub fn command_of(pid: u32) -> Vec<u8> {
     cmd
 }
 
+/// `CN_IDX_PROC` / `CN_VAL_PROC` (linux/connector.h): the process events connector.
+const CN_IDX_PROC: u32 = 1;
+const CN_VAL_PROC: u32 = 1;
+/// `PROC_CN_MCAST_LISTEN` (linux/cn_proc.h).
+const PROC_CN_MCAST_LISTEN: u32 = 1;
+/// `sizeof(struct nlmsghdr)` and `sizeof(struct cn_msg)`.
+pub const NLMSG_HDR_LEN: usize = 16;
+pub const CN_MSG_LEN: usize = 20;
+
+/// A subscription to the kernel's process events connector (netlink
+/// `NETLINK_CONNECTOR`, group `CN_IDX_PROC`): a message for every fork, exec and exit
+/// on the host, as they happen (Documentation/driver-api/connector.rst). Needs
+/// CAP_NET_ADMIN in the initial user namespace.
+pub struct ProcConnector {
+    fd: OwnedFd,
+}
+
+impl ProcConnector {
+    /// Subscribes. Errors: EPERM without the capability, EPROTONOSUPPORT on a kernel
+    /// built without `CONFIG_PROC_EVENTS`.
+    pub fn open() -> io::Result<ProcConnector> {
+        use nix::sys::socket::{NetlinkAddr, bind, send, setsockopt, sockopt};
+        // SAFETY: socket(2) takes no pointers; the result is checked before use.
+        let raw = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+                libc::NETLINK_CONNECTOR,
+            )
+        };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: socket returned a fresh descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // Bursts of forks (a parallel build) must not overflow it: ENOBUFS loses
+        // messages. Root may go past rmem_max.
+        let want = 8 * 1024 * 1024;
+        if setsockopt(&fd, sockopt::RcvBufForce, &want).is_err() {
+            let _ = setsockopt(&fd, sockopt::RcvBuf, &want);
+        }
+        bind(fd.as_raw_fd(), &NetlinkAddr::new(0, CN_IDX_PROC))?;
+        let mut msg = Vec::with_capacity(NLMSG_HDR_LEN + CN_MSG_LEN + 4);
+        let len = (NLMSG_HDR_LEN + CN_MSG_LEN + 4) as u32;
+        msg.extend_from_slice(&len.to_ne_bytes());
+        msg.extend_from_slice(&(libc::NLMSG_DONE as u16).to_ne_bytes());
+        msg.extend_from_slice(&0u16.to_ne_bytes()); // flags
+        msg.extend_from_slice(&0u32.to_ne_bytes()); // seq
+        msg.extend_from_slice(&std::process::id().to_ne_bytes());
+        msg.extend_from_slice(&CN_IDX_PROC.to_ne_bytes());
+        msg.extend_from_slice(&CN_VAL_PROC.to_ne_bytes());
+        msg.extend_from_slice(&0u32.to_ne_bytes()); // seq
+        msg.extend_from_slice(&0u32.to_ne_bytes()); // ack
+        msg.extend_from_slice(&4u16.to_ne_bytes()); // len
+        msg.extend_from_slice(&0u16.to_ne_bytes()); // flags
+        msg.extend_from_slice(&PROC_CN_MCAST_LISTEN.to_ne_bytes());
+        send(fd.as_raw_fd(), &msg, nix::sys::socket::MsgFlags::empty())?;
+        Ok(ProcConnector { fd })
+    }
+
+    /// Waits up to `timeout` for messages and reads one datagram into `buf`: `Ok(0)`
+    /// when none came. `ENOBUFS` means messages were lost.
+    pub fn recv(&self, buf: &mut [u8], timeout: std::time::Duration) -> io::Result<usize> {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
+        let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(0) => return Ok(0),
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => return Ok(0),
+            Err(e) => return Err(e.into()),
+        }
+        match nix::sys::socket::recv(
+            self.fd.as_raw_fd(),
+            buf,
+            nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+        ) {
+            Ok(n) => Ok(n),
+            Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => Ok(0),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,228 @@
+//! Who each process of the runtime is, learnt when it starts: an exec cache fed by the
+//! kernel's process events connector.
+//!
+//! fanotify names a writer by pid only, and many writers (`chmod`, `rm`, a compiler
+//! step) are gone before their event is read, taking `/proc/PID/cmdline` with them.
+//! Reading the command line at exec time, while the process surely lives, names them;
+//! a fork without exec runs its parent's program and inherits its parent's entry.
+//! Entries of exited processes stay for a grace period (the fanotify queue and the
+//! connector's are not ordered against each other), and the cache is bounded.
+
+use crate::procevents::{self, ProcEvent};
+use crate::sys::{self, ProcConnector};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How long an exited process's entry is kept: events it queued before exiting are
+/// read well within this, unless the tracker is far behind (then `/proc` is asked,
+/// and an empty command line is the worst outcome).
+const GRACE: Duration = Duration::from_secs(30);
+/// At most this many entries (about 4 MiB of command lines at the 256-byte average).
+const MAX_ENTRIES: usize = 16 * 1024;
+
+#[derive(Debug, Clone)]
+struct Entry {
+    command: Vec<u8>,
+    parent: u32,
+    exited: Option<Instant>,
+}
+
+/// Command lines and parents of the processes of one mount namespace.
+#[derive(Default)]
+pub struct ExecCache {
+    entries: Mutex<HashMap<u32, Entry>>,
+    /// Connector messages the kernel dropped (ENOBUFS): the pids they spoke of are
+    /// read from `/proc` instead.
+    pub dropped: AtomicU64,
+}
+
+impl ExecCache {
+    /// The command line process `pid` had at its exec (or its parent's, after a fork),
+    /// if the cache knows it.
+    pub fn command(&self, pid: u32) -> Option<Vec<u8>> {
+        let entries = self.entries.lock().ok()?;
+        entries.get(&pid).map(|e| e.command.clone())
+    }
+
+    /// The parent of `pid` when it started, if known.
+    pub fn parent(&self, pid: u32) -> Option<u32> {
+        let entries = self.entries.lock().ok()?;
+        entries.get(&pid).map(|e| e.parent)
+    }
+
+    /// How many processes it knows.
+    pub fn len(&self) -> usize {
+        self.entries.lock().map(|e| e.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn apply(&self, event: ProcEvent, ns: u64) {
+        let Ok(mut entries) = self.entries.lock() else {
+            return;
+        };
+        match event {
+            ProcEvent::Exec { pid } => {
+                if sys::mount_ns_of(pid).ok() == Some(ns) {
+                    let command = sys::command_of(pid);
+                    let parent = parent_of(pid).unwrap_or(0);
+                    entries.insert(
+                        pid,
+                        Entry {
+                            command,
+                            parent,
+                            exited: None,
+                        },
+                    );
+                } else {
+                    // The pid is now another program, outside the runtime.
+                    entries.remove(&pid);
+                }
+            }
+            ProcEvent::Fork { parent, child } => {
+                let inherited = entries.get(&parent).map(|p| p.command.clone());
+                match inherited {
+                    Some(command) => {
+                        entries.insert(
+                            child,
+                            Entry {
+                                command,
+                                parent,
+                                exited: None,
+                            },
+                        );
+                    }
+                    // A process entering the runtime from outside (spfs-enter's first
+                    // child) or a pid reused outside it.
+                    None => {
+                        if sys::mount_ns_of(child).ok() == Some(ns) {
+                            entries.insert(
+                                child,
+                                Entry {
+                                    command: sys::command_of(child),
+                                    parent,
+                                    exited: None,
+                                },
+                            );
+                        } else {
+                            entries.remove(&child);
+                        }
+                    }
+                }
+            }
+            ProcEvent::Exit { pid } => {
+                if let Some(e) = entries.get_mut(&pid) {
+                    e.exited = Some(Instant::now());
+                }
+            }
+        }
+        if entries.len() > MAX_ENTRIES {
+            prune(&mut entries);
+        }
+    }
+}
+
+/// Drops entries exited longer ago than `GRACE`; if still too many, the exited ones
+/// oldest first, then any.
+fn prune(entries: &mut HashMap<u32, Entry>) {
+    let now = Instant::now();
+    entries.retain(|_, e| e.exited.is_none_or(|t| now.duration_since(t) < GRACE));
+    if entries.len() <= MAX_ENTRIES * 3 / 4 {
+        return;
+    }
+    let mut exited: Vec<(Instant, u32)> = entries
+        .iter()
+        .filter_map(|(pid, e)| e.exited.map(|t| (t, *pid)))
+        .collect();
+    exited.sort();
+    let excess = entries.len() - MAX_ENTRIES * 3 / 4;
+    for (_, pid) in exited.into_iter().take(excess) {
+        entries.remove(&pid);
+    }
+    let excess = entries.len().saturating_sub(MAX_ENTRIES * 3 / 4);
+    let victims: Vec<u32> = entries.keys().take(excess).copied().collect();
+    for pid in victims {
+        entries.remove(&pid);
+    }
+}
+
+/// The parent pid in `/proc/PID/stat` (field 4).
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Subscribes to the process events connector and feeds a cache of the processes of
+/// mount namespace `ns` until `stop` is set. Errors when the connector cannot be had
+/// (not root in the initial namespaces, a kernel without it): callers then read
+/// `/proc` alone.
+pub fn start(ns: u64, stop: Arc<AtomicBool>) -> std::io::Result<(Arc<ExecCache>, JoinHandle<()>)> {
+    let connector = ProcConnector::open()?;
+    let cache = Arc::new(ExecCache::default());
+    let feed = cache.clone();
+    let thread = std::thread::Builder::new()
+        .name("spfs-changes-execs".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            while !stop.load(Ordering::SeqCst) {
+                match connector.recv(&mut buf, Duration::from_millis(200)) {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        for t in procevents::parse(&buf[..n]) {
+                            feed.apply(t.event, ns);
+                        }
+                    }
+                    Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                        feed.dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "process events connector failed; command lines are read from /proc from now on");
+                        return;
+                    }
+                }
+            }
+        })?;
+    Ok((cache, thread))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::need_root;
+
+    /// A short-lived child of this process is known by its exec'd command line after
+    /// it is gone.
+    #[test]
+    fn names_a_process_that_is_gone() {
+        if !need_root() {
+            return;
+        }
+        let ns = sys::mount_ns_of(std::process::id()).expect("own namespace");
+        let stop = Arc::new(AtomicBool::new(false));
+        let (cache, thread) = start(ns, stop.clone()).expect("the connector (as root)");
+        let child = std::process::Command::new("/bin/sh")
+            .args(["-c", "exit 0", "one-shot"])
+            .spawn()
+            .expect("spawn sh");
+        let pid = child.id();
+        let out = child.wait_with_output().expect("wait");
+        assert!(out.status.success());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while cache.command(pid).is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(
+            cache.command(pid).as_deref(),
+            Some(&b"/bin/sh -c exit 0 one-shot"[..])
+        );
+        assert_eq!(cache.parent(pid), Some(std::process::id()));
+        stop.store(true, Ordering::SeqCst);
+        thread.join().expect("the feed ends");
+    }
+}
