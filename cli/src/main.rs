@@ -2,6 +2,7 @@
 //! changelog a fanotify tracker keeps. This binary only parses arguments, calls the
 //! `tracker` and `store` crates and prints.
 
+mod daemon;
 mod output;
 mod reset;
 mod run;
@@ -48,6 +49,8 @@ enum Command {
     Status(StatusArgs),
     /// Ask a running tracker to stop.
     Stop(TargetArgs),
+    /// Host service (root): a tracker for every spfs runtime, attached as it starts.
+    Daemon(daemon::DaemonArgs),
     /// The runtimes with a changelog on this host: name, pid, mount, tracker, changed
     /// paths, state dir.
     List(ListArgs),
@@ -149,6 +152,7 @@ fn main() -> ExitCode {
             Command::Status(args) => status(args),
             Command::Stop(target) => stop(target),
             Command::List(args) => list(args),
+            Command::Daemon(args) => daemon::daemon(args),
         },
     };
     match result {

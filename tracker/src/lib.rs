@@ -6,6 +6,7 @@
 pub mod classify;
 pub mod control;
 pub mod cookies;
+pub mod daemon;
 pub mod diff;
 mod engine;
 mod error;

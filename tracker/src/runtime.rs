@@ -389,7 +389,7 @@ fn find_process_in(ns: u64) -> Option<u32> {
 }
 
 /// spfs exports the runtime's name to every process in it.
-fn spfs_runtime_name(pid: u32) -> Option<String> {
+pub(crate) fn spfs_runtime_name(pid: u32) -> Option<String> {
     let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
     environ
         .split(|&b| b == 0)
