@@ -139,6 +139,10 @@ fn main() -> ExitCode {
         )
         .init();
     let cli = Cli::parse();
+    // Trackers this program starts reset for their runtime's owner with it.
+    if let Ok(exe) = std::env::current_exe() {
+        let _ = tracker::control::RESET_HELPER.set(exe);
+    }
     let result = match cli.command {
         None => changes(cli.changes),
         Some(command) => match command {
@@ -241,10 +245,13 @@ fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
 
 fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
     use tracker::service::{RUNS_DIR, RUNTIMES_DIR};
-    let listed = tracker::service::list(&[
-        std::path::Path::new(RUNTIMES_DIR),
-        std::path::Path::new(RUNS_DIR),
-    ]);
+    let listed = tracker::service::list(
+        &[
+            std::path::Path::new(RUNTIMES_DIR),
+            std::path::Path::new(RUNS_DIR),
+        ],
+        nix::unistd::geteuid().as_raw(),
+    );
     output::write_list(&mut std::io::stdout().lock(), &listed, args.json)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -23,14 +23,14 @@ pub struct ResetArgs {
 }
 
 pub fn reset(args: ResetArgs) -> anyhow::Result<ExitCode> {
-    if !nix::unistd::geteuid().is_root() {
-        bail!("`reset` needs root: it unmounts and mounts the runtime's overlay");
-    }
     let patterns = if args.all {
         vec!["*".to_string()]
     } else {
         args.patterns
     };
+    if !nix::unistd::geteuid().is_root() {
+        return reset_through_tracker(&args.target, patterns);
+    }
     let Target::Live { mut client, mount } = target::open(&args.target, true)? else {
         bail!(
             "no tracker runs for this runtime: reset needs one to find the changes and record the reset"
@@ -72,4 +72,29 @@ pub fn reset(args: ResetArgs) -> anyhow::Result<ExitCode> {
         println!("reset {} (was {was}){how}", escape(&full));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Not root: the runtime's tracker (root) resets on the caller's behalf, if the
+/// caller owns the runtime, and hands back what its reset printed.
+fn reset_through_tracker(target: &TargetArgs, patterns: Vec<String>) -> anyhow::Result<ExitCode> {
+    use std::io::Write;
+    use tracker::control::{Request, Response};
+    let Target::Live { mut client, .. } = target::open(target, true)? else {
+        bail!(
+            "no tracker runs for this runtime: reset needs one (and, for a user other than root, the spfs-changes service)"
+        );
+    };
+    match client.call(&Request::ResetFor(patterns))? {
+        Response::Helped {
+            code,
+            stdout,
+            stderr,
+        } => {
+            std::io::stdout().write_all(&stdout)?;
+            std::io::stderr().write_all(&stderr)?;
+            Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+        }
+        Response::Error(e) => bail!("{e}"),
+        other => bail!("unexpected answer from tracker: {other:?}"),
+    }
 }

@@ -65,10 +65,22 @@ pub fn open(args: &TargetArgs, auto_start: bool) -> anyhow::Result<Target> {
         bail!("no changelog at {}: not a directory", state.display());
     }
     let socket = state.join(SOCKET_NAME);
-    if socket.exists()
-        && let Ok(target) = live(&socket)
-    {
-        return Ok(target);
+    if socket.exists() {
+        match live(&socket) {
+            Ok(target) => return Ok(target),
+            // A tracker that refuses this user: its changelog is not theirs either.
+            Err(e)
+                if e.chain().any(|c| {
+                    matches!(
+                        c.downcast_ref::<tracker::TrackerError>(),
+                        Some(tracker::TrackerError::Answer(_))
+                    )
+                }) =>
+            {
+                return Err(e);
+            }
+            Err(_) => {}
+        }
     }
     if !state.join(store::DB_DIR_NAME).exists() {
         bail!(

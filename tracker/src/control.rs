@@ -52,6 +52,9 @@ pub enum Request {
     /// The changes compared as `spfs diff` compares them (last: older clients keep
     /// their variant numbers).
     Diff(Query),
+    /// Reset these patterns on the sender's behalf: the tracker (root) runs its reset
+    /// helper, which unmounts and mounts the overlay as the runtime's owner may not.
+    ResetFor(Vec<String>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,6 +70,12 @@ pub enum Response {
     Stopping,
     Error(String),
     Diff(Box<crate::diff::DiffSet>),
+    /// What the reset helper printed, and its exit code.
+    Helped {
+        code: i32,
+        stdout: Vec<u8>,
+        stderr: Vec<u8>,
+    },
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -114,6 +123,7 @@ impl Server {
     ) -> Result<Server, TrackerError> {
         let runtime_info = Arc::new(Mutex::new(runtime));
         let served_runtime = runtime_info.clone();
+        let served_socket = Arc::new(path.to_path_buf());
         let _ = std::fs::remove_file(path);
         let std_listener = std::os::unix::net::UnixListener::bind(path)
             .map_err(TrackerError::io("cannot listen on", path))?;
@@ -151,7 +161,7 @@ impl Server {
                             Some(()) = stop_async_rx.recv() => { let _ = stop_tx.send(()); }
                             accepted = listener.accept() => match accepted {
                                 Ok((stream, _)) => {
-                                    tokio::spawn(serve_client(stream, tracker.clone(), served_runtime.clone(), owner_uid, stop_async_tx.clone()));
+                                    tokio::spawn(serve_client(stream, tracker.clone(), served_runtime.clone(), served_socket.clone(), owner_uid, stop_async_tx.clone()));
                                 }
                                 Err(e) => tracing::warn!(error = %e, "accept on control socket"),
                             }
@@ -198,6 +208,7 @@ async fn serve_client(
     mut stream: tokio::net::UnixStream,
     tracker: Arc<Tracker>,
     runtime: Arc<Mutex<RuntimeInfo>>,
+    socket: Arc<PathBuf>,
     owner_uid: u32,
     stop: mpsc::UnboundedSender<()>,
 ) {
@@ -226,6 +237,7 @@ async fn serve_client(
         &mut stream,
         &tracker,
         &runtime,
+        &socket,
         &stop,
         peer_pid,
         &mut resetting,
@@ -242,6 +254,7 @@ async fn serve_requests(
     stream: &mut tokio::net::UnixStream,
     tracker: &Arc<Tracker>,
     runtime: &Arc<Mutex<RuntimeInfo>>,
+    socket: &Path,
     stop: &mpsc::UnboundedSender<()>,
     peer_pid: Option<u32>,
     resetting: &mut Option<u32>,
@@ -272,6 +285,12 @@ async fn serve_requests(
                 Ok(info) => Response::Runtime(info.clone()),
                 Err(_) => Response::Error("runtime information is unavailable".into()),
             },
+            Ok(Request::ResetFor(patterns)) => {
+                let socket = socket.to_path_buf();
+                tokio::task::spawn_blocking(move || reset_for(&socket, &patterns))
+                    .await
+                    .unwrap_or_else(|e| Response::Error(format!("request failed: {e}")))
+            }
             Ok(req) => {
                 let req = match req {
                     Request::ResetBegin(pid) => {
@@ -319,9 +338,39 @@ fn answer(tracker: &Tracker, req: Request) -> Response {
         Request::ResetBegin(pid) => tracker.begin_reset(pid).map(|_| Response::Done),
         Request::ResetEnd(pid) => tracker.end_reset(pid).map(Response::Token),
         // Answered without the tracker.
-        Request::Stop | Request::Runtime => Ok(Response::Done),
+        Request::Stop | Request::Runtime | Request::ResetFor(_) => Ok(Response::Done),
     };
     result.unwrap_or_else(|e| Response::Error(e.to_string()))
+}
+
+/// The program a tracker runs (as root) to reset on behalf of a runtime's owner:
+/// `HELPER reset --socket SOCKET -- PATTERN...`. Set once by the program that starts
+/// trackers (the `spfs-changes` binary sets itself); unset, such requests are refused.
+pub static RESET_HELPER: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Runs the reset helper against this tracker's own socket and hands back what it said.
+fn reset_for(socket: &Path, patterns: &[String]) -> Response {
+    let Some(helper) = RESET_HELPER.get() else {
+        return Response::Error(
+            "this tracker cannot reset for its runtime's owner: it was started without a reset helper".into(),
+        );
+    };
+    let out = std::process::Command::new(helper)
+        .arg("reset")
+        .arg("--socket")
+        .arg(socket)
+        .arg("--")
+        .args(patterns)
+        .stdin(std::process::Stdio::null())
+        .output();
+    match out {
+        Ok(out) => Response::Helped {
+            code: out.status.code().unwrap_or(1),
+            stdout: out.stdout,
+            stderr: out.stderr,
+        },
+        Err(e) => Response::Error(format!("cannot run {}: {e}", helper.display())),
+    }
 }
 
 /// A blocking client, for the CLI and for tools such as spk.
@@ -344,7 +393,7 @@ impl Client {
         let written = self.stream.write_all(&encode(req));
         let answer = self.read_answer();
         match (answer, written) {
-            (Ok(Response::Error(why)), _) => Err(TrackerError::Protocol(why)),
+            (Ok(Response::Error(why)), _) => Err(TrackerError::Answer(why)),
             (Ok(r), Ok(())) => Ok(r),
             (_, Err(e)) => Err(proto(e)),
             (Err(e), Ok(())) => Err(e),

@@ -36,6 +36,10 @@ pub enum TrackerError {
     Setup(String),
     #[error("control socket: {0}")]
     Protocol(String),
+    /// The tracker answered with an error (it refused the caller, or the request
+    /// failed there).
+    #[error("{0}")]
+    Answer(String),
 }
 
 impl TrackerError {

@@ -196,8 +196,9 @@ mod tests {
     use super::*;
     use crate::test_support::need_root;
 
-    /// A short-lived child of this process is known by its exec'd command line after
-    /// it is gone.
+    /// A child of this process is known by its exec'd command line, and still is
+    /// after it has exited (what the reader asks of writers gone before their events
+    /// are read).
     #[test]
     fn names_a_process_that_is_gone() {
         if !need_root() {
@@ -206,21 +207,22 @@ mod tests {
         let ns = sys::mount_ns_of(std::process::id()).expect("own namespace");
         let stop = Arc::new(AtomicBool::new(false));
         let (cache, thread) = start(ns, stop.clone()).expect("the connector (as root)");
-        let child = std::process::Command::new("/bin/sh")
-            .args(["-c", "exit 0", "one-shot"])
+        // It lives until its stdin closes: long enough for its exec to be seen.
+        let mut child = std::process::Command::new("/bin/sh")
+            .args(["-c", "read x || true", "one-shot"])
+            .stdin(std::process::Stdio::piped())
             .spawn()
             .expect("spawn sh");
         let pid = child.id();
-        let out = child.wait_with_output().expect("wait");
-        assert!(out.status.success());
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while cache.command(pid).is_none() && Instant::now() < deadline {
+        let want: &[u8] = b"/bin/sh -c read x || true one-shot";
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while cache.command(pid).as_deref() != Some(want) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
-        assert_eq!(
-            cache.command(pid).as_deref(),
-            Some(&b"/bin/sh -c exit 0 one-shot"[..])
-        );
+        drop(child.stdin.take());
+        assert!(child.wait().expect("wait").success());
+        assert!(std::fs::metadata(format!("/proc/{pid}")).is_err(), "reaped");
+        assert_eq!(cache.command(pid).as_deref(), Some(want));
         assert_eq!(cache.parent(pid), Some(std::process::id()));
         stop.store(true, Ordering::SeqCst);
         thread.join().expect("the feed ends");

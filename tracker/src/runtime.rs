@@ -118,9 +118,7 @@ impl Runtime {
         let meta = std::fs::metadata(&upper).map_err(TrackerError::io("upper dir", &upper))?;
         runtime.upper_dev = (libc::major(meta.dev()), libc::minor(meta.dev()));
         runtime.owner_uid = match env_pid {
-            Some(pid) => std::fs::metadata(format!("/proc/{pid}"))
-                .map(|m| m.uid())
-                .unwrap_or(0),
+            Some(pid) => real_uid_of(pid).unwrap_or(0),
             None => meta.uid(),
         };
         runtime.key = match (runtime.spfs_name.clone(), &runtime.reach) {
@@ -386,6 +384,20 @@ fn find_process_in(ns: u64) -> Option<u32> {
     sys::pids()
         .into_iter()
         .find(|&pid| mount_ns_of(pid).ok() == Some(ns))
+}
+
+/// The real uid of process `pid` (`Uid:` of /proc/PID/status): who started it. Not the
+/// owner of /proc/PID, which is root for a process that exec'd a program with file
+/// capabilities (spfs-enter, spfs-monitor), however unprivileged its user.
+fn real_uid_of(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// spfs exports the runtime's name to every process in it.

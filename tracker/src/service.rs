@@ -203,9 +203,10 @@ pub struct Listed {
     pub changed: Option<u64>,
 }
 
-/// Every state dir under `dirs` (`RUNTIMES_DIR`, `RUNS_DIR`), live trackers first,
-/// each group by state dir.
-pub fn list(dirs: &[&Path]) -> Vec<Listed> {
+/// Every state dir under `dirs` (`RUNTIMES_DIR`, `RUNS_DIR`) that user `viewer` may
+/// use (all for root: a runtime's owner sees only their runtimes), live trackers
+/// first, each group by state dir.
+pub fn list(dirs: &[&Path], viewer: u32) -> Vec<Listed> {
     use crate::control::{Client, Request, Response};
     let mut out = Vec::new();
     for dir in dirs {
@@ -218,6 +219,10 @@ pub fn list(dirs: &[&Path]) -> Vec<Listed> {
             if entry.file_type().map_or(true, |t| !t.is_dir()) {
                 continue;
             }
+            let record = Record::read(&state);
+            if viewer != 0 && record.as_ref().is_none_or(|r| r.owner_uid != viewer) {
+                continue;
+            }
             let tracker = running_tracker(&state);
             let changed = tracker.as_ref().and_then(|_| {
                 let mut client = Client::connect(&state.join(SOCKET_NAME)).ok()?;
@@ -227,7 +232,7 @@ pub fn list(dirs: &[&Path]) -> Vec<Listed> {
                 }
             });
             out.push(Listed {
-                record: Record::read(&state),
+                record,
                 state,
                 tracker,
                 changed,
@@ -278,15 +283,20 @@ pub fn ensure_tracked(
         ),
     };
     let state = Path::new(RUNTIMES_DIR).join(&key);
-    if let Some(tracker) = running_tracker(&state) {
-        let socket = state.join(SOCKET_NAME);
-        return Ok(Some((
-            state,
-            Tracking::AlreadyTracked {
-                pid: tracker,
-                socket,
-            },
-        )));
+    match probe(&state) {
+        Probe::Running(tracker) => {
+            let socket = state.join(SOCKET_NAME);
+            return Ok(Some((
+                state,
+                Tracking::AlreadyTracked {
+                    pid: tracker,
+                    socket,
+                },
+            )));
+        }
+        // Its tracker runs but will not serve this user: nothing else may either.
+        Probe::Refused(why) => return Err(TrackerError::Answer(why)),
+        Probe::None => {}
     }
     let live = match (which, pid) {
         (Which::Named(name), None) => {
@@ -358,16 +368,37 @@ pub fn default_state_dir(runtime: &Runtime) -> PathBuf {
 /// The pid (as the tracker wrote it; `?` when it did not) of a tracker answering on
 /// the socket of state dir `state`, if one does.
 pub fn running_tracker(state: &Path) -> Option<String> {
+    match probe(state) {
+        Probe::Running(pid) => Some(pid),
+        Probe::Refused(_) | Probe::None => None,
+    }
+}
+
+/// What answers on the socket of a state dir.
+enum Probe {
+    /// A tracker, with its pid (`?` when it did not write it).
+    Running(String),
+    /// A tracker that will not serve this user: why.
+    Refused(String),
+    None,
+}
+
+fn probe(state: &Path) -> Probe {
     use crate::control::{Client, Request, Response};
-    let mut client = Client::connect(&state.join(SOCKET_NAME)).ok()?;
-    match client.call(&Request::Runtime).ok()? {
-        Response::Runtime(_) => {}
-        _ => return None,
+    let Ok(mut client) = Client::connect(&state.join(SOCKET_NAME)) else {
+        return Probe::None;
+    };
+    match client.call(&Request::Runtime) {
+        Ok(Response::Runtime(_)) => {}
+        Err(TrackerError::Answer(why)) => return Probe::Refused(why),
+        _ => return Probe::None,
     }
     let pid = std::fs::read_to_string(state.join(PID_FILE_NAME)).unwrap_or_default();
-    Some(pid.trim().to_string())
-        .filter(|p| !p.is_empty())
-        .or(Some("?".into()))
+    Probe::Running(
+        Some(pid.trim().to_string())
+            .filter(|p| !p.is_empty())
+            .unwrap_or_else(|| "?".into()),
+    )
 }
 
 /// What `track` did.
