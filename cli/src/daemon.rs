@@ -18,6 +18,10 @@ pub struct DaemonArgs {
     /// writes are then known from a rescan, without their writer).
     #[arg(long)]
     no_hold: bool,
+    /// Days to keep the changelog of an ended runtime before removing it (0: keep
+    /// them all).
+    #[arg(long, default_value_t = 14, value_name = "DAYS")]
+    retain_days: u64,
 }
 
 pub fn daemon(args: DaemonArgs) -> anyhow::Result<ExitCode> {
@@ -54,6 +58,8 @@ pub fn daemon(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     let options = Options {
         mount_point: args.mount,
         hold: !args.no_hold,
+        retention: (args.retain_days > 0)
+            .then(|| std::time::Duration::from_secs(args.retain_days * 24 * 3600)),
     };
     tracker::daemon::run(&options, &stop, &mut attach, &mut |n| match n {
         Notice::Ready { existing } => eprintln!(
@@ -80,6 +86,10 @@ pub fn daemon(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         Notice::Failed { name, pid, error } => {
             eprintln!("spfs-changes daemon: runtime {name} (pid {pid}) is not tracked: {error}")
         }
+        Notice::Expired { state } => eprintln!(
+            "spfs-changes daemon: removed the changelog of an ended runtime, past its retention: {}",
+            state.display()
+        ),
         Notice::Dropped => eprintln!(
             "spfs-changes daemon: the kernel dropped process events; runtimes started meanwhile are attached at their next exec"
         ),

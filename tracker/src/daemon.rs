@@ -31,6 +31,9 @@ pub struct Options {
     /// Stop a new runtime's first process until its tracker watches (the default).
     /// Without it, the first writes may be recorded by the rescan only (no writer).
     pub hold: bool,
+    /// How long the changelog of an ended runtime is kept (then its state dir under
+    /// `service::RUNTIMES_DIR` is removed); `None` keeps them all.
+    pub retention: Option<Duration>,
 }
 
 /// What the daemon did, as it happens.
@@ -59,6 +62,8 @@ pub enum Notice {
     /// The connector lost messages: runtimes started meanwhile are found at their
     /// next exec (a late attach).
     Dropped,
+    /// The changelog of an ended runtime was removed, past the retention period.
+    Expired { state: PathBuf },
 }
 
 /// Attaches a tracker to the runtime of a process (pid) and returns what it said
@@ -88,6 +93,7 @@ pub fn run(
         host,
         handled: HashMap::new(),
         last_sweep: Instant::now(),
+        last_expiry: None,
     };
     let mut existing = 0;
     for pid in sys::pids() {
@@ -99,6 +105,7 @@ pub fn run(
         }
     }
     notice(Notice::Ready { existing });
+    daemon.expire(notice);
     let mut buf = vec![0u8; 64 * 1024];
     while !stop.load(Ordering::SeqCst) {
         let n = match connector.recv(&mut buf, Duration::from_millis(250)) {
@@ -121,6 +128,7 @@ pub fn run(
             }
         }
         daemon.sweep();
+        daemon.expire(notice);
     }
     Ok(())
 }
@@ -141,6 +149,7 @@ struct Daemon<'a> {
     /// counts only while that process is still in it or the name is the same.
     handled: HashMap<u64, (u32, String)>,
     last_sweep: Instant,
+    last_expiry: Option<Instant>,
 }
 
 /// Sends SIGCONT when dropped, whatever happened while the process was stopped.
@@ -248,8 +257,93 @@ impl Daemon<'_> {
     }
 }
 
+/// How often kept changelogs are looked at for expiry.
+const EXPIRY_CHECK: Duration = Duration::from_secs(3600);
+
+impl Daemon<'_> {
+    /// Removes the state dirs of ended runtimes (no tracker answers there) last
+    /// changed longer ago than the retention period; at start, then hourly.
+    fn expire(&mut self, notice: &mut dyn FnMut(Notice)) {
+        let Some(retention) = self.options.retention else {
+            return;
+        };
+        if self.last_expiry.is_some_and(|t| t.elapsed() < EXPIRY_CHECK) {
+            return;
+        }
+        self.last_expiry = Some(Instant::now());
+        for state in expired(
+            std::path::Path::new(crate::service::RUNTIMES_DIR),
+            retention,
+        ) {
+            match std::fs::remove_dir_all(&state) {
+                Ok(()) => notice(Notice::Expired { state }),
+                Err(e) => {
+                    tracing::warn!(state = %state.display(), error = %e, "cannot remove an expired changelog")
+                }
+            }
+        }
+    }
+}
+
+/// The state dirs under `dir` whose runtime has ended (no tracker answers) and that
+/// changed last (the dir or its changelog) longer ago than `retention`.
+pub fn expired(dir: &std::path::Path, retention: Duration) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let now = std::time::SystemTime::now();
+    let age = |p: &std::path::Path| {
+        std::fs::metadata(p)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| now.duration_since(t).ok())
+    };
+    entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|state| state.is_dir())
+        .filter(|state| {
+            let youngest = [state.clone(), state.join(store::DB_DIR_NAME)]
+                .iter()
+                .filter_map(|p| age(p))
+                .min();
+            youngest.is_some_and(|a| a > retention)
+        })
+        .filter(|state| crate::service::running_tracker(state).is_none())
+        .collect()
+}
+
 /// CLOCK_MONOTONIC now, in ns: the clock of the connector's timestamps.
 fn monotonic_ns() -> Option<u64> {
     let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).ok()?;
     Some(t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn age_by(path: &std::path::Path, by: Duration) {
+        let when = std::time::SystemTime::now() - by;
+        std::fs::File::open(path)
+            .and_then(|f| f.set_modified(when))
+            .expect("set mtime");
+    }
+
+    /// An ended runtime's changelog goes once neither its dir nor its changelog has
+    /// changed for the retention period; younger ones stay.
+    #[test]
+    fn expiry_takes_ended_runtimes_past_retention_only() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let day = Duration::from_secs(24 * 3600);
+        for (name, dir_age, db_age) in [("old", 30, 20), ("fresh-db", 30, 1), ("young", 2, 2)] {
+            let state = dir.path().join(name);
+            std::fs::create_dir_all(state.join(store::DB_DIR_NAME)).expect("mkdir");
+            age_by(&state.join(store::DB_DIR_NAME), day * db_age);
+            age_by(&state, day * dir_age);
+        }
+        std::fs::write(dir.path().join("a-file"), b"").expect("a stray file");
+        let gone = expired(dir.path(), day * 14);
+        assert_eq!(gone, vec![dir.path().join("old")]);
+    }
 }
