@@ -197,7 +197,8 @@ fn changes(args: ChangesArgs) -> anyhow::Result<ExitCode> {
         prefixes: args.prefixes.iter().map(|p| target.relative(p)).collect(),
         globs: args.globs,
     };
-    let set = target.diff(query)?;
+    // Text has no place for the writers' command lines.
+    let set = target.diff(query, args.json || args.jsonl)?;
     let mut out = std::io::stdout().lock();
     let format = if args.json {
         output::Format::Json

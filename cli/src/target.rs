@@ -164,11 +164,12 @@ impl Target {
         bytes
     }
 
-    /// The changes compared as `spfs diff` compares them; from a kept changelog (no
-    /// layers to compare with), signs from the recorded kinds only.
-    pub fn diff(&mut self, query: Query) -> anyhow::Result<tracker::diff::DiffSet> {
+    /// The changes compared as `spfs diff` compares them (the writers' command lines
+    /// only with `commands`); from a kept changelog (no layers to compare with), signs
+    /// from the recorded kinds only.
+    pub fn diff(&mut self, query: Query, commands: bool) -> anyhow::Result<tracker::diff::DiffSet> {
         match self {
-            Target::Live { client, .. } => match client.call(&Request::Diff(query))? {
+            Target::Live { client, .. } => match client.call(&Request::Diff(query, commands))? {
                 Response::Diff(set) => Ok(*set),
                 other => bail!("unexpected answer from tracker: {other:?}"),
             },

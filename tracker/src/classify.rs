@@ -392,20 +392,12 @@ impl Classifier {
         })
     }
 
-    /// The entry the overlay shows at `rel`: the upper one unless there is none (a
-    /// whiteout, or an opaque dir above, hides the lower one).
-    pub fn merged_entry(&self, rel: &[u8]) -> io::Result<Option<Found>> {
-        if rel.is_empty() {
-            return Ok(None);
-        }
+    /// The entry the overlay shows at `rel`, whose parent the caller knows to be a dir
+    /// of the overlay (callers that look up many paths remember their dirs): the upper
+    /// one unless there is none (a whiteout, or an opaque dir above, hides the lower
+    /// one).
+    pub fn merged_child(&self, rel: &[u8]) -> io::Result<Option<Found>> {
         let (dir_rel, name) = parent_and_name(rel);
-        if !dir_rel.is_empty()
-            && !self
-                .merged_entry(dir_rel)?
-                .is_some_and(|d| is_type(&d.stat, SFlag::S_IFDIR))
-        {
-            return Ok(None);
-        }
         let upper = self.upper_dir(dir_rel)?;
         if let Some(dir) = &upper {
             if let Some(stat) = lstat_at(dir.fd.as_fd(), name)? {
@@ -753,8 +745,11 @@ fn open_file(e: &Entry<'_>) -> io::Result<File> {
 
 fn same_bytes(a: &Entry<'_>, b: &Entry<'_>) -> io::Result<bool> {
     let (mut fa, mut fb) = (open_file(a)?, open_file(b)?);
-    let mut ba = vec![0u8; 64 * 1024];
-    let mut bb = vec![0u8; 64 * 1024];
+    // Sized for the file (most changed files are small): zeroing buffers costs.
+    let size = usize::try_from(a.stat.st_size.max(0)).unwrap_or(usize::MAX);
+    let len = size.saturating_add(1).clamp(1, 64 * 1024);
+    let mut ba = vec![0u8; len];
+    let mut bb = vec![0u8; len];
     loop {
         let n = read_full(&mut fa, &mut ba)?;
         let m = read_full(&mut fb, &mut bb)?;

@@ -50,8 +50,9 @@ pub enum Request {
     ResetEnd(u32),
     Validate(Option<store::Since>, crate::validate::Rules),
     /// The changes compared as `spfs diff` compares them (last: older clients keep
-    /// their variant numbers).
-    Diff(Query),
+    /// their variant numbers); with the writers' command lines when asked (they can
+    /// be most of the answer).
+    Diff(Query, bool),
     /// Reset these patterns on the sender's behalf: the tracker (root) runs its reset
     /// helper, which unmounts and mounts the overlay as the runtime's owner may not.
     ResetFor(Vec<String>),
@@ -320,7 +321,16 @@ async fn serve_requests(
 fn answer(tracker: &Tracker, req: Request) -> Response {
     let result = match req {
         Request::Changes(q) => tracker.query(&q).map(Response::Changes),
-        Request::Diff(q) => tracker.diff(&q).map(|d| Response::Diff(Box::new(d))),
+        Request::Diff(q, commands) => tracker.diff(&q).map(|mut d| {
+            if !commands {
+                for c in d.entries.iter_mut().filter_map(|e| e.change.as_mut()) {
+                    if let Some(o) = c.origin.as_mut() {
+                        o.command = Vec::new();
+                    }
+                }
+            }
+            Response::Diff(Box::new(d))
+        }),
         Request::History(path) => tracker
             .sync()
             .and_then(|_| Ok(tracker.store().history(&path)?))

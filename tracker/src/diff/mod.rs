@@ -487,11 +487,37 @@ pub fn recorded_only(set: ChangeSet) -> DiffSet {
 pub struct Live<'a> {
     layers: &'a Classifier,
     masks: &'a Masks,
+    /// Whether each dir path looked up is a dir of the overlay: changed paths come
+    /// in bunches under the same dirs.
+    merged_dirs: std::cell::RefCell<std::collections::HashMap<Vec<u8>, bool>>,
 }
 
 impl<'a> Live<'a> {
     pub fn new(layers: &'a Classifier, masks: &'a Masks) -> Self {
-        Live { layers, masks }
+        Live {
+            layers,
+            masks,
+            merged_dirs: Default::default(),
+        }
+    }
+
+    /// The overlay's entry at `rel`.
+    fn after(&self, rel: &[u8]) -> io::Result<Option<Found>> {
+        match rel.iter().rposition(|&b| b == b'/') {
+            Some(i) if !self.is_merged_dir(&rel[..i])? => Ok(None),
+            _ => self.layers.merged_child(rel),
+        }
+    }
+
+    fn is_merged_dir(&self, dir: &[u8]) -> io::Result<bool> {
+        if let Some(known) = self.merged_dirs.borrow().get(dir) {
+            return Ok(*known);
+        }
+        let is_dir = self
+            .after(dir)?
+            .is_some_and(|f| node_of(&f.stat).kind == NodeKind::Dir);
+        self.merged_dirs.borrow_mut().insert(dir.to_vec(), is_dir);
+        Ok(is_dir)
     }
 
     fn before(&self, rel: &[u8]) -> io::Result<Option<Found>> {
@@ -512,7 +538,7 @@ impl<'a> Live<'a> {
 
 impl Sides for Live<'_> {
     fn pair(&self, rel: &[u8]) -> io::Result<Pair> {
-        let after = self.layers.merged_entry(rel)?;
+        let after = self.after(rel)?;
         let (before, found) = if self.below_mask(rel) {
             (None, None)
         } else if self.masks.contains(rel) {
@@ -537,7 +563,7 @@ impl Sides for Live<'_> {
     }
 
     fn xattrs_differ(&self, rel: &[u8]) -> io::Result<bool> {
-        match (self.before(rel)?, self.layers.merged_entry(rel)?) {
+        match (self.before(rel)?, self.after(rel)?) {
             (Some(a), Some(b)) => a.xattrs_differ(&b),
             _ => Ok(false),
         }
