@@ -284,6 +284,52 @@ fn random_operations_over_a_stack_with_masks() {
     }
 }
 
+/// `spfs changes --since MARK` prints what `spfs diff` prints between the mount as it
+/// was at the mark and now: the ground truth is a copy of `/spfs` taken at the mark,
+/// committed with `spfs commit --path` and given to `spfs diff` as its base. Random
+/// operations before the mark (so that many paths were changes then) and after it.
+#[test]
+fn since_a_mark_prints_what_spfs_diff_prints_against_the_mount_at_the_mark() {
+    if !need_spfs() {
+        return;
+    }
+    let stack = Stack::new("random_since");
+    for seed in SEEDS {
+        let mut rng = SplitMix(seed ^ 0x5141_c3);
+        let halves = [
+            random_ops(&mut rng, RANDOM_OPS / 2),
+            random_ops(&mut rng, RANDOM_OPS / 2),
+        ];
+        let _report = SeedReport {
+            seed,
+            script: halves.join("\n# mark\n"),
+        };
+        let mut rt = stack.tracked_runtime();
+        rt.run(&halves[0]);
+        let copy = rt.scratch().join("at-mark");
+        let tag = unique("at-mark");
+        rt.run(&format!(
+            "spfs changes mark m && mkdir {copy} && cp -a /spfs/. {copy}/ && \
+             spfs commit --path {copy} -t {tag} >&2",
+            copy = copy.display()
+        ));
+        rt.run(&halves[1]);
+        let out = rt.run(&format!(
+            "spfs changes --since m; echo '@@ spfs diff'; spfs diff {tag} 2>/dev/null"
+        ));
+        let (ours, spfs) = out
+            .split_once("@@ spfs diff\n")
+            .unwrap_or_else(|| panic!("both listings, got:\n{out}"));
+        assert!(
+            ours == spfs,
+            "seed {seed}: `spfs changes --since m` differs from `spfs diff` against the \
+             mount at the mark\n{}",
+            line_diff(spfs, ours)
+        );
+        eprintln!("seed {seed}: {} lines agree", ours.lines().count());
+    }
+}
+
 /// How a test prepares `etc/` of `base+top` (where `etc/b` is masked) and resets it.
 struct ResetCase {
     name: &'static str,

@@ -94,6 +94,8 @@ pub struct Store {
     pub(crate) gone: PathMap,
     pub(crate) commands: Commands,
     pub(crate) marks: sled::Tree,
+    /// What the tracker recorded about paths at each mark: key `name \0 path`.
+    pub(crate) mark_records: sled::Tree,
     pub(crate) gaps: sled::Tree,
     pub(crate) info: sled::Tree,
     /// Key of this store in `OPEN_DIRS`.
@@ -231,6 +233,7 @@ impl Store {
             gone: PathMap::open(tree("gone")?, "gone entry")?,
             commands: Commands::new(tree("commands")?),
             marks: tree("marks")?,
+            mark_records: tree("mark_records")?,
             gaps: tree("gaps")?,
             info: tree("info")?,
             dir: dir.to_owned(),
@@ -861,15 +864,73 @@ impl Store {
         Ok(None)
     }
 
-    /// Names the current position; re-marking a name moves it.
+    /// Names the current position; re-marking a name moves it (and drops what was
+    /// recorded at its old position).
     pub fn mark(&self, name: &str) -> Result<Token, StoreError> {
         check_mark_name(name)?;
         // The read lock keeps a concurrent `apply` from moving the token between
         // reading and writing it.
         let state = self.read_state();
         let token = state.token();
-        self.marks.insert(name.as_bytes(), encode(&token))?;
+        self.mark_at(name, token, Vec::new())?;
         Ok(token)
+    }
+
+    /// Names `token` (a position of this history, from [`Store::token`]) and keeps
+    /// `records` with it: per path, bytes the caller recorded about the path at that
+    /// position (the store does not read them). Replaces an earlier mark of the name
+    /// and its records.
+    ///
+    /// Errors: [`StoreError::BadMarkName`]; [`StoreError::Corrupt`] for a token that
+    /// is not a position of this history.
+    pub fn mark_with(
+        &self,
+        name: &str,
+        token: Token,
+        records: Vec<(Vec<u8>, Vec<u8>)>,
+    ) -> Result<(), StoreError> {
+        check_mark_name(name)?;
+        let state = *self.read_state();
+        if token.instance != state.instance || token.seq > state.last_seq {
+            return Err(StoreError::Corrupt {
+                what: format!(
+                    "mark {name:?} at {token}, which is not a position of {}",
+                    state.token()
+                ),
+            });
+        }
+        self.mark_at(name, token, records)
+    }
+
+    /// Without a mark, its records mean nothing: the old mark goes first, the new
+    /// one last, so a crash between leaves no mark rather than a mark with the
+    /// records of another position.
+    fn mark_at(
+        &self,
+        name: &str,
+        token: Token,
+        records: Vec<(Vec<u8>, Vec<u8>)>,
+    ) -> Result<(), StoreError> {
+        self.marks.remove(name.as_bytes())?;
+        let prefix = mark_record_key(name, b"");
+        let mut batch = sled::Batch::default();
+        for key in self.mark_records.scan_prefix(&prefix).keys() {
+            batch.remove(key?);
+        }
+        for (path, value) in records {
+            batch.insert(mark_record_key(name, &path), value);
+        }
+        self.mark_records.apply_batch(batch)?;
+        self.marks.insert(name.as_bytes(), encode(&token))?;
+        Ok(())
+    }
+
+    /// What was recorded about `path` at mark `name` (see [`Store::mark_with`]).
+    pub fn mark_record(&self, name: &str, path: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .mark_records
+            .get(mark_record_key(name, path))?
+            .map(|v| v.to_vec()))
     }
 
     pub(crate) fn mark_token(&self, name: &str) -> Result<Option<Token>, StoreError> {
@@ -936,6 +997,16 @@ impl Store {
     pub fn info(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.info.get(key.as_bytes())?.map(|v| v.to_vec()))
     }
+}
+
+/// Mark names hold no NUL (see `check_mark_name`), so `name \0` prefixes exactly the
+/// records of one mark.
+fn mark_record_key(name: &str, path: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(name.len() + 1 + path.len());
+    key.extend_from_slice(name.as_bytes());
+    key.push(0);
+    key.extend_from_slice(path);
+    key
 }
 
 /// The other half's direction for each observation: a `RenamedFrom` directly

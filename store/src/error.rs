@@ -34,7 +34,7 @@ pub enum StoreError {
         source: globset::Error,
     },
     #[error(
-        "bad mark name {0:?}: a mark name is 1 to 256 bytes, has no whitespace and does not look like a token"
+        "bad mark name {0:?}: a mark name is 1 to 256 bytes, has no whitespace or control characters and does not look like a token"
     )]
     BadMarkName(String),
     /// The kernel never produces an empty path or one holding NUL, so either is a bug

@@ -38,7 +38,7 @@ pub fn parse_since(s: &str) -> Since {
 pub(crate) fn check_mark_name(name: &str) -> Result<(), StoreError> {
     let ok = !name.is_empty()
         && name.len() <= 256
-        && !name.chars().any(char::is_whitespace)
+        && !name.chars().any(|c| c.is_whitespace() || c.is_control())
         && name.parse::<Token>().is_err();
     if ok {
         Ok(())

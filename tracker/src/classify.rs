@@ -516,6 +516,22 @@ impl Found {
         }
     }
 
+    /// What identifies the content: a symlink's target, the BLAKE3 digest of a file's
+    /// bytes (32 bytes), a device's number; empty for a dir.
+    pub fn content_digest(&self) -> io::Result<Vec<u8>> {
+        if is_type(&self.stat, SFlag::S_IFDIR) {
+            return Ok(Vec::new());
+        }
+        match self.content_source()? {
+            Content::Bytes(b) => Ok(b),
+            Content::File => {
+                let mut hasher = blake3::Hasher::new();
+                hasher.update_reader(open_file(&self.entry())?)?;
+                Ok(hasher.finalize().as_bytes().to_vec())
+            }
+        }
+    }
+
     fn content_source(&self) -> io::Result<Content> {
         if is_type(&self.stat, SFlag::S_IFLNK) {
             let target = readlinkat(self.parent.as_fd(), self.name.as_os_str())?;

@@ -347,30 +347,90 @@ impl Tracker {
     }
 
     /// Names the current position, after a sync so that it follows every change
-    /// completed before the call.
+    /// completed before the call, and records the state of every path that is a
+    /// change then (its type, mode, size, owner and a digest of its content), so that
+    /// `--since NAME` compares the state at the mark with now. O(changes), reading
+    /// each changed file once.
     pub fn mark(&self, name: &str) -> Result<Token, TrackerError> {
-        self.sync()?;
-        Ok(self.shared.store.mark(name)?)
+        let store = &self.shared.store;
+        let at = self.sync()?;
+        let records = self.records_of_changes()?;
+        // A change made while recording may or may not be in a record: such paths
+        // get none, and `--since` says their state at the mark is unknown.
+        let after = self.sync()?;
+        let records = if after == at {
+            records
+        } else {
+            let q = Query {
+                since: Some(store::Since::Token(at)),
+                ..Query::default()
+            };
+            let moved = store.query(&q)?;
+            if moved.fresh.is_some() {
+                // The history restarted meanwhile: a mark of the old one means nothing.
+                return Ok(store.mark(name)?);
+            }
+            let moved: std::collections::HashSet<Vec<u8>> =
+                moved.changes.into_iter().map(|c| c.path).collect();
+            records
+                .into_iter()
+                .filter(|(p, _)| !moved.contains(p))
+                .collect()
+        };
+        store.mark_with(name, at, records)?;
+        Ok(at)
+    }
+
+    /// What the mount holds at each changed path (removed ones hold nothing).
+    fn records_of_changes(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, TrackerError> {
+        let layers = self.layers()?;
+        let masks = self.masks();
+        let live = crate::diff::Live::new(&layers, &masks);
+        let mut out = Vec::new();
+        for (path, entry) in self.shared.store.net_under(b"")? {
+            if entry.kind == store::NetKind::Removed {
+                continue;
+            }
+            let record =
+                crate::diff::Sides::after_record(&live, &path).map_err(TrackerError::io(
+                    "cannot record the state at a mark of",
+                    &self.config.layout.upper,
+                ))?;
+            out.push((path, store::codec::encode(&record)));
+        }
+        Ok(out)
     }
 
     /// What `spfs diff` would print for the changes `q` selects (see `diff`): each
     /// changed path compared as spfs compares it, with the dirs above and the entries
-    /// below a removed dir, in spfs's order.
+    /// below a removed dir, in spfs's order. Since a mark, the state at the mark is
+    /// compared with now; since a token, paths already changed then have no details.
     pub fn diff(&self, q: &Query) -> Result<crate::diff::DiffSet, TrackerError> {
         let filter = store::Filter::new(&q.prefixes, &q.globs)?;
         let set = self.query(q)?;
-        let since = q.since.is_some() && set.fresh.is_none();
         let layers = self.layers()?;
         let masks = self.masks();
-        let sides = crate::diff::Live::new(&layers, &masks);
+        let live = crate::diff::Live::new(&layers, &masks);
         let scope = crate::diff::Scope {
-            since,
             keep: &|p| filter.matches(p),
         };
-        crate::diff::diff(set, &sides, &scope).map_err(TrackerError::io(
+        let failed = TrackerError::io(
             "cannot compare with the lower layers the changes of",
             &self.config.layout.upper,
-        ))
+        );
+        if q.since.is_none() || set.fresh.is_some() {
+            return crate::diff::diff(set, &live, &scope).map_err(failed);
+        }
+        let mark = match &q.since {
+            Some(store::Since::Mark(name)) => Some(name.as_str()),
+            _ => None,
+        };
+        let past = crate::diff::Changelog::new(&self.shared.store, &set, mark);
+        let at = crate::diff::AtPoint {
+            now: &live,
+            past: &past,
+        };
+        crate::diff::diff(set, &at, &scope).map_err(failed)
     }
 
     /// Evaluates spk's validation rules over what changed since `since`.

@@ -748,7 +748,7 @@ pub struct Listings {
 
 /// The lines of `b` and `a` that differ, each marked (`-` only in `a`, `+` only in
 /// `b`), with their line numbers.
-fn line_diff(a: &str, b: &str) -> String {
+pub fn line_diff(a: &str, b: &str) -> String {
     let (la, lb): (Vec<&str>, Vec<&str>) = (a.lines().collect(), b.lines().collect());
     let mut out = String::new();
     for i in 0..la.len().max(lb.len()) {

@@ -10,7 +10,10 @@ const SPEC: &str = include_str!("cases.txt");
 #[derive(Default)]
 struct Case<'a> {
     name: &'a str,
-    since: bool,
+    /// `Some("mark")` or `Some("token")` for a `--since` answer.
+    since: Option<&'a str>,
+    net: Vec<&'a str>,
+    marked: Vec<&'a str>,
     before: Vec<&'a str>,
     after: Vec<&'a str>,
     changed: Vec<&'a str>,
@@ -35,8 +38,8 @@ fn cases(spec: &str) -> Vec<Case<'_>> {
             continue;
         }
         let case = out.last_mut().expect("a line after a `case:` line");
-        if line == "since" {
-            case.since = true;
+        if let Some(point) = line.strip_prefix("since ") {
+            case.since = Some(point);
             continue;
         }
         if line == "print:" || line == "all:" {
@@ -64,6 +67,8 @@ fn cases(spec: &str) -> Vec<Case<'_>> {
             "before" => case.before = items,
             "after" => case.after = items,
             "changed" => case.changed = items,
+            "net" => case.net = items,
+            "marked" => case.marked = items,
             other => panic!("unknown field {other}"),
         }
     }
@@ -141,6 +146,7 @@ impl Sides for Trees {
             before: a.map(|(n, _)| *n),
             after: b.map(|(n, _)| *n),
             content_differs: matches!((a, b), (Some((_, x)), Some((_, y))) if x != y),
+            before_known: true,
         })
     }
 
@@ -166,6 +172,49 @@ impl Sides for Trees {
             .map(|(p, _)| p.clone())
             .collect()
     }
+
+    fn after_record(&self, rel: &[u8]) -> io::Result<Recorded> {
+        Ok(recorded(self.after.get(rel)))
+    }
+}
+
+/// A tree entry as a mark records it (content kept as is: equal bytes, equal record).
+fn recorded(entry: Option<&(Node, Vec<u8>)>) -> Recorded {
+    Recorded {
+        node: entry.map(|(n, _)| *n),
+        content: entry.map(|(_, c)| c.clone()).unwrap_or_default(),
+    }
+}
+
+/// The changelog at the point: kinds then, and the mark's records (none for a token).
+struct Point {
+    kinds: BTreeMap<Vec<u8>, Option<NetKind>>,
+    marked: Option<Tree>,
+}
+
+impl Past for Point {
+    fn kind_then(&self, rel: &[u8]) -> io::Result<Option<NetKind>> {
+        Ok(self.kinds.get(rel).copied().flatten())
+    }
+
+    fn recorded(&self, rel: &[u8]) -> io::Result<Option<Recorded>> {
+        Ok(self
+            .marked
+            .as_ref()
+            .and_then(|m| m.get(rel))
+            .map(|e| recorded(Some(e))))
+    }
+
+    fn changes_below(&self, rel: &[u8]) -> io::Result<Vec<Vec<u8>>> {
+        let mut prefix = rel.to_vec();
+        prefix.push(b'/');
+        Ok(self
+            .kinds
+            .keys()
+            .filter(|k| k.starts_with(&prefix))
+            .cloned()
+            .collect())
+    }
 }
 
 fn change(item: &str) -> Change {
@@ -173,6 +222,7 @@ fn change(item: &str) -> Change {
     let kind = |w: &str| NetKind::from_name(w).unwrap_or_else(|| panic!("no kind {w}"));
     let (before, now) = match words.as_slice() {
         [_, k] => (None, Some(kind(k))),
+        [_, "none", "was", b] => (Some(kind(b)), None),
         [_, k, "was", b] => (Some(kind(b)), Some(kind(k))),
         _ => panic!("`path kind [was kind]`: {item}"),
     };
@@ -212,11 +262,31 @@ fn cases_from_the_spec() {
             fresh: None,
             changes: case.changed.iter().map(|c| change(c)).collect(),
         };
-        let scope = Scope {
-            since: case.since,
-            keep: &|_| true,
-        };
-        let got = diff(set, &sides, &scope).expect("in-memory sides do not fail");
+        let scope = Scope { keep: &|_| true };
+        let got = match case.since {
+            None => diff(set, &sides, &scope),
+            Some(point) => {
+                let mut kinds: BTreeMap<Vec<u8>, Option<NetKind>> = case
+                    .net
+                    .iter()
+                    .map(|c| (change(c).path, change(c).kind))
+                    .collect();
+                kinds.extend(set.changes.iter().map(|c| (c.path.clone(), c.before)));
+                let past = Point {
+                    kinds,
+                    marked: (point == "mark").then(|| tree(&case.marked)),
+                };
+                diff(
+                    set,
+                    &AtPoint {
+                        now: &sides,
+                        past: &past,
+                    },
+                    &scope,
+                )
+            }
+        }
+        .expect("in-memory sides do not fail");
         let printed: Vec<String> = got
             .entries
             .iter()

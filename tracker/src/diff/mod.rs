@@ -211,6 +211,9 @@ pub struct Pair {
     pub after: Option<Node>,
     /// Both have content and it differs (bytes, link target). Only meaningful then.
     pub content_differs: bool,
+    /// False when the path existed at a `--since` point whose record of it is not
+    /// kept (a token, not a mark): `before` is then `None` and means "unknown".
+    pub before_known: bool,
 }
 
 /// The filesystem as the diff sees it.
@@ -225,55 +228,271 @@ pub trait Sides {
     fn before_below(&self, rel: &[u8]) -> io::Result<Vec<Vec<u8>>>;
     /// Masks at and below `rel` (all of them when empty).
     fn masks(&self) -> Vec<Vec<u8>>;
+    /// What the after side holds at `rel` as a mark records it (see [`Recorded`]).
+    fn after_record(&self, rel: &[u8]) -> io::Result<Recorded>;
+}
+
+/// What a mark keeps about a path that was a change then, so that `--since MARK` can
+/// compare the state at the mark with now as spfs compares two manifests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recorded {
+    /// `None`: absent from the mount then.
+    pub node: Option<Node>,
+    /// A symlink's target, the BLAKE3 digest of a file's bytes (32 bytes), a device's
+    /// number; empty for dirs.
+    pub content: Vec<u8>,
+}
+
+/// The changelog at a `--since` point: which paths were changes then, and what a mark
+/// recorded about them.
+pub trait Past {
+    /// The net kind of `rel` at the point (`None`: equal to the lower layers then).
+    fn kind_then(&self, rel: &[u8]) -> io::Result<Option<NetKind>>;
+    /// What the mark recorded about `rel` (`None` for a token, or a path recorded
+    /// while it changed under the mark).
+    fn recorded(&self, rel: &[u8]) -> io::Result<Option<Recorded>>;
+    /// Paths below dir `rel` that may have been changes at the point (a superset).
+    fn changes_below(&self, rel: &[u8]) -> io::Result<Vec<Vec<u8>>>;
+}
+
+/// The changelog at a `--since` point: the store's net state, with the kinds then of
+/// the paths changed since (an answer's `before`).
+pub struct Changelog<'a> {
+    store: &'a store::Store,
+    then: std::collections::HashMap<Vec<u8>, Option<NetKind>>,
+    mark: Option<&'a str>,
+}
+
+impl<'a> Changelog<'a> {
+    /// For the answer `set` to a query since `mark` (`None` for a token).
+    pub fn new(store: &'a store::Store, set: &ChangeSet, mark: Option<&'a str>) -> Self {
+        Changelog {
+            store,
+            then: set
+                .changes
+                .iter()
+                .map(|c| (c.path.clone(), c.before))
+                .collect(),
+            mark,
+        }
+    }
+}
+
+impl Past for Changelog<'_> {
+    fn kind_then(&self, rel: &[u8]) -> io::Result<Option<NetKind>> {
+        if let Some(kind) = self.then.get(rel) {
+            return Ok(*kind);
+        }
+        // No record since: as it is now.
+        let entry = self.store.net_entry(rel).map_err(io::Error::other)?;
+        Ok(entry.map(|e| e.kind))
+    }
+
+    fn recorded(&self, rel: &[u8]) -> io::Result<Option<Recorded>> {
+        let Some(mark) = self.mark else {
+            return Ok(None);
+        };
+        match self
+            .store
+            .mark_record(mark, rel)
+            .map_err(io::Error::other)?
+        {
+            Some(bytes) => store::codec::decode::<Recorded>(&bytes)
+                .map(Some)
+                .map_err(io::Error::other),
+            None => Ok(None),
+        }
+    }
+
+    fn changes_below(&self, rel: &[u8]) -> io::Result<Vec<Vec<u8>>> {
+        let mut prefix = rel.to_vec();
+        prefix.push(b'/');
+        let mut out: Vec<Vec<u8>> = self
+            .store
+            .net_under(rel)
+            .map_err(io::Error::other)?
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
+        out.extend(self.then.keys().filter(|p| p.starts_with(&prefix)).cloned());
+        Ok(out)
+    }
+}
+
+/// The mount at a `--since` point as the before side, now as the after side. A path
+/// that was a change then is what the mark recorded; one below a dir that was added,
+/// replaced or removed then was absent; any other is the lower layers' entry (a mask
+/// is absent: the mount showed nothing there).
+pub struct AtPoint<'a> {
+    pub now: &'a dyn Sides,
+    pub past: &'a dyn Past,
+}
+
+/// Where the before side of a path at a point comes from.
+enum Then {
+    /// The lower layers (nothing changed there or above it).
+    Lower,
+    Absent,
+    Recorded(Recorded),
+    /// A change then that the point keeps no record of.
+    Unknown,
+}
+
+impl AtPoint<'_> {
+    fn then(&self, rel: &[u8]) -> io::Result<Then> {
+        match self.past.kind_then(rel)? {
+            Some(NetKind::Removed) => return Ok(Then::Absent),
+            Some(_) => {
+                return Ok(match self.past.recorded(rel)? {
+                    Some(r) => Then::Recorded(r),
+                    None => Then::Unknown,
+                });
+            }
+            None => {}
+        }
+        let mut dir = rel;
+        while let Some(i) = dir.iter().rposition(|&b| b == b'/') {
+            dir = &dir[..i];
+            // Below these, everything that existed was itself a change.
+            if matches!(
+                self.past.kind_then(dir)?,
+                Some(NetKind::Added | NetKind::Replaced | NetKind::Removed)
+            ) {
+                return Ok(Then::Absent);
+            }
+        }
+        Ok(Then::Lower)
+    }
+}
+
+impl Sides for AtPoint<'_> {
+    fn pair(&self, rel: &[u8]) -> io::Result<Pair> {
+        let now = self.now.pair(rel)?;
+        let with_before = |before: Option<Node>, content_differs, before_known| Pair {
+            before,
+            after: now.after,
+            content_differs,
+            before_known,
+        };
+        Ok(match self.then(rel)? {
+            Then::Lower if now.before.is_some_and(|b| b.kind == NodeKind::Mask) => {
+                with_before(None, false, true)
+            }
+            Then::Lower => now,
+            Then::Absent => with_before(None, false, true),
+            Then::Unknown => with_before(None, false, false),
+            Then::Recorded(r) => {
+                let differs = match (r.node, now.after) {
+                    (Some(a), Some(b)) if a.has_content() && b.has_content() => {
+                        a.size != b.size || self.now.after_record(rel)?.content != r.content
+                    }
+                    _ => false,
+                };
+                with_before(r.node, differs, true)
+            }
+        })
+    }
+
+    fn xattrs_differ(&self, rel: &[u8]) -> io::Result<bool> {
+        match self.then(rel)? {
+            Then::Lower => self.now.xattrs_differ(rel),
+            // A mark does not record xattrs.
+            _ => Ok(false),
+        }
+    }
+
+    fn before_below(&self, rel: &[u8]) -> io::Result<Vec<Vec<u8>>> {
+        // Candidates: `pair` says which of them were there.
+        let mut out = self.now.before_below(rel)?;
+        out.extend(self.past.changes_below(rel)?);
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
+    fn masks(&self) -> Vec<Vec<u8>> {
+        Vec::new()
+    }
+
+    fn after_record(&self, rel: &[u8]) -> io::Result<Recorded> {
+        self.now.after_record(rel)
+    }
 }
 
 /// How a query's answer is to be diffed.
 pub struct Scope<'a> {
-    /// Whether the answer is since a point (then paths already changed there have an
-    /// unknown before side).
-    pub since: bool,
     /// Keeps the paths a query's prefixes and globs keep.
     pub keep: &'a dyn Fn(&[u8]) -> bool,
 }
 
-/// The diff of the changed paths in `set`, in spfs's order.
+/// The diff of the changed paths in `set`, in spfs's order: against the lower layers
+/// with [`Live`], since a point with [`AtPoint`].
 pub fn diff(set: ChangeSet, sides: &dyn Sides, scope: &Scope<'_>) -> io::Result<DiffSet> {
     let mut entries: BTreeMap<Vec<u8>, DiffEntry> = BTreeMap::new();
     let mut derived: Vec<Vec<u8>> = Vec::new();
     for change in set.changes {
         let path = change.path.clone();
-        let known = !scope.since || change.before.is_none();
-        if !known {
-            entries.insert(path, unknown_before(sides, change)?);
-            continue;
-        }
         let pair = sides.pair(&path)?;
-        let removes_below = matches!(change.kind, Some(NetKind::Removed | NetKind::Replaced))
-            && pair.before.is_some_and(|b| b.is_dir());
-        if removes_below {
+        // A dir that is gone, or is another dir now (an opaque one), took what was
+        // below it; a dir unknown at the point may have been one.
+        let was_dir = pair.before.is_some_and(|b| b.is_dir()) || !pair.before_known;
+        let gone = pair.after.is_none_or(|a| !a.is_dir())
+            || matches!(change.kind, Some(NetKind::Removed | NetKind::Replaced));
+        if was_dir && gone {
             derived.extend(sides.before_below(&path)?);
         }
-        if let Some(e) = compare(sides, &path, pair, Some(change))? {
+        let entry = if pair.before_known {
+            compare(sides, &path, pair, Some(change))?
+        } else {
+            Some(unknown_before(pair, change))
+        };
+        if let Some(e) = entry {
             entries.insert(path, e);
         }
     }
-    if !scope.since {
-        derived.extend(sides.masks());
-    }
+    derived.extend(sides.masks());
     for path in derived {
         if entries.contains_key(&path) || !(scope.keep)(&path) {
             continue;
         }
         let pair = sides.pair(&path)?;
-        if let Some(e) = compare(sides, &path, pair, None)?
+        let entry = if pair.before_known {
+            compare(sides, &path, pair, None)?
+        } else {
+            // Nothing recorded since the point: it is what it was then, unless it went
+            // with the dir above.
+            pair.after.is_none().then(|| DiffEntry {
+                path: path.clone(),
+                sign: Sign::Removed,
+                before: None,
+                after: None,
+                before_known: false,
+                fields: Vec::new(),
+                change: None,
+            })
+        };
+        if let Some(e) = entry
             && e.sign != Sign::Touched
         {
             entries.insert(path, e);
         }
     }
     add_parents(sides, &mut entries, scope)?;
-    let mut entries: Vec<DiffEntry> = entries.into_values().collect();
-    entries.sort_by_cached_key(|e| order_key(&e.path, is_tree(e)));
+    // A path with entries below it was a dir, also when its state then is unknown.
+    let holds: Vec<bool> = entries
+        .keys()
+        .map(|p| {
+            let mut below = p.clone();
+            below.push(b'/');
+            entries
+                .range(below.clone()..)
+                .next()
+                .is_some_and(|(q, _)| q.starts_with(&below))
+        })
+        .collect();
+    let mut entries: Vec<(DiffEntry, bool)> = entries.into_values().zip(holds).collect();
+    entries.sort_by_cached_key(|(e, holds)| order_key(&e.path, *holds || is_tree(e)));
+    let entries = entries.into_iter().map(|(e, _)| e).collect();
     Ok(DiffSet {
         token: set.token,
         fresh: set.fresh,
@@ -312,7 +531,21 @@ fn add_parents(
             continue;
         }
         let pair = sides.pair(&p)?;
-        if let (Some(a), Some(b)) = (pair.before, pair.after)
+        if !pair.before_known && pair.after.is_some_and(|b| b.is_dir()) {
+            // A change at the point with no record since: a dir then as now.
+            entries.insert(
+                p.clone(),
+                DiffEntry {
+                    path: p,
+                    sign: Sign::Changed,
+                    before: None,
+                    after: pair.after,
+                    before_known: false,
+                    fields: vec![Field::Entries],
+                    change: None,
+                },
+            );
+        } else if let (Some(a), Some(b)) = (pair.before, pair.after)
             && a.is_dir()
             && b.is_dir()
         {
@@ -364,7 +597,8 @@ fn compare(
         change,
     };
     let (a, b) = match (pair.before, pair.after) {
-        (None, None) => return Ok(change.map(|c| entry(Sign::Touched, Vec::new(), Some(c)))),
+        // Absent on both sides (gone then and now): nothing to say.
+        (None, None) => return Ok(None),
         // The after side is a walk of the mount: it never holds a mask.
         (Some(_), None) => return Ok(Some(entry(Sign::Removed, Vec::new(), change))),
         (None, Some(_)) => return Ok(Some(entry(Sign::Added, Vec::new(), change))),
@@ -405,20 +639,22 @@ fn compare(
     Ok(Some(entry(Sign::Touched, fields, Some(change))))
 }
 
-/// A path that had already changed at the `since` point: its state then is not kept,
-/// so the sign comes from the recorded kinds (then and now) and no details are given.
-fn unknown_before(sides: &dyn Sides, change: Change) -> io::Result<DiffEntry> {
-    let after = sides.pair(&change.path)?.after;
-    let sign = sign_of_kinds(change.before, change.kind);
-    Ok(DiffEntry {
+/// A path that had already changed at a `--since` token: its state then is not kept,
+/// so the sign says only whether it is still there and no details are given.
+fn unknown_before(pair: Pair, change: Change) -> DiffEntry {
+    DiffEntry {
         path: change.path.clone(),
-        sign,
+        sign: if pair.after.is_some() {
+            Sign::Changed
+        } else {
+            Sign::Removed
+        },
         before: None,
-        after,
+        after: pair.after,
         before_known: false,
         fields: Vec::new(),
         change: Some(change),
-    })
+    }
 }
 
 /// The sign a change has from its recorded kinds alone: at the `since` point (`None`:
@@ -559,6 +795,7 @@ impl Sides for Live<'_> {
             before,
             after: after.as_ref().map(|f| node_of(&f.stat)),
             content_differs,
+            before_known: true,
         })
     }
 
@@ -592,6 +829,19 @@ impl Sides for Live<'_> {
             .filter(|m| !self.below_mask(m))
             .cloned()
             .collect()
+    }
+
+    fn after_record(&self, rel: &[u8]) -> io::Result<Recorded> {
+        Ok(match self.after(rel)? {
+            Some(found) => Recorded {
+                node: Some(node_of(&found.stat)),
+                content: found.content_digest()?,
+            },
+            None => Recorded {
+                node: None,
+                content: Vec::new(),
+            },
+        })
     }
 }
 
