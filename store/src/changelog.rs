@@ -887,7 +887,7 @@ impl Store {
         &self,
         name: &str,
         token: Token,
-        records: Vec<(Vec<u8>, Vec<u8>)>,
+        records: MarkRecords,
     ) -> Result<(), StoreError> {
         check_mark_name(name)?;
         let state = *self.read_state();
@@ -905,12 +905,7 @@ impl Store {
     /// Without a mark, its records mean nothing: the old mark goes first, the new
     /// one last, so a crash between leaves no mark rather than a mark with the
     /// records of another position.
-    fn mark_at(
-        &self,
-        name: &str,
-        token: Token,
-        records: Vec<(Vec<u8>, Vec<u8>)>,
-    ) -> Result<(), StoreError> {
+    fn mark_at(&self, name: &str, token: Token, records: MarkRecords) -> Result<(), StoreError> {
         self.marks.remove(name.as_bytes())?;
         let prefix = mark_record_key(name, b"");
         let mut batch = sled::Batch::default();
@@ -998,6 +993,9 @@ impl Store {
         Ok(self.info.get(key.as_bytes())?.map(|v| v.to_vec()))
     }
 }
+
+/// What a caller records about paths at a mark: `(path, bytes)`.
+pub type MarkRecords = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// Mark names hold no NUL (see `check_mark_name`), so `name \0` prefixes exactly the
 /// records of one mark.

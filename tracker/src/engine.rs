@@ -382,7 +382,7 @@ impl Tracker {
     }
 
     /// What the mount holds at each changed path (removed ones hold nothing).
-    fn records_of_changes(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, TrackerError> {
+    fn records_of_changes(&self) -> Result<store::MarkRecords, TrackerError> {
         let layers = self.layers()?;
         let masks = self.masks();
         let live = crate::diff::Live::new(&layers, &masks);
