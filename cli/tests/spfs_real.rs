@@ -295,7 +295,7 @@ fn since_a_mark_prints_what_spfs_diff_prints_against_the_mount_at_the_mark() {
     }
     let stack = Stack::new("random_since");
     for seed in SEEDS {
-        let mut rng = SplitMix(seed ^ 0x5141_c3);
+        let mut rng = SplitMix(seed ^ 0x0051_41c3);
         let halves = [
             random_ops(&mut rng, RANDOM_OPS / 2),
             random_ops(&mut rng, RANDOM_OPS / 2),
