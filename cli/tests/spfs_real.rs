@@ -284,6 +284,43 @@ fn random_operations_over_a_stack_with_masks() {
     }
 }
 
+/// Removing a lower file and making something in its place (overlayfs moves a whiteout
+/// in, then exchanges it for the new entry), again and again, each time by another
+/// process: every deletion and creation is in the path's history with its writer,
+/// whichever batches the events fall into.
+#[test]
+fn every_removal_and_remaking_of_a_lower_path_is_in_its_history() {
+    if !need_spfs() {
+        return;
+    }
+    let stack = Stack::new("remake");
+    let mut rt = stack.tracked_runtime();
+    let rounds = [
+        "perl -e 'unlink q(/spfs/etc/a) or die; symlink(q(t1), q(/spfs/etc/a)) or die'",
+        "perl -e 'unlink q(/spfs/etc/a) or die; symlink(q(t2), q(/spfs/etc/a)) or die'",
+        "perl -e 'unlink q(/spfs/etc/a) or die; symlink(q(t2), q(/spfs/etc/a)) or die'",
+        "perl -e 'unlink q(/spfs/etc/a) or die; mkdir(q(/spfs/etc/a)) or die'",
+        "perl -e 'rmdir q(/spfs/etc/a) or die; open(my $f, q(>), q(/spfs/etc/a)) or die'",
+    ];
+    rt.run(&rounds.join("\n"));
+    let history = rt.run("spfs changes history /spfs/etc/a");
+    let mut actions = Vec::new();
+    for line in history.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        assert!(
+            line.contains("perl -e"),
+            "every change of etc/a names its writer: {line:?} in\n{history}"
+        );
+        actions.push(words[1].to_string());
+    }
+    let want: Vec<&str> = ["deleted", "created"].repeat(rounds.len());
+    assert_eq!(
+        actions, want,
+        "each round deleted etc/a and made it again, in order:\n{history}"
+    );
+    rt.assert_consistent("after the rounds");
+}
+
 /// `spfs changes --since MARK` prints what `spfs diff` prints between the mount as it
 /// was at the mark and now: the ground truth is a copy of `/spfs` taken at the mark,
 /// committed with `spfs commit --path` and given to `spfs diff` as its base. Random

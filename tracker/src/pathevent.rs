@@ -9,6 +9,7 @@ use crate::fid::{DirEntryRef, Event, Handle, HandleRef};
 use crate::resolve::{Place, Resolver};
 use crate::sys;
 use std::io;
+use store::FileType;
 
 /// What happened to a path, as far as one event says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -44,6 +45,9 @@ pub enum PathEvent {
         from: Option<Vec<u8>>,
         to: Option<Vec<u8>>,
         dir: bool,
+        /// For an entry that came from outside: its type when the event was read
+        /// (`Whiteout` for a whiteout), if it still existed.
+        moved_in: Option<FileType>,
     },
     /// Sync cookie `n` was created: everything queued before it has been seen.
     Cookie(u64),
@@ -77,8 +81,19 @@ pub fn resolve(
             // Everything below a moved dir has a new path.
             resolver.invalidate();
         }
+        // What overlayfs moved in from its work dir says what it did: a whiteout
+        // deletes, anything else is a copy-up or a new entry.
+        let moved_in = match (&from, &to, event.object) {
+            (None, Some(_), Some(object)) => resolver.object_type(object)?,
+            _ => None,
+        };
         if from.is_some() || to.is_some() {
-            out.push(PathEvent::Renamed { from, to, dir });
+            out.push(PathEvent::Renamed {
+                from,
+                to,
+                dir,
+                moved_in,
+            });
         }
         return Ok(());
     }

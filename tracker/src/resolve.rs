@@ -13,6 +13,7 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use store::FileType;
 
 /// Where a directory lies.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +67,21 @@ impl Resolver {
     /// without an event that would invalidate the cache.
     pub fn object(&self, handle: HandleRef<'_>) -> io::Result<Option<Place>> {
         self.lookup(handle)
+    }
+
+    /// The type of the object behind `handle` (a whiteout is a 0/0 char device);
+    /// `None` when it no longer exists.
+    pub fn object_type(&self, handle: HandleRef<'_>) -> io::Result<Option<FileType>> {
+        let fd = match sys::open_by_handle(self.mount_fd.as_fd(), handle) {
+            Ok(fd) => fd,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ESTALE) | Some(libc::ENOENT)) => {
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(Some(crate::classify::file_type(&nix::sys::stat::fstat(
+            fd.as_fd(),
+        )?)))
     }
 
     fn lookup(&self, handle: HandleRef<'_>) -> io::Result<Option<Place>> {

@@ -100,6 +100,7 @@ impl WorkSet {
     /// Adds one path event, made by `origin` at `time_ns` (cloned only when logged:
     /// most events repeat what is logged already).
     pub fn add(&mut self, event: PathEvent, origin: &Option<Origin>, time_ns: u64) {
+        tracing::trace!(?event, pid = origin.as_ref().map(|o| o.pid), "path event");
         match event {
             PathEvent::Cookie(n) => self.cookie = self.cookie.max(n),
             PathEvent::Lost => self.lost = true,
@@ -138,11 +139,27 @@ impl WorkSet {
                 let i = self.push(step, path, dir, origin.clone(), time_ns);
                 self.log[i].object = object;
             }
-            PathEvent::Renamed { from, to, dir } => {
+            PathEvent::Renamed {
+                from,
+                to,
+                dir,
+                moved_in,
+            } => {
+                // Overlayfs' exchange with its work dir reports the entry moving in
+                // first, then the one it replaced moving out: the path keeps the entry
+                // that moved in.
+                let exchanged = to.is_none()
+                    && from.as_ref().is_some_and(|from| {
+                        self.log
+                            .last()
+                            .is_some_and(|l| l.step == Step::MovedIn && l.path == *from)
+                    });
                 let first = from.map(|from| {
                     let flags = self.paths.entry(from.clone()).or_default();
                     flags.subtree |= dir;
-                    flags.gone();
+                    if !exchanged {
+                        flags.gone();
+                    }
                     self.push(
                         Step::Action(Action::RenamedFrom),
                         from,
@@ -163,6 +180,9 @@ impl WorkSet {
                     let second = self.push(step, to, dir, origin.clone(), time_ns);
                     if let Some(first) = first {
                         self.log[first].renamed_to = Some(second);
+                    }
+                    if let Some(t) = moved_in {
+                        self.log[second].file_type = t;
                     }
                 }
             }

@@ -125,6 +125,10 @@ impl Recorded for Rec {
             .map(|(p, e)| (p.clone(), e.clone()))
             .collect())
     }
+
+    fn net_entry(&self, path: &[u8]) -> Result<Option<NetEntry>, StoreError> {
+        Ok(self.0.get(path).cloned())
+    }
 }
 
 /// `path kind type` as a state.
@@ -184,6 +188,14 @@ fn event(line: &str) -> (PathEvent, Option<Origin>) {
         "attrib" => change(Change::Attrib),
         "renamed" => {
             let (from, to) = rest.split_once(" -> ").expect("`renamed a -> b`");
+            // `renamed - -> f as whiteout`: what moved in, as the event's object says.
+            let (to, moved_in) = match to.split_once(" as ") {
+                Some((to, t)) => (
+                    to,
+                    Some(FileType::from_name(t).unwrap_or_else(|| panic!("no type {t:?}"))),
+                ),
+                None => (to, None),
+            };
             let side = |s: &str| (s != "-").then(|| path(s));
             let (from, to) = (side(from), side(to));
             let dir = from.as_ref().or(to.as_ref()).is_some_and(|(_, d)| *d);
@@ -191,6 +203,7 @@ fn event(line: &str) -> (PathEvent, Option<Origin>) {
                 from: from.map(|(p, _)| p),
                 to: to.map(|(p, _)| p),
                 dir,
+                moved_in,
             }
         }
         other => panic!("unknown event {other:?}"),

@@ -42,11 +42,17 @@ pub trait Layers {
 pub trait Recorded {
     /// The recorded net state strictly below `dir`.
     fn net_under(&self, dir: &[u8]) -> Result<Vec<(Vec<u8>, NetEntry)>, StoreError>;
+    /// The recorded net state of `path`.
+    fn net_entry(&self, path: &[u8]) -> Result<Option<NetEntry>, StoreError>;
 }
 
 impl Recorded for store::Store {
     fn net_under(&self, dir: &[u8]) -> Result<Vec<(Vec<u8>, NetEntry)>, StoreError> {
         store::Store::net_under(self, dir)
+    }
+
+    fn net_entry(&self, path: &[u8]) -> Result<Option<NetEntry>, StoreError> {
+        store::Store::net_entry(self, path)
     }
 }
 
@@ -214,22 +220,30 @@ pub fn settle(
     }
 
     let observations = &mut out.batch.observations;
-    // The last move into place of a path is what put it there.
-    let last_moved_in: HashMap<&[u8], usize> = work
-        .log
-        .iter()
-        .enumerate()
-        .filter(|(_, l)| l.step == Step::MovedIn)
-        .map(|(i, l)| (l.path.as_slice(), i))
-        .collect();
+    let (moved_in, overlay_own) = moves_in(work, &states, recorded)?;
     // The same change, logged for every other name of the file (hard links); by a
     // resetting process, a reset.
-    let to_other_names = |observations: &mut Vec<Observation>, logged: &Logged, action| {
+    // Where each path was last given its entry (created, renamed or moved to): a name
+    // made after a change did not have it.
+    let mut made_at: HashMap<&[u8], usize> = HashMap::new();
+    for (i, l) in work.log.iter().enumerate() {
+        if matches!(
+            l.step,
+            Step::Action(Action::Created | Action::RenamedTo) | Step::MovedIn
+        ) {
+            made_at.insert(&l.path, i);
+        }
+    }
+    let to_other_names = |observations: &mut Vec<Observation>, i: usize, action| {
+        let logged = &work.log[i];
         let action = match &logged.origin {
             Some(o) if resetting.contains(&o.pid) => Action::Reset,
             _ => action,
         };
         for name in links.get(&logged.path).into_iter().flatten() {
+            if made_at.get(name.as_slice()).is_some_and(|&m| m > i) {
+                continue;
+            }
             let state = states.get(name).copied().flatten();
             let logged = Logged {
                 path: name.clone(),
@@ -251,6 +265,9 @@ pub fn settle(
         }
     }
     for i in order {
+        if overlay_own.contains(&i) {
+            continue;
+        }
         let logged = &work.log[i];
         // What the path shows now says nothing of an entry that left it since.
         let state = match work.is_current(logged) {
@@ -259,15 +276,13 @@ pub fn settle(
         };
         let action = match logged.step {
             Step::Absorbed(action) => {
-                to_other_names(observations, logged, action);
+                to_other_names(observations, i, action);
                 continue;
             }
-            Step::MovedIn if last_moved_in.get(logged.path.as_slice()) != Some(&i) => continue,
-            Step::MovedIn => match state {
-                Some((NetKind::Removed, _)) => Action::Deleted,
-                Some((NetKind::Replaced, FileType::Dir)) => Action::Created,
+            Step::MovedIn => match moved_in.get(&i) {
+                Some(action) => *action,
                 // A copy-up: its content and attribute events say what changed.
-                _ => continue,
+                None => continue,
             },
             Step::Action(action) => corrected(action, state),
         };
@@ -313,10 +328,167 @@ pub fn settle(
             }
         }
         if changes_content {
-            to_other_names(observations, logged, action);
+            to_other_names(observations, i, action);
         }
     }
     Ok(out)
+}
+
+/// What overlayfs did with each entry it moved in from its work dir, by index in the
+/// log (a copy-up is absent: its content and attribute events say what changed), and
+/// the steps not to log: the out halves of its exchanges, which are its own business,
+/// and the writes and attribute changes that are part of making a new entry.
+///
+/// Overlayfs (fs/overlayfs/dir.c, copy_up.c) moves an entry in from its work dir to
+/// copy a lower entry up, to put a whiteout where a lower entry is deleted, and to put
+/// a new entry where a whiteout is (an exchange: the whiteout moves out; Linux 6.x
+/// reports only the move in). What moved in says which: a whiteout is a deletion; an
+/// entry is a copy-up when the path had no upper entry before it, else a creation.
+/// The type of what moved in is taken when the event is read; when it was gone by
+/// then, the moves at one path alternate between whiteout and entry and the last is
+/// what the path shows now.
+fn moves_in(
+    work: &WorkSet,
+    states: &HashMap<Vec<u8>, Net>,
+    recorded: &dyn Recorded,
+) -> Result<(HashMap<usize, Action>, HashSet<usize>), StoreError> {
+    let log = &work.log;
+    let is_out_half = |j: usize, path: &[u8]| {
+        log.get(j).is_some_and(|l| {
+            l.step == Step::Action(Action::RenamedFrom) && l.renamed_to.is_none() && l.path == path
+        })
+    };
+    let mut overlay_own = HashSet::new();
+    // Per path, the indices of its move-ins in log order.
+    let mut by_path: HashMap<&[u8], Vec<usize>> = HashMap::new();
+    for (i, l) in log.iter().enumerate() {
+        if l.step != Step::MovedIn {
+            continue;
+        }
+        let partner = [i + 1, i.wrapping_sub(1)]
+            .into_iter()
+            .find(|&j| is_out_half(j, &l.path) && !overlay_own.contains(&j));
+        if let Some(j) = partner {
+            overlay_own.insert(j);
+        }
+        by_path.entry(&l.path).or_default().push(i);
+    }
+    let mut out = HashMap::new();
+    for (path, moves) in by_path {
+        let state = states.get(path).copied().flatten();
+        // Whether each move put a whiteout in place (`None`: unknown), last first.
+        let mut whiteouts: Vec<Option<bool>> = Vec::with_capacity(moves.len());
+        for (k, &i) in moves.iter().enumerate().rev() {
+            let put = match (log[i].file_type, moves.get(k + 1)) {
+                (FileType::Whiteout, _) => Some(true),
+                (FileType::Unknown, None) if work.is_current(&log[i]) => {
+                    Some(matches!(state, Some((NetKind::Removed, _))))
+                }
+                (FileType::Unknown, Some(&next))
+                    if only_content_between(log, path, i, next, &overlay_own) =>
+                {
+                    whiteouts.last().copied().flatten().map(|w| !w)
+                }
+                (FileType::Unknown, _) => None,
+                // The event named what moved in: an entry.
+                _ => Some(false),
+            };
+            whiteouts.push(put);
+        }
+        whiteouts.reverse();
+        for (k, &i) in moves.iter().enumerate() {
+            // What the path held in the upper dir before this move; `None`: not known.
+            let before = if k == 0 {
+                let earlier = log[..i].iter().enumerate().any(|(j, l)| {
+                    l.path == path && !overlay_own.contains(&j) && !is_content(l.step)
+                });
+                match earlier {
+                    true => None,
+                    false => Some(match recorded.net_entry(path)? {
+                        Some(NetEntry {
+                            kind: NetKind::Removed,
+                            ..
+                        }) => Upper::Whiteout,
+                        Some(_) => Upper::Entry,
+                        None => Upper::Nothing,
+                    }),
+                }
+            } else if only_content_between(log, path, moves[k - 1], i, &overlay_own) {
+                whiteouts[k - 1].map(|w| if w { Upper::Whiteout } else { Upper::Entry })
+            } else {
+                None
+            };
+            // The out half of an exchange says what left the path: a dir left when
+            // an emptied dir took its place.
+            let dir_left = [i + 1, i.wrapping_sub(1)].into_iter().any(|j| {
+                overlay_own.contains(&j) && log[j].path == path && log[j].file_type == FileType::Dir
+            });
+            let action = match (whiteouts[k], before) {
+                (Some(true), _) => Action::Deleted,
+                // Before removing a dir that holds whiteouts, overlayfs exchanges it
+                // for an empty one (`ovl_clear_empty`): part of the removal.
+                (Some(false), _) if dir_left && log[i].file_type == FileType::Dir => continue,
+                (Some(false), Some(Upper::Whiteout)) => Action::Created,
+                // The recorded state was read after the whiteout this replaced.
+                (Some(false), Some(Upper::Entry)) => Action::Created,
+                // An opaque dir made where a lower dir was removed.
+                (Some(false), None)
+                    if moves.len() == k + 1
+                        && matches!(state, Some((NetKind::Replaced, FileType::Dir))) =>
+                {
+                    Action::Created
+                }
+                // A copy-up (no upper entry before it), or a move nothing tells about.
+                _ => continue,
+            };
+            out.insert(i, action);
+            if action == Action::Created {
+                // The new entry's own writes and attribute changes (overlayfs sets up
+                // a new dir's attributes before moving it in) are part of making it,
+                // as for a creation in place.
+                let part = |j: usize| log[j].path == path && log[j].origin == log[i].origin;
+                let after = (i + 1..log.len()).filter(|&j| log[j].path == path);
+                let before = (0..i).rev().filter(|&j| log[j].path == path);
+                let parts: Vec<usize> = after
+                    .take_while(|&j| is_content(log[j].step) || overlay_own.contains(&j))
+                    .chain(before.take_while(|&j| is_content(log[j].step)))
+                    .filter(|&j| part(j) && is_content(log[j].step))
+                    .collect();
+                overlay_own.extend(parts);
+            }
+        }
+    }
+    Ok((out, overlay_own))
+}
+
+/// What a path holds in the upper dir.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Upper {
+    Whiteout,
+    Entry,
+    Nothing,
+}
+
+fn is_content(step: Step) -> bool {
+    matches!(
+        step,
+        Step::Action(Action::Written | Action::Attrib) | Step::Absorbed(_)
+    )
+}
+
+/// True when, at `path`, the log between `from` and `to` holds nothing but the
+/// halves of overlayfs' exchanges, writes and attribute changes.
+fn only_content_between(
+    log: &[Logged],
+    path: &[u8],
+    from: usize,
+    to: usize,
+    overlay_own: &HashSet<usize>,
+) -> bool {
+    (from + 1..to).all(|k| {
+        let l = &log[k];
+        l.path != path || overlay_own.contains(&k) || is_content(l.step)
+    })
 }
 
 /// `action` as what the path turned out to be says it was.
