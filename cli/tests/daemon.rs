@@ -153,8 +153,9 @@ fn the_daemon_tracks_each_new_runtime_from_its_first_write() {
             created["pid"].as_u64().is_some()
                 && created["command"]
                     .as_str()
-                    .is_some_and(|c| c.contains("echo first > /spfs/first")),
-            "the first write is attributed to the first command: {created}"
+                    .is_some_and(|c| c.starts_with("sh -c echo first > /spfs/first")),
+            "the first write is attributed to the first command (not to spfs's startup \
+             script, which execs it): {created}"
         );
 
         // The tracker ended with the runtime; its changelog is kept.

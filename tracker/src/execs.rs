@@ -5,8 +5,10 @@
 //! step) are gone before their event is read, taking `/proc/PID/cmdline` with them.
 //! Reading the command line at exec time, while the process surely lives, names them;
 //! a fork without exec runs its parent's program and inherits its parent's entry.
-//! Entries of exited processes stay for a grace period (the fanotify queue and the
-//! connector's are not ordered against each other), and the cache is bounded.
+//! A lookup first applies what the connector has queued: a process's exec is queued
+//! before anything it writes after it, so the answer is never older than the event
+//! asked about. Entries of exited processes stay for a grace period, and the cache is
+//! bounded.
 
 use crate::procevents::{self, ProcEvent};
 use crate::sys::{self, ProcConnector};
@@ -31,20 +33,58 @@ struct Entry {
 }
 
 /// Command lines and parents of the processes of one mount namespace.
-#[derive(Default)]
 pub struct ExecCache {
     entries: Mutex<HashMap<u32, Entry>>,
+    /// The connector and a buffer to read it into; one reader at a time.
+    feed: Mutex<Vec<u8>>,
+    connector: ProcConnector,
+    ns: u64,
     /// Connector messages the kernel dropped (ENOBUFS): the pids they spoke of are
     /// read from `/proc` instead.
     pub dropped: AtomicU64,
+    /// Execs seen so far: a command line read before the last one may be stale.
+    execs: AtomicU64,
 }
 
 impl ExecCache {
     /// The command line process `pid` had at its exec (or its parent's, after a fork),
-    /// if the cache knows it.
+    /// if the cache knows it, once what the connector has queued is applied.
     pub fn command(&self, pid: u32) -> Option<Vec<u8>> {
+        if let Err(e) = self.catch_up() {
+            tracing::debug!(error = %e, "reading the process events connector");
+        }
         let entries = self.entries.lock().ok()?;
         entries.get(&pid).map(|e| e.command.clone())
+    }
+
+    /// How many execs it has applied, after applying what is queued: a command line
+    /// read from `/proc` while this stays the same is still the process's.
+    pub fn execs_seen(&self) -> u64 {
+        if let Err(e) = self.catch_up() {
+            tracing::debug!(error = %e, "reading the process events connector");
+        }
+        self.execs.load(Ordering::SeqCst)
+    }
+
+    /// Applies every message queued on the connector now.
+    fn catch_up(&self) -> std::io::Result<()> {
+        let Ok(mut buf) = self.feed.lock() else {
+            return Ok(());
+        };
+        loop {
+            match self.connector.recv_now(&mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(n) => {
+                    for t in procevents::parse(&buf[..n]) {
+                        self.apply(t.event, self.ns);
+                    }
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                    self.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// The parent of `pid` when it started, if known.
@@ -68,6 +108,7 @@ impl ExecCache {
         };
         match event {
             ProcEvent::Exec { pid } => {
+                self.execs.fetch_add(1, Ordering::SeqCst);
                 if sys::mount_ns_of(pid).ok() == Some(ns) {
                     let command = sys::command_of(pid);
                     let parent = parent_of(pid).unwrap_or(0);
@@ -163,28 +204,23 @@ fn parent_of(pid: u32) -> Option<u32> {
 /// (not root in the initial namespaces, a kernel without it): callers then read
 /// `/proc` alone.
 pub fn start(ns: u64, stop: Arc<AtomicBool>) -> std::io::Result<(Arc<ExecCache>, JoinHandle<()>)> {
-    let connector = ProcConnector::open()?;
-    let cache = Arc::new(ExecCache::default());
+    let cache = Arc::new(ExecCache {
+        entries: Mutex::new(HashMap::new()),
+        feed: Mutex::new(vec![0u8; 64 * 1024]),
+        connector: ProcConnector::open()?,
+        ns,
+        dropped: AtomicU64::new(0),
+        execs: AtomicU64::new(0),
+    });
     let feed = cache.clone();
     let thread = std::thread::Builder::new()
         .name("spfs-changes-execs".into())
         .spawn(move || {
-            let mut buf = vec![0u8; 64 * 1024];
             while !stop.load(Ordering::SeqCst) {
-                match connector.recv(&mut buf, Duration::from_millis(200)) {
-                    Ok(0) => {}
-                    Ok(n) => {
-                        for t in procevents::parse(&buf[..n]) {
-                            feed.apply(t.event, ns);
-                        }
-                    }
-                    Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
-                        feed.dropped.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "process events connector failed; command lines are read from /proc from now on");
-                        return;
-                    }
+                let ready = feed.connector.wait(Duration::from_millis(200));
+                if let Err(e) = ready.and_then(|_| feed.catch_up()) {
+                    tracing::error!(error = %e, "process events connector failed; command lines are read from /proc from now on");
+                    return;
                 }
             }
         })?;

@@ -34,7 +34,11 @@ impl Chunk {
     fn decode(bytes: Vec<u8>, commands_known: &mut Commands) -> Chunk {
         let now = Instant::now();
         let Commands { known, execs } = commands_known;
-        known.retain(|_, (_, at)| now.duration_since(*at) < COMMAND_TTL);
+        // An exec since a command line was read may have changed it.
+        let execs_seen = execs.as_deref().map(ExecCache::execs_seen);
+        known.retain(|_, (_, at, seen)| {
+            now.duration_since(*at) < COMMAND_TTL && *seen == execs_seen
+        });
         let mut events = Vec::new();
         let mut undecodable = None;
         let mut commands = HashMap::new();
@@ -47,9 +51,13 @@ impl Chunk {
                 }
             };
             if event.pid > 0 && !commands.contains_key(&event.pid) {
-                let (command, _) = known
-                    .entry(event.pid)
-                    .or_insert_with(|| (command_of(event.pid as u32, execs.as_deref()), now));
+                let (command, _, _) = known.entry(event.pid).or_insert_with(|| {
+                    (
+                        command_of(event.pid as u32, execs.as_deref()),
+                        now,
+                        execs_seen,
+                    )
+                });
                 commands.insert(event.pid, command.clone());
             }
             events.push(fid::EventSpans::of(&event, &bytes));
@@ -152,7 +160,9 @@ const COMMAND_TTL: Duration = Duration::from_millis(200);
 
 /// Writers' command lines: those read lately, and the exec cache when there is one.
 struct Commands {
-    known: HashMap<i32, (Vec<u8>, Instant)>,
+    /// By pid: the command line, when it was read, and the exec cache's count of
+    /// execs then.
+    known: HashMap<i32, (Vec<u8>, Instant, Option<u64>)>,
     execs: Option<Arc<ExecCache>>,
 }
 

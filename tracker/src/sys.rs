@@ -398,18 +398,30 @@ impl ProcConnector {
         Ok(ProcConnector { fd })
     }
 
-    /// Waits up to `timeout` for messages and reads one datagram into `buf`: `Ok(0)`
-    /// when none came. `ENOBUFS` means messages were lost.
-    pub fn recv(&self, buf: &mut [u8], timeout: std::time::Duration) -> io::Result<usize> {
+    /// Waits up to `timeout` for a message to read.
+    pub fn wait(&self, timeout: std::time::Duration) -> io::Result<bool> {
         use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
         let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
         let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
         match poll(&mut fds, PollTimeout::from(ms)) {
-            Ok(0) => return Ok(0),
-            Ok(_) => {}
-            Err(nix::errno::Errno::EINTR) => return Ok(0),
-            Err(e) => return Err(e.into()),
+            Ok(0) | Err(nix::errno::Errno::EINTR) => Ok(false),
+            Ok(_) => Ok(true),
+            Err(e) => Err(e.into()),
         }
+    }
+
+    /// Waits up to `timeout` for messages and reads one datagram into `buf`: `Ok(0)`
+    /// when none came. `ENOBUFS` means messages were lost.
+    pub fn recv(&self, buf: &mut [u8], timeout: std::time::Duration) -> io::Result<usize> {
+        if !self.wait(timeout)? {
+            return Ok(0);
+        }
+        self.recv_now(buf)
+    }
+
+    /// Reads one queued datagram into `buf` without waiting: `Ok(0)` when none is
+    /// queued. `ENOBUFS` means messages were lost.
+    pub fn recv_now(&self, buf: &mut [u8]) -> io::Result<usize> {
         match nix::sys::socket::recv(
             self.fd.as_raw_fd(),
             buf,
