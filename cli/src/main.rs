@@ -91,8 +91,9 @@ struct ChangesArgs {
     /// One JSON object per line, then a trailer line with the token.
     #[arg(long)]
     jsonl: bool,
-    /// Also list what `spfs diff` cannot see: owner, mtime or xattrs changed, bytes
-    /// rewritten unchanged (`[owner {0:0=>1000:1000}]`, `[mtime]`, `[touched]`).
+    /// Also list what `spfs diff` cannot see: owner, mtime or xattrs changed, and
+    /// since a mark, paths put back as they were at it (`[owner {0:0=>1000:1000}]`,
+    /// `[mtime]`, `[touched]`).
     #[arg(long)]
     all: bool,
     /// Only paths matching this glob (relative to the mount, e.g. `lib/**/*.so`).

@@ -156,13 +156,14 @@ pub fn full_path(mount: &Path, rel: &[u8]) -> Vec<u8> {
     p
 }
 
-/// Escapes everything that would make a path ambiguous on one line of text.
+/// A path on one line of text: printable UTF-8 as is (backslashes included, as spfs
+/// prints it), control characters and bytes that are not UTF-8 escaped (`\n`,
+/// `\x1b`, `\xff`) so that one line is one path. JSON output keeps the exact bytes.
 pub fn escape(bytes: &[u8]) -> String {
     let mut s = String::with_capacity(bytes.len());
     for chunk in bytes.utf8_chunks() {
         for ch in chunk.valid().chars() {
             match ch {
-                '\\' => s.push_str("\\\\"),
                 '\n' => s.push_str("\\n"),
                 '\t' => s.push_str("\\t"),
                 '\r' => s.push_str("\\r"),
@@ -372,7 +373,8 @@ mod tests {
     fn escape_keeps_one_path_per_line() {
         assert_eq!(escape(b"a/b c"), "a/b c");
         assert_eq!(escape(b"new\nline"), "new\\nline");
-        assert_eq!(escape(b"back\\slash"), "back\\\\slash");
+        // Printable: as spfs prints it.
+        assert_eq!(escape(b"back\\slash"), "back\\slash");
         assert_eq!(escape(b"bad\xff\xfe"), "bad\\xff\\xfe");
         assert_eq!(escape("caf\u{e9}".as_bytes()), "caf\u{e9}");
         assert_eq!(escape(b"\x1b[31m"), "\\x1b[31m");

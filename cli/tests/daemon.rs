@@ -409,7 +409,27 @@ while [ ! -e {h}/go ]; do sleep 0.05; done
         let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
     }
     assert!(status.success(), "spfs run as the user: {stderr}");
-    let _ = std::fs::remove_dir_all(tracker_state_dir(&name));
+
+    // The runtime has ended: its kept changelog is the user's to read, by name.
+    let state = tracker_state_dir(&name);
+    assert!(
+        wait_for(Duration::from_secs(10), || !state
+            .join("tracker.pid")
+            .exists()),
+        "the tracker of {name} ended with it"
+    );
+    let kept = output(tools.as_user(
+        user,
+        home.path(),
+        &["spfs-changes", "history", "/spfs/later", "--runtime", &name],
+    ));
+    assert!(
+        kept.status.success() && text(&kept.stdout).contains("created"),
+        "the owner reads the ended runtime's changelog: {}{}",
+        text(&kept.stdout),
+        text(&kept.stderr)
+    );
+    let _ = std::fs::remove_dir_all(state);
 }
 
 /// Creates its file when dropped: what a runtime's script waits for to end.

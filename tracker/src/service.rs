@@ -122,23 +122,61 @@ impl Service {
     }
 
     /// Stops serving, lets the watcher process what is queued and flushes the
-    /// changelog.
+    /// changelog. When the runtime has ended, its changelog is handed to the runtime's
+    /// owner, who can then read it (and remove it) without root: no tracker will
+    /// write it again.
     pub fn stop(self) -> Result<(), TrackerError> {
         let Service {
             tracker,
             server,
+            mut runtime,
             state,
-            ..
         } = self;
         drop(server);
-        let _ = std::fs::remove_file(state.join(PID_FILE_NAME));
-        match Arc::try_unwrap(tracker) {
+        let stopped = match Arc::try_unwrap(tracker) {
             Ok(t) => t.stop(),
             Err(_) => Err(TrackerError::Stopped(
                 "the control socket still holds the tracker".into(),
             )),
+        };
+        if stopped.is_ok()
+            && runtime.owner_uid != 0
+            && !runtime.alive()
+            && let Err(e) = hand_over(&state, runtime.owner_uid)
+        {
+            tracing::warn!(error = %e, state = %state.display(), "cannot hand the ended runtime's changelog to its owner");
+        }
+        // Last: until it is gone, the tracker may still write.
+        let _ = std::fs::remove_file(state.join(PID_FILE_NAME));
+        stopped
+    }
+}
+
+/// Makes `uid` the owner of `dir` and everything in it (symlinks themselves, never
+/// what they point to).
+fn hand_over(dir: &Path, uid: u32) -> std::io::Result<()> {
+    use nix::fcntl::AtFlags;
+    use nix::unistd::{Uid, fchownat};
+    let chown = |p: &Path| {
+        fchownat(
+            nix::fcntl::AT_FDCWD,
+            p,
+            Some(Uid::from_raw(uid)),
+            None,
+            AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .map_err(std::io::Error::from)
+    };
+    chown(dir)?;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            hand_over(&entry.path(), uid)?;
+        } else {
+            chown(&entry.path())?;
         }
     }
+    Ok(())
 }
 
 /// What a state dir says of the runtime it tracks (`runtime.json`, written when a
