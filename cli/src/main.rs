@@ -139,7 +139,18 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,sled=off")),
         )
         .init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // clap's own message would be several lines and name no argument.
+        Err(e) if e.kind() == clap::error::ErrorKind::InvalidUtf8 => {
+            eprintln!(
+                "spfs-changes: error: an argument is not valid UTF-8: paths, patterns and \
+                 names are given as UTF-8 (`changes --json` gives other paths' exact bytes)"
+            );
+            return ExitCode::from(2);
+        }
+        Err(e) => e.exit(),
+    };
     // Trackers this program starts reset for their runtime's owner with it.
     if let Ok(exe) = std::env::current_exe() {
         let _ = tracker::control::RESET_HELPER.set(exe);
@@ -227,6 +238,13 @@ fn history(args: HistoryArgs) -> anyhow::Result<ExitCode> {
     let mut target = target::open(&args.target, true)?;
     let rel = target.relative(&args.path);
     let records = target.history(&rel)?;
+    if records.is_empty() {
+        // Said, so that a path outside the runtime or mistyped is not a silent blank.
+        eprintln!(
+            "spfs-changes: no recorded change of {}",
+            output::escape(&output::full_path(target.mount(), &rel))
+        );
+    }
     let mut out = std::io::stdout().lock();
     output::write_history(&mut out, &records, target.mount(), args.json)?;
     Ok(ExitCode::SUCCESS)

@@ -310,9 +310,24 @@ pub fn ensure_tracked(
         Which::Pid(pid) => match crate::runtime::key_of_pid(*pid) {
             Some(key) => (key, Some(*pid)),
             None => {
-                return Err(TrackerError::Attach(format!(
-                    "process {pid} is not in a runtime (or cannot be read): it shares the host's mount namespace"
-                )));
+                let why = match crate::sys::mount_ns_of(*pid) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        format!("no process {pid}")
+                    }
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::PermissionDenied
+                            && !nix::unistd::geteuid().is_root() =>
+                    {
+                        format!(
+                            "process {pid} is another user's: only its owner or root may use its runtime"
+                        )
+                    }
+                    Err(e) => format!("cannot read the mount namespace of process {pid}: {e}"),
+                    Ok(_) => format!(
+                        "process {pid} is not in a runtime: it shares the host's mount namespace"
+                    ),
+                };
+                return Err(TrackerError::Attach(why));
             }
         },
         Which::Named(name) => (
