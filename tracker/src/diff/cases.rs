@@ -155,14 +155,7 @@ impl Sides for Trees {
     }
 
     fn before_below(&self, rel: &[u8]) -> io::Result<Vec<Vec<u8>>> {
-        let mut prefix = rel.to_vec();
-        prefix.push(b'/');
-        Ok(self
-            .before
-            .keys()
-            .filter(|k| k.starts_with(&prefix))
-            .cloned()
-            .collect())
+        Ok(keys_below(&self.before, rel))
     }
 
     fn masks(&self) -> Vec<Vec<u8>> {
@@ -176,6 +169,16 @@ impl Sides for Trees {
     fn after_record(&self, rel: &[u8]) -> io::Result<Recorded> {
         Ok(recorded(self.after.get(rel)))
     }
+}
+
+/// The keys of `map` below dir `rel`.
+fn keys_below<V>(map: &BTreeMap<Vec<u8>, V>, rel: &[u8]) -> Vec<Vec<u8>> {
+    let mut prefix = rel.to_vec();
+    prefix.push(b'/');
+    map.keys()
+        .filter(|k| k.starts_with(&prefix))
+        .cloned()
+        .collect()
 }
 
 /// A tree entry as a mark records it (content kept as is: equal bytes, equal record).
@@ -206,14 +209,7 @@ impl Past for Point {
     }
 
     fn changes_below(&self, rel: &[u8]) -> io::Result<Vec<Vec<u8>>> {
-        let mut prefix = rel.to_vec();
-        prefix.push(b'/');
-        Ok(self
-            .kinds
-            .keys()
-            .filter(|k| k.starts_with(&prefix))
-            .cloned()
-            .collect())
+        Ok(keys_below(&self.kinds, rel))
     }
 }
 
