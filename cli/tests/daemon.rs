@@ -429,6 +429,16 @@ while [ ! -e {h}/go ]; do sleep 0.05; done
         text(&kept.stdout),
         text(&kept.stderr)
     );
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&state)
+            .expect("the kept state dir")
+            .permissions(),
+    );
+    assert_eq!(
+        mode & 0o077,
+        0,
+        "only its owner reads the kept changelog: {mode:o}"
+    );
     let _ = std::fs::remove_dir_all(state);
 }
 

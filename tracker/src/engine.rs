@@ -368,7 +368,9 @@ impl Tracker {
             let moved = store.query(&q)?;
             if moved.fresh.is_some() {
                 // The history restarted meanwhile: a mark of the old one means nothing.
-                return Ok(store.mark(name)?);
+                let token = store.mark(name)?;
+                store.flush()?;
+                return Ok(token);
             }
             let moved: std::collections::HashSet<Vec<u8>> =
                 moved.changes.into_iter().map(|c| c.path).collect();
@@ -378,6 +380,8 @@ impl Tracker {
                 .collect()
         };
         store.mark_with(name, at, records)?;
+        // A mark is asked for to be used later: it must outlive a crash right after.
+        store.flush()?;
         Ok(at)
     }
 

@@ -153,8 +153,14 @@ impl Service {
 }
 
 /// Makes `uid` the owner of `dir` and everything in it (symlinks themselves, never
-/// what they point to).
+/// what they point to), readable by that user alone: the changelog names their files
+/// and command lines.
 fn hand_over(dir: &Path, uid: u32) -> std::io::Result<()> {
+    give(dir, uid)?;
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+}
+
+fn give(dir: &Path, uid: u32) -> std::io::Result<()> {
     use nix::fcntl::AtFlags;
     use nix::unistd::{Uid, fchownat};
     let chown = |p: &Path| {
@@ -171,7 +177,7 @@ fn hand_over(dir: &Path, uid: u32) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         if entry.file_type()?.is_dir() {
-            hand_over(&entry.path(), uid)?;
+            give(&entry.path(), uid)?;
         } else {
             chown(&entry.path())?;
         }
