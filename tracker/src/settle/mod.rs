@@ -447,11 +447,11 @@ fn moves_in(
                 // a new dir's attributes before moving it in) are part of making it,
                 // as for a creation in place.
                 let part = |j: usize| log[j].path == path && log[j].origin == log[i].origin;
-                let after = (i + 1..log.len()).filter(|&j| log[j].path == path);
-                let before = (0..i).rev().filter(|&j| log[j].path == path);
-                let parts: Vec<usize> = after
+                let later = (i + 1..log.len()).filter(|&j| log[j].path == path);
+                let earlier = (0..i).rev().filter(|&j| log[j].path == path);
+                let parts: Vec<usize> = later
                     .take_while(|&j| is_content(log[j].step) || overlay_own.contains(&j))
-                    .chain(before.take_while(|&j| is_content(log[j].step)))
+                    .chain(earlier.take_while(|&j| is_content(log[j].step)))
                     .filter(|&j| part(j) && is_content(log[j].step))
                     .collect();
                 overlay_own.extend(parts);
