@@ -159,13 +159,7 @@ fn the_daemon_tracks_each_new_runtime_from_its_first_write() {
         );
 
         // The tracker ended with the runtime; its changelog is kept.
-        let state = tracker_state_dir(&name);
-        assert!(
-            wait_for(Duration::from_secs(5), || !state
-                .join("tracker.pid")
-                .exists()),
-            "the tracker of {name} ended with it"
-        );
+        let state = tracker_ended(&name, Duration::from_secs(5));
         let listed = parse_json(&common::ok(cmd(&["list", "--json"])), "list --json");
         let entry = listed
             .as_array()
@@ -411,13 +405,7 @@ while [ ! -e {h}/go ]; do sleep 0.05; done
     assert!(status.success(), "spfs run as the user: {stderr}");
 
     // The runtime has ended: its kept changelog is the user's to read, by name.
-    let state = tracker_state_dir(&name);
-    assert!(
-        wait_for(Duration::from_secs(10), || !state
-            .join("tracker.pid")
-            .exists()),
-        "the tracker of {name} ended with it"
-    );
+    let state = tracker_ended(&name, Duration::from_secs(10));
     let kept = output(tools.as_user(
         user,
         home.path(),
@@ -440,6 +428,17 @@ while [ ! -e {h}/go ]; do sleep 0.05; done
         "only its owner reads the kept changelog: {mode:o}"
     );
     let _ = std::fs::remove_dir_all(state);
+}
+
+/// Asserts the tracker of runtime `name` ends within `timeout` (its pid file goes
+/// last); returns its state dir, which is kept.
+fn tracker_ended(name: &str, timeout: Duration) -> std::path::PathBuf {
+    let state = tracker_state_dir(name);
+    assert!(
+        wait_for(timeout, || !state.join("tracker.pid").exists()),
+        "the tracker of {name} ended with it"
+    );
+    state
 }
 
 /// Creates its file when dropped: what a runtime's script waits for to end.

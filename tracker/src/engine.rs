@@ -358,8 +358,8 @@ impl Tracker {
         // A change made while recording may or may not be in a record: such paths
         // get none, and `--since` says their state at the mark is unknown.
         let after = self.sync()?;
-        let records = if after == at {
-            records
+        let (at, records) = if after == at {
+            (at, records)
         } else {
             let q = Query {
                 since: Some(store::Since::Token(at)),
@@ -368,16 +368,16 @@ impl Tracker {
             let moved = store.query(&q)?;
             if moved.fresh.is_some() {
                 // The history restarted meanwhile: a mark of the old one means nothing.
-                let token = store.mark(name)?;
-                store.flush()?;
-                return Ok(token);
+                (moved.token, Vec::new())
+            } else {
+                let moved: std::collections::HashSet<Vec<u8>> =
+                    moved.changes.into_iter().map(|c| c.path).collect();
+                let kept = records
+                    .into_iter()
+                    .filter(|(p, _)| !moved.contains(p))
+                    .collect();
+                (at, kept)
             }
-            let moved: std::collections::HashSet<Vec<u8>> =
-                moved.changes.into_iter().map(|c| c.path).collect();
-            records
-                .into_iter()
-                .filter(|(p, _)| !moved.contains(p))
-                .collect()
         };
         store.mark_with(name, at, records)?;
         // A mark is asked for to be used later: it must outlive a crash right after.

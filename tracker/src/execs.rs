@@ -50,9 +50,7 @@ impl ExecCache {
     /// The command line process `pid` had at its exec (or its parent's, after a fork),
     /// if the cache knows it, once what the connector has queued is applied.
     pub fn command(&self, pid: u32) -> Option<Vec<u8>> {
-        if let Err(e) = self.catch_up() {
-            tracing::debug!(error = %e, "reading the process events connector");
-        }
+        self.caught_up();
         let entries = self.entries.lock().ok()?;
         entries.get(&pid).map(|e| e.command.clone())
     }
@@ -60,10 +58,15 @@ impl ExecCache {
     /// How many execs it has applied, after applying what is queued: a command line
     /// read from `/proc` while this stays the same is still the process's.
     pub fn execs_seen(&self) -> u64 {
+        self.caught_up();
+        self.execs.load(Ordering::SeqCst)
+    }
+
+    /// Before an answer: what is queued is applied, or the answer is what is known.
+    fn caught_up(&self) {
         if let Err(e) = self.catch_up() {
             tracing::debug!(error = %e, "reading the process events connector");
         }
-        self.execs.load(Ordering::SeqCst)
     }
 
     /// Applies every message queued on the connector now.

@@ -359,8 +359,10 @@ fn moves_in(
         })
     };
     let mut overlay_own = HashSet::new();
-    // Per path, the indices of its move-ins in log order.
+    // Per path, the indices of its move-ins in log order; per move-in, the out half
+    // of its exchange.
     let mut by_path: HashMap<&[u8], Vec<usize>> = HashMap::new();
+    let mut out_half: HashMap<usize, usize> = HashMap::new();
     for (i, l) in log.iter().enumerate() {
         if l.step != Step::MovedIn {
             continue;
@@ -370,6 +372,7 @@ fn moves_in(
             .find(|&j| is_out_half(j, &l.path) && !overlay_own.contains(&j));
         if let Some(j) = partner {
             overlay_own.insert(j);
+            out_half.insert(i, j);
         }
         by_path.entry(&l.path).or_default().push(i);
     }
@@ -420,9 +423,9 @@ fn moves_in(
             };
             // The out half of an exchange says what left the path: a dir left when
             // an emptied dir took its place.
-            let dir_left = [i + 1, i.wrapping_sub(1)].into_iter().any(|j| {
-                overlay_own.contains(&j) && log[j].path == path && log[j].file_type == FileType::Dir
-            });
+            let dir_left = out_half
+                .get(&i)
+                .is_some_and(|&j| log[j].file_type == FileType::Dir);
             let action = match (whiteouts[k], before) {
                 (Some(true), _) => Action::Deleted,
                 // Before removing a dir that holds whiteouts, overlayfs exchanges it
