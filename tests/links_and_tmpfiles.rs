@@ -87,7 +87,7 @@ fn a_chmod_through_a_hard_link_changes_the_lower_file_too() {
             assert!(actions(t, "f").contains(&Action::Written), "{ctx}");
             // And validation sees the altered lower file.
             let report = t
-                .validate(None, &tracker::validate::Rules::default())
+                .validate(&tracker::validate::Request::default())
                 .expect("validate");
             assert!(
                 report.violations.iter().any(|v| v.path == b"f"),

@@ -5,35 +5,46 @@ use crate::output::{escape, full_path};
 use crate::target::{self, Target};
 use anyhow::{Context, bail};
 use clap::Args;
-use serde::Deserialize;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use tracker::control::{Request, Response};
-use tracker::validate::{AlterAction, Report, RuleName, Rules, Violation};
+use tracker::validate::{AlterAction, Failure, Report, Rule, RuleKind, RuleName, Violation};
 
 #[derive(Args)]
 pub struct ValidateArgs {
     /// Only changes after this mark or token (e.g. build-start).
     #[arg(long)]
     since: Option<String>,
-    /// An spk-style rules file (YAML: `rules: [{allow: EmptyPackage}, {deny:
-    /// AlterExistingFiles, action: Touch}]`), applied before --allow/--deny.
-    #[arg(long)]
+    /// The build's rules, in spk's YAML: an spk recipe (its `build: validation:
+    /// rules:`), a map with `rules:`, or a list such as `[{deny: AlterExistingFiles,
+    /// action: Touch}]`. Default: the rules of the recipe spk wrote for the package
+    /// being built (`/spfs/spk/pkg/NAME/VERSION/BUILD/spec.yaml`). spk's default rules
+    /// always come first.
+    #[arg(long, value_name = "FILE")]
     rules: Option<PathBuf>,
-    /// Allow a rule: EmptyPackage, AlterExistingFiles[:Change|:Remove|:Touch],
-    /// CollectExistingFiles.
-    #[arg(long = "allow")]
+    /// Allow a rule, after the build's rules: EmptyPackage, RecursiveBuild,
+    /// AlterExistingFiles[:Change|:Remove|:Touch], CollectExistingFiles.
+    #[arg(long = "allow", value_name = "RULE")]
     allow: Vec<String>,
-    /// Deny a rule (same names as --allow).
-    #[arg(long = "deny")]
+    /// Deny a rule (same names as --allow), after the --allow rules.
+    #[arg(long = "deny", value_name = "RULE")]
     deny: Vec<String>,
+    /// Require a rule (same names as --allow), after the --deny rules.
+    #[arg(long = "require", value_name = "RULE")]
+    require: Vec<String>,
+    /// The packages the --allow/--deny/--require rules of AlterExistingFiles and
+    /// CollectExistingFiles speak of (spk's `packages:`; `~` is the package being
+    /// built). Default: every package.
+    #[arg(long, value_name = "NAME", value_delimiter = ',')]
+    packages: Vec<String>,
+    /// The package being built, NAME/VERSION[/BUILD]. Default: $SPK_PKG (spk sets it
+    /// for build scripts), else the one build whose metadata spk wrote into /spfs.
+    #[arg(long, value_name = "IDENT")]
+    package: Option<String>,
     /// Deny any change to a path matching this glob (relative to the mount).
-    #[arg(long = "deny-path")]
+    #[arg(long = "deny-path", value_name = "GLOB")]
     deny_paths: Vec<String>,
-    /// A path the build will collect into its package (for CollectExistingFiles).
-    #[arg(long = "collect")]
-    collect: Vec<PathBuf>,
     #[arg(long)]
     json: bool,
     #[command(flatten)]
@@ -79,77 +90,46 @@ fn run(args: &ValidateArgs) -> anyhow::Result<(Report, PathBuf)> {
             "no tracker runs for this runtime: validation compares changes with the runtime's lower layers"
         );
     };
-    let mut rules = Rules::default();
-    if let Some(file) = &args.rules {
-        apply_rules_file(&mut rules, file)?;
+    let rules = match &args.rules {
+        Some(file) => {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("rules file {}", file.display()))?;
+            let rules = tracker::validate::rules::parse(&text)
+                .with_context(|| format!("rules file {}", file.display()))?;
+            Some(rules)
+        }
+        None => None,
+    };
+    let mut extra = Vec::new();
+    for (kind, given) in [
+        (RuleKind::Allow, &args.allow),
+        (RuleKind::Deny, &args.deny),
+        (RuleKind::Require, &args.require),
+    ] {
+        for r in given {
+            extra.push(Rule::from_arg(kind, r, &args.packages)?);
+        }
     }
-    for r in &args.allow {
-        rules.set(r, false)?;
-    }
-    for r in &args.deny {
-        rules.set(r, true)?;
-    }
-    let relative = |p: &Path| target::relative_to(&mount, p);
     // Globs may be written relative to the mount or under it (`/spfs/etc/**`).
-    rules.deny_paths = args
+    let deny_paths = args
         .deny_paths
         .iter()
-        .map(|g| String::from_utf8_lossy(&relative(Path::new(g))).into_owned())
+        .map(|g| String::from_utf8_lossy(&target::relative_to(&mount, Path::new(g))).into_owned())
         .collect();
-    rules.collect = args.collect.iter().map(|p| relative(p)).collect();
-    let since = args.since.as_deref().map(store::parse_since);
-    match client.call(&Request::Validate(since, rules))? {
+    let package = args
+        .package
+        .clone()
+        .or_else(|| std::env::var("SPK_PKG").ok().filter(|p| !p.is_empty()));
+    let request = tracker::validate::Request {
+        since: args.since.as_deref().map(store::parse_since),
+        rules,
+        extra,
+        package,
+        deny_paths,
+    };
+    match client.call(&Request::Validate(request))? {
         Response::Validation(report) => Ok((*report, mount)),
         other => bail!("unexpected answer from tracker: {other:?}"),
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum RulesFile {
-    Wrapped { rules: Vec<RuleLine> },
-    List(Vec<RuleLine>),
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RuleLine {
-    allow: Option<String>,
-    deny: Option<String>,
-    action: Option<String>,
-}
-
-fn apply_rules_file(rules: &mut Rules, file: &Path) -> anyhow::Result<()> {
-    let text =
-        std::fs::read_to_string(file).with_context(|| format!("rules file {}", file.display()))?;
-    let parsed: RulesFile = serde_yaml_ng::from_str(&text)
-        .with_context(|| format!("rules file {} is not spk validation rules", file.display()))?;
-    let lines = match parsed {
-        RulesFile::Wrapped { rules } | RulesFile::List(rules) => rules,
-    };
-    for line in lines {
-        let (name, deny) = match (line.allow, line.deny) {
-            (Some(n), None) => (n, false),
-            (None, Some(n)) => (n, true),
-            _ => bail!(
-                "rules file {}: each rule needs exactly one of allow or deny",
-                file.display()
-            ),
-        };
-        let rule = match line.action {
-            Some(action) => format!("{name}:{action}"),
-            None => name,
-        };
-        rules.set(&rule, deny)?;
-    }
-    Ok(())
-}
-
-fn action_name(a: AlterAction) -> &'static str {
-    match a {
-        AlterAction::Change => "Change",
-        AlterAction::Remove => "Remove",
-        AlterAction::Touch => "Touch",
     }
 }
 
@@ -159,6 +139,31 @@ fn who(v: &Violation) -> String {
         Some(o) => format!("by pid {} ({})", o.pid, escape(&o.command)),
         None => "by an unknown process".into(),
     }
+}
+
+/// One violation for people: spk's words, the package that installed the original,
+/// the writer.
+fn describe(v: &Violation, mount: &Path) -> String {
+    let path = escape(&full_path(mount, &v.path));
+    let rule = match v.action {
+        Some(a) => format!("{} ({})", v.rule.name(), a.name()),
+        None => v.rule.name().to_string(),
+    };
+    if v.path.is_empty() {
+        return format!("{rule}: {}", v.detail);
+    }
+    let what = match (v.rule, v.action) {
+        (RuleName::AlterExistingFiles, Some(a)) => format!("{} {path}", a.verb()),
+        (RuleName::CollectExistingFiles, _) => format!("collected {path}"),
+        _ => format!("{path} {}", v.detail),
+    };
+    let owner = match (&v.package, &v.layer) {
+        _ if v.rule == RuleName::DenyPath => String::new(),
+        (Some(p), _) => format!(", which is owned by {p}"),
+        (None, Some(l)) => format!(", which is in layer {l} (no spk package)"),
+        (None, None) => String::new(),
+    };
+    format!("{rule}: {what}{owner}, {}", who(v))
 }
 
 fn print_human(report: &Report, mount: &Path) -> std::io::Result<()> {
@@ -172,72 +177,86 @@ fn print_human(report: &Report, mount: &Path) -> std::io::Result<()> {
         )?;
     }
     for v in &report.violations {
-        let path = escape(&full_path(mount, &v.path));
-        let layer = v
-            .layer
-            .as_deref()
-            .map(|l| format!(" from layer {l}"))
-            .unwrap_or_default();
-        let line = match (v.rule, v.action) {
-            (RuleName::EmptyPackage, _) => "EmptyPackage: the build installed no files".to_string(),
-            (RuleName::AlterExistingFiles, Some(AlterAction::Remove)) => {
-                format!(
-                    "AlterExistingFiles (Remove): existing file was removed: {path}{layer}, {}",
-                    who(v)
-                )
-            }
-            (RuleName::AlterExistingFiles, Some(AlterAction::Touch)) => {
-                format!(
-                    "AlterExistingFiles (Touch): existing file was touched: {path}{layer}, {}",
-                    who(v)
-                )
-            }
-            (RuleName::AlterExistingFiles, _) => {
-                format!(
-                    "AlterExistingFiles (Change): existing file was modified: {path}{layer}, {}",
-                    who(v)
-                )
-            }
-            (RuleName::CollectExistingFiles, _) => {
-                format!("CollectExistingFiles: collected path already existed: {path}{layer}")
-            }
-            (RuleName::DenyPath, _) => format!("deny-path: {path} may not change, {}", who(v)),
-        };
-        writeln!(out, "{line}")?;
+        writeln!(out, "{}", describe(v, mount))?;
+        if let Some(why) = &v.spk_misses {
+            writeln!(out, "  ({why})")?;
+        }
     }
+    for v in &report.spk_only {
+        writeln!(
+            out,
+            "note: spk 0.44 would fail this build where its rules as documented do not: {}",
+            describe(v, mount)
+        )?;
+    }
+    for rule in &report.not_evaluated {
+        writeln!(out, "note: not evaluated here: {rule}")?;
+    }
+    let built = report
+        .package
+        .as_deref()
+        .map(|p| format!(" of {p}"))
+        .unwrap_or_default();
     if report.violations.is_empty() {
-        writeln!(out, "valid: {} changed paths checked", report.checked)?;
+        writeln!(
+            out,
+            "valid: the build{built} passes spk's rules ({}); {} changed paths checked",
+            report.rules_from, report.checked
+        )?;
+    } else {
+        let missed = report
+            .violations
+            .iter()
+            .filter(|v| v.spk_misses.is_some())
+            .count();
+        writeln!(
+            out,
+            "invalid: the build{built} breaks spk's rules ({}) {} times ({missed} of them spk 0.44 would not report); {} changed paths checked",
+            report.rules_from,
+            report.violations.len(),
+            report.checked
+        )?;
     }
     out.flush()
 }
 
+fn violation_json(v: &Violation, mount: &Path) -> serde_json::Value {
+    let path = full_path(mount, &v.path);
+    let mut j = json!({
+        "rule": v.rule.name(),
+        "failure": match v.failure { Failure::Denied => "denied", Failure::Required => "required" },
+        "action": v.action.map(AlterAction::name),
+        "path": if v.path.is_empty() { None } else { Some(String::from_utf8_lossy(&path).into_owned()) },
+        "kind": v.kind.map(store::NetKind::name),
+        "package": v.package,
+        "layer": v.layer,
+        "pid": v.origin.as_ref().map(|o| o.pid),
+        "command": v.origin.as_ref().map(|o| String::from_utf8_lossy(&o.command).into_owned()),
+        "detail": v.detail,
+        "spk_0_44": match &v.spk_misses { None => "reported".to_string(), Some(why) => why.clone() },
+    });
+    if std::str::from_utf8(&path).is_err() {
+        j["path_bytes"] = json!(path);
+    }
+    j
+}
+
 fn print_json(report: &Report, mount: &Path) -> std::io::Result<()> {
-    let violations: Vec<_> = report
-        .violations
-        .iter()
-        .map(|v| {
-            let path = full_path(mount, &v.path);
-            let mut j = json!({
-                "rule": format!("{:?}", v.rule),
-                "action": v.action.map(action_name),
-                "path": if v.path.is_empty() { None } else { Some(String::from_utf8_lossy(&path).into_owned()) },
-                "kind": v.kind.map(store::NetKind::name),
-                "layer": v.layer,
-                "pid": v.origin.as_ref().map(|o| o.pid),
-                "command": v.origin.as_ref().map(|o| String::from_utf8_lossy(&o.command).into_owned()),
-            });
-            if std::str::from_utf8(&path).is_err() {
-                j["path_bytes"] = json!(path);
-            }
-            j
-        })
-        .collect();
+    let list = |vs: &[Violation]| {
+        vs.iter()
+            .map(|v| violation_json(v, mount))
+            .collect::<Vec<_>>()
+    };
     let doc = json!({
         "valid": report.violations.is_empty(),
         "token": report.token.to_string(),
         "fresh": report.fresh.as_ref().map(crate::output::fresh_reason),
         "checked": report.checked,
-        "violations": violations,
+        "package": report.package,
+        "rules_from": report.rules_from,
+        "violations": list(&report.violations),
+        "spk_0_44_only": list(&report.spk_only),
+        "not_evaluated": report.not_evaluated,
     });
     let mut out = std::io::stdout().lock();
     serde_json::to_writer_pretty(&mut out, &doc)?;

@@ -51,8 +51,9 @@ enum Lower<'a> {
 pub struct Original {
     /// Index of the lower layer (top-most is 0) that holds the path, if any does.
     pub layer: Option<usize>,
-    /// The upper entry's mode, owner or type differ from the original.
-    pub mode_or_owner_differs: bool,
+    /// The upper entry's type or mode differ from the original's (as spfs compares
+    /// entries: owners are not part of them).
+    pub mode_differs: bool,
     /// The original is a directory.
     pub is_dir: bool,
 }
@@ -349,7 +350,7 @@ impl Classifier {
     pub fn original(&self, rel: &[u8]) -> io::Result<Original> {
         let none = Original {
             layer: None,
-            mode_or_owner_differs: false,
+            mode_differs: false,
             is_dir: false,
         };
         if rel.is_empty() {
@@ -369,12 +370,8 @@ impl Classifier {
             Lower::Present(index, lower) => Ok(Original {
                 layer: Some(index),
                 is_dir: is_type(&lower.stat, SFlag::S_IFDIR),
-                mode_or_owner_differs: upper.is_some_and(|u| {
-                    !is_whiteout(&u)
-                        && (u.st_mode != lower.stat.st_mode
-                            || u.st_uid != lower.stat.st_uid
-                            || u.st_gid != lower.stat.st_gid)
-                }),
+                mode_differs: upper
+                    .is_some_and(|u| !is_whiteout(&u) && u.st_mode != lower.stat.st_mode),
             }),
             Lower::Absent | Lower::Hidden => Ok(none),
         }
@@ -436,6 +433,45 @@ impl Classifier {
         }
         out.sort();
         Ok(out)
+    }
+
+    /// The names in lower layer `layer`'s own dir `rel` (not the merged view: what
+    /// that one layer holds), each with whether it is a dir; empty when the layer has
+    /// no dir there. Used to learn which spk package a layer installs.
+    pub fn layer_listing(&self, layer: usize, rel: &[u8]) -> io::Result<Vec<(Vec<u8>, bool)>> {
+        let Some(top) = self.lowers.get(layer) else {
+            return Ok(Vec::new());
+        };
+        let mut dir = dup(top.as_fd())?;
+        for name in rel.split(|&b| b == b'/').filter(|n| !n.is_empty()) {
+            match open_dir(dir.as_fd(), OsStr::from_bytes(name))? {
+                Some(sub) => dir = sub,
+                None => return Ok(Vec::new()),
+            }
+        }
+        list_dir(&dir)
+    }
+
+    /// The bytes of the regular file `rel` of the upper dir, when there is one of at
+    /// most `limit` bytes (`None` otherwise: absent, another type, larger).
+    pub fn read_upper(&self, rel: &[u8], limit: u64) -> io::Result<Option<Vec<u8>>> {
+        let (dir_rel, name) = parent_and_name(rel);
+        let Some(dir) = self.upper_dir(dir_rel)? else {
+            return Ok(None);
+        };
+        let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK;
+        let file = match openat(dir.fd.as_fd(), name, flags, Mode::empty()) {
+            Ok(fd) => File::from(fd),
+            Err(e) if is_gone(e.into()) || e == nix::errno::Errno::ELOOP => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let meta = file.metadata()?;
+        if !meta.is_file() || meta.len() > limit {
+            return Ok(None);
+        }
+        let mut out = Vec::with_capacity(meta.len() as usize);
+        file.take(limit).read_to_end(&mut out)?;
+        Ok(Some(out))
     }
 
     /// Every changed path at and below `rel` (a dir, or the upper dir itself when
@@ -586,19 +622,7 @@ fn collect_tree(
     seen: &mut std::collections::HashSet<Vec<u8>>,
     out: &mut Vec<(Vec<u8>, usize, bool)>,
 ) -> io::Result<()> {
-    let mut listing = Dir::openat(
-        dir.as_fd(),
-        ".",
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )?;
-    let names: Vec<Vec<u8>> = listing
-        .iter()
-        .filter_map(Result::ok)
-        .map(|e| e.file_name().to_bytes().to_vec())
-        .filter(|n| n != b"." && n != b"..")
-        .collect();
-    for name in names {
+    for (name, _) in list_dir(&dir)? {
         let child = join_rel(&rel, &name);
         let Some(stat) = lstat_at(dir.as_fd(), OsStr::from_bytes(&name))? else {
             continue;
@@ -617,6 +641,32 @@ fn collect_tree(
         }
     }
     Ok(())
+}
+
+/// The names in a dir, with whether each is a dir (from the dir entry's type, or
+/// `lstat` where the filesystem does not give it).
+fn list_dir(dir: &File) -> io::Result<Vec<(Vec<u8>, bool)>> {
+    let mut listing = Dir::openat(
+        dir.as_fd(),
+        ".",
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    let mut out = Vec::new();
+    for entry in listing.iter() {
+        let entry = entry?;
+        let name = entry.file_name().to_bytes();
+        if name == b"." || name == b".." {
+            continue;
+        }
+        let is_dir = match entry.file_type() {
+            Some(t) => t == nix::dir::Type::Directory,
+            None => lstat_at(dir.as_fd(), OsStr::from_bytes(name))?
+                .is_some_and(|s| is_type(&s, SFlag::S_IFDIR)),
+        };
+        out.push((name.to_vec(), is_dir));
+    }
+    Ok(out)
 }
 
 /// Joins a relative byte path and a name.

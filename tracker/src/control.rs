@@ -48,7 +48,7 @@ pub enum Request {
     /// The sender (pid) starts editing the upper dir: log its changes as a reset.
     ResetBegin(u32),
     ResetEnd(u32),
-    Validate(Option<store::Since>, crate::validate::Rules),
+    Validate(crate::validate::Request),
     /// The changes compared as `spfs diff` compares them (last: older clients keep
     /// their variant numbers); with the writers' command lines when asked (they can
     /// be most of the answer).
@@ -342,8 +342,8 @@ fn answer(tracker: &Tracker, req: Request) -> Response {
             .and_then(|_| tracker.status())
             .map(|s| Response::Status(Box::new(s))),
         Request::ResetPlan(patterns) => tracker.reset_plan(&patterns).map(Response::ResetPlan),
-        Request::Validate(since, rules) => tracker
-            .validate(since, &rules)
+        Request::Validate(request) => tracker
+            .validate(&request)
             .map(|r| Response::Validation(Box::new(r))),
         Request::ResetBegin(pid) => tracker.begin_reset(pid).map(|_| Response::Done),
         Request::ResetEnd(pid) => tracker.end_reset(pid).map(Response::Token),

@@ -437,23 +437,16 @@ impl Tracker {
         crate::diff::diff(set, &at, &scope).map_err(failed)
     }
 
-    /// Evaluates spk's validation rules over what changed since `since`.
+    /// Evaluates spk's validation rules over what changed since `request.since`,
+    /// against the lower layers as they are now (after any remount the sync saw).
     pub fn validate(
         &self,
-        since: Option<store::Since>,
-        rules: &crate::validate::Rules,
+        request: &crate::validate::Request,
     ) -> Result<crate::validate::Report, TrackerError> {
         self.sync()?;
         let layers = self.layers()?;
         let names: Vec<String> = self.lowers().iter().map(|l| runtime_path(l)).collect();
-        crate::validate::validate(
-            &self.shared.store,
-            &layers,
-            &names,
-            &self.masks(),
-            since,
-            rules,
-        )
+        crate::validate::validate(&self.shared.store, &layers, &names, &self.masks(), request)
     }
 
     /// What `reset PATTERN...` would put back, from every change completed before
