@@ -18,9 +18,9 @@ pub struct ValidateArgs {
     since: Option<String>,
     /// The build's rules, in spk's YAML: an spk recipe (its `build: validation:
     /// rules:`), a map with `rules:`, or a list such as `[{deny: AlterExistingFiles,
-    /// action: Touch}]`. Default: the rules of the recipe spk wrote for the package
-    /// being built (`/spfs/spk/pkg/NAME/VERSION/BUILD/spec.yaml`). spk's default rules
-    /// always come first.
+    /// action: Touch}]`. Default: the rules of the recipe `spk build` published for
+    /// the package being built (`spfs read spk/spec/NAME/VERSION`). spk's default
+    /// rules always come first.
     #[arg(long, value_name = "FILE")]
     rules: Option<PathBuf>,
     /// Allow a rule, after the build's rules: EmptyPackage, RecursiveBuild,
@@ -90,16 +90,11 @@ fn run(args: &ValidateArgs) -> anyhow::Result<(Report, PathBuf)> {
             "no tracker runs for this runtime: validation compares changes with the runtime's lower layers"
         );
     };
-    let rules = match &args.rules {
-        Some(file) => {
-            let text = std::fs::read_to_string(file)
-                .with_context(|| format!("rules file {}", file.display()))?;
-            let rules = tracker::validate::rules::parse(&text)
-                .with_context(|| format!("rules file {}", file.display()))?;
-            Some(rules)
-        }
-        None => None,
-    };
+    let package = args
+        .package
+        .clone()
+        .or_else(|| std::env::var("SPK_PKG").ok().filter(|p| !p.is_empty()));
+    let (rules, rules_from) = build_rules(args.rules.as_deref(), package.as_deref())?;
     let mut extra = Vec::new();
     for (kind, given) in [
         (RuleKind::Allow, &args.allow),
@@ -116,13 +111,10 @@ fn run(args: &ValidateArgs) -> anyhow::Result<(Report, PathBuf)> {
         .iter()
         .map(|g| String::from_utf8_lossy(&target::relative_to(&mount, Path::new(g))).into_owned())
         .collect();
-    let package = args
-        .package
-        .clone()
-        .or_else(|| std::env::var("SPK_PKG").ok().filter(|p| !p.is_empty()));
     let request = tracker::validate::Request {
         since: args.since.as_deref().map(store::parse_since),
         rules,
+        rules_from,
         extra,
         package,
         deny_paths,
@@ -131,6 +123,46 @@ fn run(args: &ValidateArgs) -> anyhow::Result<(Report, PathBuf)> {
         Response::Validation(report) => Ok((*report, mount)),
         other => bail!("unexpected answer from tracker: {other:?}"),
     }
+}
+
+/// The build's own rules: those of `--rules`, else those of the recipe spk published
+/// for the package being built; with where they came from.
+fn build_rules(
+    file: Option<&Path>,
+    package: Option<&str>,
+) -> anyhow::Result<(Option<Vec<Rule>>, String)> {
+    if let Some(file) = file {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("rules file {}", file.display()))?;
+        let rules = tracker::validate::rules::parse(&text)
+            .with_context(|| format!("rules file {}", file.display()))?;
+        return Ok((
+            Some(rules),
+            format!("spk's defaults and {}", file.display()),
+        ));
+    }
+    let Some(package) = package.and_then(tracker::validate::Package::parse) else {
+        return Ok((None, "spk's defaults".into()));
+    };
+    let Some(recipe) = tracker::validate::packages::stored_recipe(&package)? else {
+        return Ok((
+            None,
+            format!("spk's defaults; no recipe of {package} was found"),
+        ));
+    };
+    let rules = tracker::validate::rules::parse(&recipe).with_context(|| {
+        format!(
+            "the recipe of {}/{} (spfs read spk/spec/{}/{}); give its rules with --rules FILE",
+            package.name, package.version, package.name, package.version
+        )
+    })?;
+    Ok((
+        Some(rules),
+        format!(
+            "spk's defaults and the recipe of {}/{}",
+            package.name, package.version
+        ),
+    ))
 }
 
 fn who(v: &Violation) -> String {

@@ -956,38 +956,43 @@ fn removing_a_denied_tree_is_denied() {
 }
 
 /// What spk does around a build script, done by hand: it writes the package's
-/// metadata (`spk/pkg/probe/1.0.0/PROBE001/`, with the recipe as `spec.yaml`) into
-/// /spfs before the script runs, and the source dir `spk/pkg/probe/1.0.0/src` is the
-/// build's sandbox. `validate` finds the build, applies its recipe's rules after spk's
-/// defaults, and ignores the sandbox.
+/// metadata (`spk/pkg/probe/1.0.0/PROBE001/`) into /spfs before the script runs, and
+/// the source dir `spk/pkg/probe/1.0.0/src` is the build's sandbox. `validate` finds
+/// the build, applies the recipe's rules after spk's defaults, and ignores the
+/// sandbox. (The recipe spk publishes is read in cli/tests/spk_real.rs.)
 #[test]
-fn an_spk_build_is_judged_by_its_own_recipe() {
+fn an_spk_build_is_judged_by_its_recipe_and_its_sandbox_ignored() {
     if !need_root() {
         return;
     }
     let meta = "spk/pkg/probe/1.0.0/PROBE001";
-    let setup = |rules: &str| {
-        format!(
-            "mkdir -p \"$M/{meta}\" \"$M/spk/pkg/probe/1.0.0/src\"\n\
-             printf 'pkg: probe/1.0.0/PROBE001\\nbuild:\\n  validation:\\n{rules}' > \"$M/{meta}/spec.yaml\"\n\
-             echo 'make install' > \"$M/{meta}/build.sh\"\n"
-        )
-    };
-    let deny_touch = "    rules:\\n    - deny: AlterExistingFiles\\n      action: Touch\\n";
+    let setup = format!(
+        "mkdir -p \"$M/{meta}\" \"$M/spk/pkg/probe/1.0.0/src\"\n\
+         echo 'pkg: probe/1.0.0/PROBE001' > \"$M/{meta}/spec.yaml\"\n\
+         echo 'make install' > \"$M/{meta}/build.sh\"\n"
+    );
     let rt = Runtime::new();
-    let no_rules = rt.rules("none.yaml", "rules: []\n");
+    let recipe = rt.rules(
+        "probe.spk.yaml",
+        "pkg: probe/1.0.0\nbuild:\n  script: [make install]\n  validation:\n    rules:\n    - deny: AlterExistingFiles\n      action: Touch\n",
+    );
+    let obsolete = rt.rules(
+        "obsolete.spk.yaml",
+        "pkg: probe/1.0.0\nbuild:\n  validation:\n    disabled: [MustInstallSomething]\n",
+    );
     let ran = rt.run(
-        &setup(deny_touch),
+        &setup,
         r#"echo same > "$M/lib/same"
 echo obj > "$M/spk/pkg/probe/1.0.0/src/out.o"
 echo new > "$M/lib/probe.so""#,
         &[
+            json_since(&["--rules", s(&recipe)]),
             json_since(&[]),
-            json_since(&["--rules", s(&no_rules)]),
-            // Another build: its recipe is not there, spk's defaults apply, and
-            // probe's sandbox is no sandbox of its.
-            json_since(&["--package", "other/2.0.0"]),
-            human_since(&[]),
+            // Another build: probe's sandbox is no sandbox of its, and no recipe of
+            // it was published.
+            json_since(&["--package", "other/2.0.0", "--allow", "EmptyPackage"]),
+            human_since(&["--rules", s(&recipe)]),
+            json_since(&["--rules", s(&obsolete)]),
         ],
     );
     let report = ran.validations[0].expect_code(1);
@@ -1000,30 +1005,28 @@ echo new > "$M/lib/probe.so""#,
     let doc = report.json();
     assert_eq!(doc["package"], "probe/1.0.0/PROBE001", "{doc}");
     let from = doc["rules_from"].as_str().unwrap_or("");
-    assert!(from.contains(&format!("/{meta}/spec.yaml")), "{doc}");
+    assert!(from.ends_with(s(&recipe)), "{doc}");
     let t = report.violation("AlterExistingFiles", &rt.m("lib/same"));
     assert_kind_layer(&t, "metadata", &rt.layer("base"), BASE);
     assert_by_build(&t, &ran);
     ran.validations[1].clean();
     let other = ran.validations[2].clean();
-    assert_eq!(other.json()["package"], "other/2.0.0", "{}", other.stdout);
+    let doc = other.json();
+    assert_eq!(doc["package"], "other/2.0.0", "{doc}");
+    assert!(
+        doc["rules_from"]
+            .as_str()
+            .is_some_and(|f| f.contains("no recipe of other/2.0.0 was found")),
+        "{doc}"
+    );
     let human = ran.validations[3].expect_code(1);
     assert!(
-        human
-            .stdout
-            .lines()
-            .last()
-            .is_some_and(|l| l.starts_with("invalid: the build of probe/1.0.0/PROBE001 breaks spk's rules (the recipe of probe/1.0.0/PROBE001")),
+        human.stdout.lines().last().is_some_and(|l| l.starts_with(
+            "invalid: the build of probe/1.0.0/PROBE001 breaks spk's rules (spk's defaults and "
+        )),
         "{}",
         human.stdout
     );
-
     // A recipe spk itself would refuse cannot be validated.
-    let rt = Runtime::new();
-    let ran = rt.run(
-        &setup("    disabled: [MustInstallSomething]\\n"),
-        "echo new > \"$M/lib/probe.so\"",
-        &[json_since(&[])],
-    );
-    ran.validations[0].one_line_error("spec.yaml");
+    ran.validations[4].one_line_error("obsolete validators");
 }

@@ -452,28 +452,6 @@ impl Classifier {
         list_dir(&dir)
     }
 
-    /// The bytes of the regular file `rel` of the upper dir, when there is one of at
-    /// most `limit` bytes (`None` otherwise: absent, another type, larger).
-    pub fn read_upper(&self, rel: &[u8], limit: u64) -> io::Result<Option<Vec<u8>>> {
-        let (dir_rel, name) = parent_and_name(rel);
-        let Some(dir) = self.upper_dir(dir_rel)? else {
-            return Ok(None);
-        };
-        let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK;
-        let file = match openat(dir.fd.as_fd(), name, flags, Mode::empty()) {
-            Ok(fd) => File::from(fd),
-            Err(e) if is_gone(e.into()) || e == nix::errno::Errno::ELOOP => return Ok(None),
-            Err(e) => return Err(e.into()),
-        };
-        let meta = file.metadata()?;
-        if !meta.is_file() || meta.len() > limit {
-            return Ok(None);
-        }
-        let mut out = Vec::with_capacity(meta.len() as usize);
-        file.take(limit).read_to_end(&mut out)?;
-        Ok(Some(out))
-    }
-
     /// Every changed path at and below `rel` (a dir, or the upper dir itself when
     /// empty). Used for rescans and for dirs that move into place.
     pub fn walk(&self, rel: &[u8], out: &mut Vec<(Vec<u8>, NetKind, FileType)>) -> io::Result<()> {

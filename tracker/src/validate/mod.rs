@@ -50,18 +50,16 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use store::{FileType, FreshReason, NetKind, Origin, Query, Since, Store, Token};
 
-/// The largest package spec read for its rules (spk's are a few KiB).
-const SPEC_LIMIT: u64 = 4 << 20;
-
 /// What to validate.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Request {
     /// Only changes after this point (a mark set when the build started).
     pub since: Option<Since>,
-    /// The build's own rules, applied after spk's defaults. `None`: the rules of the
-    /// package being built, from the `spec.yaml` spk wrote into its metadata dir
-    /// (none when there is no such spec).
+    /// The build's own rules (a recipe's `build: validation: rules:`), applied after
+    /// spk's defaults; `None`: the defaults alone.
     pub rules: Option<Vec<Rule>>,
+    /// Where `rules` came from, for the report ("the rules in probe.spk.yaml").
+    pub rules_from: String,
     /// More rules, applied last (a command line's `--allow`/`--deny`/`--require`).
     pub extra: Vec<Rule>,
     /// The package being built, `name/version[/build]` (spk's `SPK_PKG`); `None`:
@@ -131,7 +129,11 @@ pub fn validate(
         None => None,
     };
     let package = packages::building(store, given.as_ref())?;
-    let (own_rules, rules_from) = build_rules(layers, package.as_ref(), request)?;
+    let (own_rules, rules_from) = match &request.rules {
+        Some(rules) => (rules.clone(), request.rules_from.clone()),
+        None if request.rules_from.is_empty() => (Vec::new(), "spk's defaults".to_string()),
+        None => (Vec::new(), request.rules_from.clone()),
+    };
     let not_evaluated = own_rules
         .iter()
         .chain(&request.extra)
@@ -316,36 +318,6 @@ fn originals_below(
         }
     }
     Ok(out)
-}
-
-/// The build's own rules and where they came from: the request's, or those of the
-/// spec spk wrote for the package being built.
-fn build_rules(
-    layers: &Classifier,
-    package: Option<&Package>,
-    request: &Request,
-) -> Result<(Vec<Rule>, String), TrackerError> {
-    if let Some(rules) = &request.rules {
-        return Ok((rules.clone(), "the rules given".into()));
-    }
-    let Some(package) = package.filter(|p| !p.build.is_empty()) else {
-        return Ok((
-            Vec::new(),
-            "spk's defaults (no package being built was found)".into(),
-        ));
-    };
-    let spec = [&package.metadata_dir()[..], b"/spec.yaml"].concat();
-    let shown = format!("/{}", String::from_utf8_lossy(&spec));
-    let text = layers
-        .read_upper(&spec, SPEC_LIMIT)
-        .map_err(|e| TrackerError::Validate(format!("cannot read {shown}: {e}")))?;
-    let Some(text) = text else {
-        return Ok((Vec::new(), format!("spk's defaults ({shown} is not there)")));
-    };
-    let text = String::from_utf8_lossy(&text);
-    let rules = rules::parse(&text)
-        .map_err(|e| TrackerError::Validate(format!("the rules of {package} in {shown}: {e}")))?;
-    Ok((rules, format!("the recipe of {package} ({shown})")))
 }
 
 /// Why spk 0.44 does not report a finding the documented rules do.

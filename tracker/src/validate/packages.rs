@@ -7,6 +7,7 @@
 //! (`build_artifacts` in crates/spk-build/src/build/binary.rs), and spk gives the
 //! script its ident as `SPK_PKG`.
 
+use crate::TrackerError;
 use crate::classify::Classifier;
 use serde::{Deserialize, Serialize};
 use std::io;
@@ -137,6 +138,38 @@ pub fn building(
         1 => found.pop(),
         _ => given.cloned(),
     })
+}
+
+/// The recipe `spk build` published for `package` before building it (the spfs blob
+/// tagged `spk/spec/<name>/<version>`, as crates/spk-storage stores recipes), read with
+/// `spfs read` in the caller's environment (its spfs config and repository).
+/// `Ok(None)` when spfs or the tag is not there; an error when spfs fails otherwise.
+pub fn stored_recipe(package: &Package) -> Result<Option<String>, TrackerError> {
+    let tag = format!("spk/spec/{}/{}", package.name, package.version);
+    let out = match std::process::Command::new("spfs")
+        .args(["read", &tag])
+        .stdin(std::process::Stdio::null())
+        .output()
+    {
+        Ok(out) => out,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(TrackerError::Validate(format!(
+                "cannot run spfs read {tag}: {e}"
+            )));
+        }
+    };
+    if out.status.success() {
+        return Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()));
+    }
+    let said = String::from_utf8_lossy(&out.stderr);
+    if said.contains("Unknown") || said.contains("not found") || said.contains("UnknownReference") {
+        return Ok(None);
+    }
+    Err(TrackerError::Validate(format!(
+        "spfs read {tag} failed: {}",
+        said.lines().last().unwrap_or("").trim()
+    )))
 }
 
 #[cfg(test)]
