@@ -11,81 +11,10 @@ mod spfs_support;
 #[path = "../../tests/support/mod.rs"]
 mod support;
 
-use common::{alive, cmd, output, text, wait_for};
-use spfs_support::{Stack, need_spfs, parse_json, spfs, tracker_state_dir};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Stdio};
-use std::sync::mpsc;
+use common::{cmd, output, text, wait_for};
+use spfs_support::{Daemon, Stack, need_spfs, parse_json, spfs, tracker_state_dir};
+use std::process::Stdio;
 use std::time::Duration;
-
-/// One daemon at a time: two would both attach to each runtime.
-static ONE_DAEMON: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// The daemon, stopped (SIGTERM) and reaped when dropped.
-struct Daemon {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    _one: std::sync::MutexGuard<'static, ()>,
-}
-
-impl Daemon {
-    /// Starts it and waits for it to say it watches.
-    fn start() -> Daemon {
-        let one = ONE_DAEMON.lock().unwrap_or_else(|e| e.into_inner());
-        let mut child = cmd(&["daemon"])
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start the daemon");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("daemon: {line}");
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let d = Daemon {
-            child,
-            lines,
-            _one: one,
-        };
-        d.expect_line("watching for spfs runtimes", Duration::from_secs(10));
-        d
-    }
-
-    /// The next line holding `what`, within `timeout`.
-    fn expect_line(&self, what: &str, timeout: Duration) -> String {
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(what) => return line,
-                Ok(_) => {}
-                Err(_) => panic!("the daemon did not say {what:?} within {timeout:?}"),
-            }
-        }
-    }
-
-    fn terminate(&mut self) -> Option<std::process::ExitStatus> {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let id = self.child.id();
-        wait_for(Duration::from_secs(5), || !alive(id));
-        self.child.try_wait().ok().flatten()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
 
 /// Runtimes made with `spfs run` while the daemon runs are tracked from their first
 /// process on: the first write of the runtime's first command is recorded with that

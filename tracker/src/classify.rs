@@ -456,10 +456,16 @@ impl Classifier {
     /// empty). Used for rescans and for dirs that move into place.
     pub fn walk(&self, rel: &[u8], out: &mut Vec<(Vec<u8>, NetKind, FileType)>) -> io::Result<()> {
         self.each_upper_entry(rel, &mut |path, _| {
-            if !path.is_empty()
-                && let Some((kind, ft)) = self.classify(path)?
-            {
-                out.push((path.to_vec(), kind, ft));
+            if path.is_empty() {
+                return Ok(());
+            }
+            match self.classify(path) {
+                Ok(Some((kind, ft))) => out.push((path.to_vec(), kind, ft)),
+                Ok(None) => {}
+                // Removed or renamed while walked (a build goes on meanwhile): its
+                // events follow, and are settled then.
+                Err(e) if went_away(&e) => {}
+                Err(e) => return Err(e),
             }
             Ok(())
         })
@@ -659,6 +665,12 @@ pub fn join_rel(dir: &[u8], name: &[u8]) -> Vec<u8> {
 }
 
 fn is_gone(e: io::Error) -> bool {
+    went_away(&e)
+}
+
+/// Whether an error says the path is not there (any more): removed, renamed, or a
+/// dir on its way is.
+pub fn went_away(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::ENOENT) | Some(libc::ENOTDIR) | Some(libc::ESTALE)

@@ -669,17 +669,34 @@ impl Watcher {
         if !look {
             return Ok(());
         }
-        let Some(lowers) = m.runtime.new_layers() else {
-            return Ok(());
+        // The new layers are reached through a process of the runtime, which may exit
+        // right then (spfs's own helpers join the namespace for a moment): look again
+        // through another.
+        let mut attempts = 0;
+        let (lowers, classifier) = loop {
+            let Some((lowers, remounted)) = m.runtime.new_layers() else {
+                return Ok(());
+            };
+            match self.classifier.relayered(&lowers) {
+                Ok(c) => {
+                    m.runtime.accept(remounted);
+                    break (lowers, c);
+                }
+                Err(e) if crate::classify::went_away(&e) && attempts < 10 => {
+                    attempts += 1;
+                    tracing::debug!(error = %e, "the new lower layers went out of reach; looking again");
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => {
+                    return Err(TrackerError::io(
+                        "cannot open the new lower layers of",
+                        self.classifier.upper(),
+                    )(e));
+                }
+            }
         };
         let masks = m.runtime.masks();
-        self.classifier = self
-            .classifier
-            .relayered(&lowers)
-            .map_err(TrackerError::io(
-                "cannot open the new lower layers of",
-                self.classifier.upper(),
-            ))?;
+        self.classifier = classifier;
         let layers = self.classifier.try_clone().map_err(TrackerError::io(
             "cannot open the new lower layers of",
             self.classifier.upper(),

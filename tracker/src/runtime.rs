@@ -26,6 +26,13 @@ enum Reach {
     Namespace { ns: u64, witness: u32 },
 }
 
+/// A remount seen by [`Runtime::new_layers`], not yet accepted.
+#[derive(Debug)]
+pub struct Remounted {
+    mount_id: u64,
+    layers: OverlayLayers,
+}
+
 #[derive(Debug, Clone)]
 pub struct Runtime {
     reach: Reach,
@@ -209,11 +216,12 @@ impl Runtime {
         }
     }
 
-    /// The new lower layers (reachable from here, top-most first) when the overlay was
-    /// mounted again over the same upper dir with other lower layers since the last
-    /// call; `None` when it was not, or when nothing is mounted there right now (the
-    /// middle of a remount: the attach that ends it is looked at then).
-    pub fn new_layers(&mut self) -> Option<Vec<PathBuf>> {
+    /// The overlay as mounted now when it was mounted again over the same upper dir
+    /// with other lower layers since the last [`Runtime::accept`]: its lower layers
+    /// (reachable from here, top-most first) and what to accept once they are opened.
+    /// `None` when it was not, or when nothing is mounted there right now (the middle
+    /// of a remount: the attach that ends it is looked at then).
+    pub fn new_layers(&mut self) -> Option<(Vec<PathBuf>, Remounted)> {
         if !self.follow_witness() {
             return None;
         }
@@ -226,18 +234,29 @@ impl Runtime {
         if layers.upper != self.layers.upper {
             return None;
         }
-        self.mount_id = entry.id;
-        if layers.lowers == self.layers.lowers {
+        let remounted = Remounted {
+            mount_id: entry.id,
+            layers,
+        };
+        if remounted.layers.lowers == self.layers.lowers {
+            self.accept(remounted);
             return None;
         }
-        self.layers = layers;
-        Some(
-            self.layers
-                .lowers
-                .iter()
-                .map(|l| self.reachable(l))
-                .collect(),
-        )
+        let lowers = remounted
+            .layers
+            .lowers
+            .iter()
+            .map(|l| self.reachable(l))
+            .collect();
+        Some((lowers, remounted))
+    }
+
+    /// Takes a remount's layers as the runtime's, once they could be opened (until
+    /// then, the next look sees the remount again: the process its paths were reached
+    /// through may have exited meanwhile).
+    pub fn accept(&mut self, remounted: Remounted) {
+        self.mount_id = remounted.mount_id;
+        self.layers = remounted.layers;
     }
 
     /// Moves the witness to another process of the namespace when it has left;

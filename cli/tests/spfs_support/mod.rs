@@ -17,7 +17,7 @@
 #![allow(dead_code)]
 
 use crate::common::{
-    alive, bin, mount_ns, no_ambient_target, ok, processes_in, quote, sigkill, text, wait_for,
+    alive, bin, cmd, mount_ns, no_ambient_target, ok, processes_in, quote, sigkill, text, wait_for,
 };
 use crate::support::truth::{is_whiteout, lower_entry, lstat_opt};
 use crate::support::{SplitMix, Truth, describe_tree, tracking::show};
@@ -28,6 +28,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use store::{FileType, NetKind};
 
@@ -73,6 +74,26 @@ pub fn need_spfs() -> bool {
     false
 }
 
+/// True when real spk can be used as well: [`need_spfs`], and `spk` on PATH
+/// (`install-real-spfs.sh --with-spk`). Prints `skipped: needs spk` otherwise, and
+/// panics under `CI=true`.
+pub fn need_spk() -> bool {
+    if !need_spfs() {
+        return false;
+    }
+    if on_path("spk").is_some() {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!(
+            "this test needs spk on PATH (bash install-real-spfs.sh --modinfo-shim --with-spk, \
+             as .ci/run does), and CI=true: in CI tests must run, not skip"
+        );
+    }
+    let _ = io::stderr().write_all(b"skipped: needs spk\n");
+    false
+}
+
 /// The first executable `name` on PATH.
 pub fn on_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
@@ -96,6 +117,78 @@ pub fn unique(test: &str) -> String {
 }
 
 // ---------------------------------------------------------------------------------
+// The host daemon
+
+/// One daemon at a time: two would both attach to each runtime.
+static ONE_DAEMON: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The daemon, stopped (SIGTERM) and reaped when dropped.
+pub struct Daemon {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    _one: std::sync::MutexGuard<'static, ()>,
+}
+
+impl Daemon {
+    /// Starts it and waits for it to say it watches.
+    pub fn start() -> Daemon {
+        let one = ONE_DAEMON.lock().unwrap_or_else(|e| e.into_inner());
+        let mut child = cmd(&["daemon"])
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start the daemon");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("daemon: {line}");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let d = Daemon {
+            child,
+            lines,
+            _one: one,
+        };
+        d.expect_line("watching for spfs runtimes", Duration::from_secs(10));
+        d
+    }
+
+    /// The next line holding `what`, within `timeout`.
+    pub fn expect_line(&self, what: &str, timeout: Duration) -> String {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(what) => return line,
+                Ok(_) => {}
+                Err(_) => panic!("the daemon did not say {what:?} within {timeout:?}"),
+            }
+        }
+    }
+
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let id = self.child.id();
+        wait_for(Duration::from_secs(5), || !alive(id));
+        self.child.try_wait().ok().flatten()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
 // spfs commands and layers
 
 /// `spfs ARGS` with the test binary's dir first on PATH (so `spfs changes` inside a
@@ -108,7 +201,8 @@ pub fn spfs(args: &[&str]) -> Command {
     c
 }
 
-fn test_env(c: &mut Command) {
+/// The environment of the spfs (and spk) commands of the tests: see [`spfs`].
+pub fn test_env(c: &mut Command) {
     let dir = bin().parent().expect("binary has a dir").to_path_buf();
     let path = std::env::var_os("PATH").unwrap_or_default();
     let mut dirs = vec![dir];
