@@ -312,7 +312,7 @@ fn spk_violations(log: &str) -> BTreeSet<Key> {
     let mut out = BTreeSet::new();
     let mut rule = "";
     for line in log.lines() {
-        let line = line.trim_start_matches(|c: char| c == ' ' || c == '│' || c == '⚠');
+        let line = line.trim_start_matches([' ', '│', '⚠']);
         let line = line.trim();
         if line.starts_with("Build must not alter files") {
             rule = "AlterExistingFiles";
