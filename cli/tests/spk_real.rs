@@ -459,3 +459,47 @@ fn no_false_pass_through_spks_remount() {
         check(case, &built, Attached::ByHand);
     }
 }
+
+/// The example of the README (`examples/spk-build/`): its build script starts a
+/// tracker (no daemon runs here) and validates itself; the same recipe with a touch
+/// of its dependency's file fails the build, naming the package and the writer.
+#[test]
+fn the_example_build_validates_itself() {
+    if !need_spk() {
+        return;
+    }
+    let _one = ONE_BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/spk-build");
+    let mut run = Command::new(example.join("build.sh"));
+    spfs_support::test_env(&mut run);
+    let out = run.output().expect("run examples/spk-build/build.sh");
+    let log = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "the example builds:\n{log}");
+    assert!(
+        log.contains("valid: the build of hello/1.0.0/")
+            && log.contains("(spk's defaults and the recipe of hello/1.0.0)"),
+        "{log}"
+    );
+
+    let recipe = std::fs::read_to_string(example.join("hello.spk.yaml")).expect("the recipe");
+    let touching = recipe.replace(
+        "    - spfs-changes validate\n",
+        "    - touch /spfs/share/hello-base/data.txt\n    - spfs-changes validate\n",
+    );
+    assert_ne!(touching, recipe, "the recipe ends with its validation");
+    let path = scratch().join("hello.spk.yaml");
+    std::fs::write(&path, touching).expect("write the touching recipe");
+    let out = spk(&["build", "-L", path.to_str().expect("utf-8 path")])
+        .output()
+        .expect("run spk build");
+    let log = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(!out.status.success(), "the touch fails the build:\n{log}");
+    let line = log
+        .lines()
+        .find(|l| l.starts_with("AlterExistingFiles (Touch): touched /spfs/share/hello-base/data.txt, which is owned by hello-base/1.0.0/"))
+        .unwrap_or_else(|| panic!("the violation is reported:\n{log}"));
+    assert!(
+        line.ends_with("(touch /spfs/share/hello-base/data.txt)"),
+        "the writer is named: {line}"
+    );
+}

@@ -656,14 +656,17 @@ impl Watcher {
     /// Follows a remount of the runtime's overlay: when it now has other lower
     /// layers (spfs commit, edit, reset, spk builds), classifies against them, with
     /// the masks spfs wrote for the new stack. Looks when the mount group reported
-    /// something, or, without one, when `at_sync` (a sync cookie is to be answered).
+    /// something, and always when `at_sync` (a sync cookie is to be answered).
     fn follow_mounts(&mut self, at_sync: bool) -> Result<(), TrackerError> {
         let Some(m) = &mut self.mounts else {
             return Ok(());
         };
         let look = match &m.group {
-            // A read error cannot say nothing changed.
-            Some(group) => group.drain().unwrap_or(true),
+            // A read error cannot say nothing changed. At a sync, look whatever the
+            // group said: a remount whose event was read while mountinfo could not
+            // show it (mid-remount, or read through a process that just exited) must
+            // still be part of what the sync guarantees.
+            Some(group) => group.drain().unwrap_or(true) || at_sync,
             None => at_sync,
         };
         if !look {

@@ -222,10 +222,19 @@ impl Runtime {
     /// `None` when it was not, or when nothing is mounted there right now (the middle
     /// of a remount: the attach that ends it is looked at then).
     pub fn new_layers(&mut self) -> Option<(Vec<PathBuf>, Remounted)> {
-        if !self.follow_witness() {
-            return None;
+        // The process mountinfo is read through may exit right then (a build's
+        // short-lived tools, spfs's helpers): read it through another.
+        let mut entries = None;
+        for _ in 0..3 {
+            if !self.follow_witness() {
+                return None;
+            }
+            if let Ok(e) = read_mountinfo(&self.reach) {
+                entries = Some(e);
+                break;
+            }
         }
-        let entries = read_mountinfo(&self.reach).ok()?;
+        let entries = entries?;
         let entry = mountinfo::find_mount(&entries, &self.mount_point)?;
         if entry.id == self.mount_id {
             return None;
