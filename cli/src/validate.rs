@@ -113,7 +113,7 @@ fn run(args: &ValidateArgs) -> anyhow::Result<(Report, PathBuf)> {
         .collect();
     let request = tracker::validate::Request {
         since: args.since.as_deref().map(store::parse_since),
-        rules,
+        rules: rules.unwrap_or_default(),
         rules_from,
         extra,
         package,

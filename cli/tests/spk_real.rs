@@ -406,6 +406,14 @@ fn check(case: &Case, built: &Built, attached: Attached) {
     }
 }
 
+/// Builds every case with the tracker attached as `attached` and checks each.
+fn every_case_agrees(attached: Attached) {
+    for case in cases() {
+        let built = build(&case, attached, 0);
+        check(&case, &built, attached);
+    }
+}
+
 /// Every case, with the tracker attached by hand before `spk build --no-runtime`.
 #[test]
 fn validate_agrees_with_spk_on_every_case_tracked_by_hand() {
@@ -414,10 +422,7 @@ fn validate_agrees_with_spk_on_every_case_tracked_by_hand() {
     }
     let _one = ONE_BUILD.lock().unwrap_or_else(|e| e.into_inner());
     base();
-    for case in cases() {
-        let built = build(&case, Attached::ByHand, 0);
-        check(&case, &built, Attached::ByHand);
-    }
+    every_case_agrees(Attached::ByHand);
 }
 
 /// Every case, in the runtime `spk build` makes itself, tracked by the host daemon
@@ -430,10 +435,7 @@ fn validate_agrees_with_spk_on_every_case_tracked_by_the_daemon() {
     let _one = ONE_BUILD.lock().unwrap_or_else(|e| e.into_inner());
     base();
     let mut daemon = Daemon::start();
-    for case in cases() {
-        let built = build(&case, Attached::ByDaemon, 0);
-        check(&case, &built, Attached::ByDaemon);
-    }
+    every_case_agrees(Attached::ByDaemon);
     daemon.terminate();
 }
 

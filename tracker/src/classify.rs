@@ -321,7 +321,7 @@ impl Classifier {
                 Mode::empty(),
             ) {
                 Ok(d) => d,
-                Err(e) if is_gone(e.into()) => continue,
+                Err(e) if went_away(&e.into()) => continue,
                 Err(e) => return Err(e.into()),
             };
             for entry in dir.iter() {
@@ -664,10 +664,6 @@ pub fn join_rel(dir: &[u8], name: &[u8]) -> Vec<u8> {
     p
 }
 
-fn is_gone(e: io::Error) -> bool {
-    went_away(&e)
-}
-
 /// Whether an error says the path is not there (any more): removed, renamed, or a
 /// dir on its way is.
 pub fn went_away(e: &io::Error) -> bool {
@@ -693,7 +689,7 @@ fn open_dir(parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<Option<File>> {
     let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
     match openat(parent, name, flags, Mode::empty()) {
         Ok(fd) => Ok(Some(File::from(fd))),
-        Err(e) if is_gone(e.into()) || e == nix::errno::Errno::ELOOP => Ok(None),
+        Err(e) if went_away(&e.into()) || e == nix::errno::Errno::ELOOP => Ok(None),
         Err(e) => Err(e.into()),
     }
 }
@@ -701,7 +697,7 @@ fn open_dir(parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<Option<File>> {
 fn lstat_at(parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<Option<FileStat>> {
     match fstatat(parent, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
         Ok(s) => Ok(Some(s)),
-        Err(e) if is_gone(e.into()) => Ok(None),
+        Err(e) if went_away(&e.into()) => Ok(None),
         Err(e) => Err(e.into()),
     }
 }

@@ -1,7 +1,7 @@
 //! spk's rules specified as a table (`cases.txt`): per case, the build, its changed
 //! paths, its rules, and what is left failing in each view. Runs without root.
 
-use super::judge::{self, Build, Entry, Failure, Original, RuleName, Upper, View};
+use super::judge::{self, Build, Entry, Failure, Original, Upper, View};
 use super::packages::Package;
 use super::rules::{self, AlterAction};
 
@@ -105,13 +105,7 @@ fn cases() -> Vec<Case<'static>> {
 
 /// A finding as a result line: RULE FAILURE ACTION PATH.
 fn line(f: &judge::Finding, entries: &[Entry]) -> String {
-    let rule = match f.rule {
-        RuleName::EmptyPackage => "EmptyPackage",
-        RuleName::AlterExistingFiles => "AlterExistingFiles",
-        RuleName::CollectExistingFiles => "CollectExistingFiles",
-        RuleName::RecursiveBuild => "RecursiveBuild",
-        RuleName::DenyPath => "DenyPath",
-    };
+    let rule = f.rule.name();
     let failure = match f.failure {
         Failure::Denied => "Denied",
         Failure::Required => "Required",

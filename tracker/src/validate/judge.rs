@@ -373,6 +373,44 @@ impl<'a> Seen<'a> {
         Self::whole(RuleName::RecursiveBuild, String::new(), status)
     }
 
+    /// One whole-build outcome of `status` at each of `localities`.
+    fn everywhere(condition: RuleName, localities: Vec<String>, status: Status) -> Vec<Outcome> {
+        localities
+            .into_iter()
+            .map(|l| Self::whole(condition, l, status.clone()))
+            .collect()
+    }
+
+    /// A deny's outcomes: one per entry, each at `prefix` and the owner's name when
+    /// the rule names the owner (spk's deny localities), saying who owns the original.
+    fn denied_each(
+        &self,
+        condition: RuleName,
+        action: Option<AlterAction>,
+        prefix: &str,
+        packages: &[PackageName],
+        entries: Vec<usize>,
+    ) -> Vec<Outcome> {
+        entries
+            .into_iter()
+            .map(|i| {
+                let owner = Self::owner(&self.build.entries[i]);
+                Outcome {
+                    condition,
+                    locality: format!("{prefix}{}", named_owner(packages, owner)),
+                    subject: Subject::Path(i),
+                    status: Status::Failed(Finding {
+                        rule: condition,
+                        failure: Failure::Denied,
+                        action,
+                        entry: Some(i),
+                        detail: owned_by(owner),
+                    }),
+                }
+            })
+            .collect()
+    }
+
     /// Localities of a rule's package names, `prefix` before each; with no names,
     /// `bare` alone (spk's `by_localities`: an allow then has the empty locality, a
     /// require keeps its prefix, which is why a bare allow overrides no deny).
@@ -411,10 +449,7 @@ impl<'a> Seen<'a> {
                 } else {
                     Status::Allowed
                 };
-                Self::localities(&names, &prefix, "")
-                    .into_iter()
-                    .map(|l| Self::whole(condition, l, status.clone()))
-                    .collect()
+                Self::everywhere(condition, Self::localities(&names, &prefix, ""), status)
             }
             RuleKind::Require if !altered.is_empty() => {
                 vec![Self::whole(condition, String::new(), Status::Allowed)]
@@ -426,30 +461,13 @@ impl<'a> Seen<'a> {
                     owners(&names)
                 );
                 let status = Self::failed(condition, Failure::Required, Some(action), detail);
-                Self::localities(&names, &prefix, &prefix)
-                    .into_iter()
-                    .map(|l| Self::whole(condition, l, status.clone()))
-                    .collect()
+                Self::everywhere(
+                    condition,
+                    Self::localities(&names, &prefix, &prefix),
+                    status,
+                )
             }
-            RuleKind::Deny => altered
-                .into_iter()
-                .map(|i| {
-                    let owner = Self::owner(&self.build.entries[i]);
-                    let local = named_owner(packages, owner);
-                    Outcome {
-                        condition,
-                        locality: format!("{prefix}{local}"),
-                        subject: Subject::Path(i),
-                        status: Status::Failed(Finding {
-                            rule: condition,
-                            failure: Failure::Denied,
-                            action: Some(action),
-                            entry: Some(i),
-                            detail: owned_by(owner),
-                        }),
-                    }
-                })
-                .collect(),
+            RuleKind::Deny => self.denied_each(condition, Some(action), &prefix, packages, altered),
         }
     }
 
@@ -469,15 +487,11 @@ impl<'a> Seen<'a> {
         let condition = RuleName::CollectExistingFiles;
         match kind {
             RuleKind::Allow | RuleKind::Require if !existing.is_empty() => {
-                Self::localities(&names, "", "")
-                    .into_iter()
-                    .map(|l| Self::whole(condition, l, Status::Allowed))
-                    .collect()
+                Self::everywhere(condition, Self::localities(&names, "", ""), Status::Allowed)
             }
-            RuleKind::Allow => Self::localities(&names, "", "")
-                .into_iter()
-                .map(|l| Self::whole(condition, l, Status::NoMatch))
-                .collect(),
+            RuleKind::Allow => {
+                Self::everywhere(condition, Self::localities(&names, "", ""), Status::NoMatch)
+            }
             RuleKind::Require => {
                 let detail = format!(
                     "the build was expected to collect files of {}, but did not",
@@ -485,29 +499,9 @@ impl<'a> Seen<'a> {
                 );
                 // spk reports this one as denied (collect_existing_files.rs).
                 let status = Self::failed(condition, Failure::Denied, None, detail);
-                Self::localities(&names, "", "")
-                    .into_iter()
-                    .map(|l| Self::whole(condition, l, status.clone()))
-                    .collect()
+                Self::everywhere(condition, Self::localities(&names, "", ""), status)
             }
-            RuleKind::Deny => existing
-                .into_iter()
-                .map(|i| {
-                    let owner = Self::owner(&self.build.entries[i]);
-                    Outcome {
-                        condition,
-                        locality: named_owner(packages, owner),
-                        subject: Subject::Path(i),
-                        status: Status::Failed(Finding {
-                            rule: condition,
-                            failure: Failure::Denied,
-                            action: None,
-                            entry: Some(i),
-                            detail: owned_by(owner),
-                        }),
-                    }
-                })
-                .collect(),
+            RuleKind::Deny => self.denied_each(condition, None, "", packages, existing),
         }
     }
 }

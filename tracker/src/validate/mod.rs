@@ -56,9 +56,10 @@ pub struct Request {
     /// Only changes after this point (a mark set when the build started).
     pub since: Option<Since>,
     /// The build's own rules (a recipe's `build: validation: rules:`), applied after
-    /// spk's defaults; `None`: the defaults alone.
-    pub rules: Option<Vec<Rule>>,
-    /// Where `rules` came from, for the report ("the rules in probe.spk.yaml").
+    /// spk's defaults.
+    pub rules: Vec<Rule>,
+    /// Where the rules came from, for the report ("spk's defaults and probe.spk.yaml");
+    /// empty: "spk's defaults".
     pub rules_from: String,
     /// More rules, applied last (a command line's `--allow`/`--deny`/`--require`).
     pub extra: Vec<Rule>,
@@ -129,12 +130,13 @@ pub fn validate(
         None => None,
     };
     let package = packages::building(store, given.as_ref())?;
-    let (own_rules, rules_from) = match &request.rules {
-        Some(rules) => (rules.clone(), request.rules_from.clone()),
-        None if request.rules_from.is_empty() => (Vec::new(), "spk's defaults".to_string()),
-        None => (Vec::new(), request.rules_from.clone()),
+    let rules_from = if request.rules_from.is_empty() {
+        "spk's defaults".to_string()
+    } else {
+        request.rules_from.clone()
     };
-    let not_evaluated = own_rules
+    let not_evaluated = request
+        .rules
         .iter()
         .chain(&request.extra)
         .filter_map(|r| match &r.matcher {
@@ -145,7 +147,7 @@ pub fn validate(
             _ => None,
         })
         .collect();
-    let expanded = rules::expanded(&[own_rules, request.extra.clone()].concat());
+    let expanded = rules::expanded(&[&request.rules[..], &request.extra].concat());
     let layer_packages = packages::of_layers(layers, layer_names.len()).map_err(|e| {
         TrackerError::Validate(format!("cannot read which package each layer holds: {e}"))
     })?;
@@ -163,7 +165,6 @@ pub fn validate(
         since: request.since.clone(),
         ..Query::default()
     })?;
-    let inspect = |path: &[u8]| inspect(layers, masks, path);
     let mut entries = Vec::new();
     let mut about = Vec::new();
     for c in &set.changes {
@@ -171,7 +172,7 @@ pub fn validate(
         if kind == NetKind::Removed && masks.contains(&c.path) {
             continue;
         }
-        let original = inspect(&c.path)?;
+        let original = inspect(layers, masks, &c.path)?;
         let was_dir = original.layer.is_some() && original.is_dir;
         entries.push(Entry {
             path: c.path.clone(),

@@ -163,7 +163,7 @@ pub fn stored_recipe(package: &Package) -> Result<Option<String>, TrackerError> 
         return Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()));
     }
     let said = String::from_utf8_lossy(&out.stderr);
-    if said.contains("Unknown") || said.contains("not found") || said.contains("UnknownReference") {
+    if said.contains("Unknown") || said.contains("not found") {
         return Ok(None);
     }
     Err(TrackerError::Validate(format!(
