@@ -267,6 +267,63 @@ fn remounts_during_tracking_lose_nothing() {
     assert_eq!(status_json(&state)["live"], true);
 }
 
+/// The kernel hands out mount ids again once their mounts are freed (the lowest free
+/// one; an overlay also takes ids for its private clones of the layers), so an
+/// overlay mounted again over as many layers as before usually gets the id the old
+/// one had. Here the stack alternates between two of two layers each, a top layer
+/// with `new.txt` or one without: the first query after each remount is classified
+/// against the layers mounted then, whatever id the overlay was given.
+#[test]
+fn a_remount_that_reuses_the_mount_id_is_followed() {
+    if !need_root() {
+        return;
+    }
+    let tmp = temp();
+    let (mut rt, state, mut trackers) = start_runtime(tmp.path(), &base_lower());
+    trackers.track_runtime(&rt);
+    rt.run("echo x >> \"$M/keep.txt\" && echo n > \"$M/new.txt\"");
+    let base = rt.lowers.clone();
+    let stack = |name: &str, spec: LowerSpec| {
+        let top = tmp.path().join(name);
+        spec.write_layer(0, &top);
+        let mut lowers = vec![top];
+        lowers.extend(base.iter().cloned());
+        lowers
+    };
+    let with_new = stack("with-new", LowerSpec::new().file("new.txt", "top\n", 0o644));
+    let without = stack("without", LowerSpec::new().file("other.txt", "o\n", 0o644));
+
+    let mut reused = 0;
+    for n in 0..6 {
+        let seen = rt.mount_id();
+        let lowers = if n % 2 == 0 { &with_new } else { &without };
+        // The pause lets the old overlay be freed, so that its ids can be handed out
+        // again; what is checked does not depend on it.
+        rt.run(&format!(
+            "umount \"$M\" && sleep 0.2 && mount -t overlay overlay -o '{}' \"$M\"",
+            overlay_options(&rt.rt, lowers)
+        ));
+        rt.lowers = lowers.clone();
+        reused += usize::from(rt.mount_id() == seen);
+        let net = assert_net_is_truth(&rt, &state, &format!("after remount {n}"));
+        let new_txt = net.get(b"new.txt".as_slice()).map(|(kind, _)| *kind);
+        let want = if n % 2 == 0 {
+            NetKind::Modified
+        } else {
+            NetKind::Added
+        };
+        assert_eq!(
+            new_txt,
+            Some(want),
+            "remount {n}: new.txt against its stack"
+        );
+    }
+    assert!(
+        reused > 0,
+        "no remount got the mount id of the overlay before it: the case this test is for did not occur"
+    );
+}
+
 /// The instance part of a `changes --json` answer's token.
 fn token_instance(answer: &serde_json::Value) -> String {
     let token = answer["token"].as_str().expect("a token");

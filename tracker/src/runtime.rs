@@ -29,7 +29,6 @@ enum Reach {
 /// A remount seen by [`Runtime::new_layers`], not yet accepted.
 #[derive(Debug)]
 pub struct Remounted {
-    mount_id: u64,
     layers: OverlayLayers,
 }
 
@@ -40,8 +39,6 @@ pub struct Runtime {
     pub mount_point: PathBuf,
     /// Layers as the runtime's namespace names them.
     pub layers: OverlayLayers,
-    /// Mount id of the overlay last seen (changes at every remount).
-    pub mount_id: u64,
     /// `st_dev` of the filesystem holding the upper dir.
     upper_dev: (u32, u32),
     /// Who may use the control socket besides root.
@@ -115,7 +112,6 @@ impl Runtime {
             reach,
             mount_point: mount_point.to_path_buf(),
             layers,
-            mount_id: entry.id,
             upper_dev: (0, 0),
             owner_uid: 0,
             key: String::new(),
@@ -221,6 +217,11 @@ impl Runtime {
     /// (reachable from here, top-most first) and what to accept once they are opened.
     /// `None` when it was not, or when nothing is mounted there right now (the middle
     /// of a remount: the attach that ends it is looked at then).
+    ///
+    /// The layers are compared, not the mount id: mountinfo's ids are reused as soon as
+    /// a mount is freed (the kernel hands out the lowest free one), so a remount can
+    /// show the id of the mount it replaced. spfs renders each layer at a path named by
+    /// its digest, so the same paths mean the same files.
     pub fn new_layers(&mut self) -> Option<(Vec<PathBuf>, Remounted)> {
         // The process mountinfo is read through may exit right then (a build's
         // short-lived tools, spfs's helpers): read it through another.
@@ -234,37 +235,36 @@ impl Runtime {
                 break;
             }
         }
-        let entries = entries?;
-        let entry = mountinfo::find_mount(&entries, &self.mount_point)?;
-        if entry.id == self.mount_id {
+        let Some(entries) = entries else {
+            tracing::debug!("no mountinfo to read: no process left in the runtime");
             return None;
-        }
+        };
+        let Some(entry) = mountinfo::find_mount(&entries, &self.mount_point) else {
+            tracing::debug!(reach = ?self.reach, "nothing mounted at the mount point right now");
+            return None;
+        };
         let layers = entry.overlay_layers()?;
         if layers.upper != self.layers.upper {
+            tracing::debug!(upper = ?layers.upper, "another overlay is mounted there");
             return None;
         }
-        let remounted = Remounted {
-            mount_id: entry.id,
-            layers,
-        };
-        if remounted.layers.lowers == self.layers.lowers {
-            self.accept(remounted);
+        if layers.lowers == self.layers.lowers {
+            tracing::trace!(mount_id = entry.id, "the overlay has the layers last seen");
             return None;
         }
-        let lowers = remounted
-            .layers
-            .lowers
-            .iter()
-            .map(|l| self.reachable(l))
-            .collect();
-        Some((lowers, remounted))
+        tracing::debug!(
+            mount_id = entry.id,
+            lowers = layers.lowers.len(),
+            "the overlay was mounted again over other lower layers"
+        );
+        let lowers = layers.lowers.iter().map(|l| self.reachable(l)).collect();
+        Some((lowers, Remounted { layers }))
     }
 
     /// Takes a remount's layers as the runtime's, once they could be opened (until
     /// then, the next look sees the remount again: the process its paths were reached
     /// through may have exited meanwhile).
     pub fn accept(&mut self, remounted: Remounted) {
-        self.mount_id = remounted.mount_id;
         self.layers = remounted.layers;
     }
 

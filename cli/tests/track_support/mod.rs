@@ -158,6 +158,18 @@ impl FakeRuntime {
         self.lowers = host_lowers;
     }
 
+    /// The id mountinfo gives the overlay at `$M` now, in the runtime's namespace.
+    pub fn mount_id(&self) -> u64 {
+        let info = std::fs::read_to_string(format!("/proc/{}/mountinfo", self.pid))
+            .expect("the runtime's mountinfo");
+        let mnt = self.mnt.to_str().expect("utf-8 mount point");
+        info.lines()
+            .filter(|l| l.split(' ').nth(4) == Some(mnt))
+            .filter_map(|l| l.split(' ').next()?.parse().ok())
+            .next_back()
+            .expect("the overlay in mountinfo")
+    }
+
     /// A path of the runtime's namespace, as this process reaches it.
     pub fn reach(&self, p: &Path) -> PathBuf {
         Path::new(&format!("/proc/{}/root", self.pid)).join(p.strip_prefix("/").unwrap_or(p))
