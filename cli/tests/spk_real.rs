@@ -64,6 +64,8 @@ struct Case {
     installs: bool,
     /// (rule, action, path) our report has and spk 0.44's does not.
     missed: &'static [(&'static str, Option<&'static str>, &'static str)],
+    /// Builds against scother too.
+    with_other: bool,
 }
 
 fn cases() -> Vec<Case> {
@@ -73,6 +75,7 @@ fn cases() -> Vec<Case> {
         rules,
         installs,
         missed,
+        with_other: false,
     };
     vec![
         case("clean", "", "", true, &[]),
@@ -193,29 +196,44 @@ fn spk(args: &[&str]) -> Command {
 /// Builds scbase once; returns its ident (`scbase/1.0.0/<build>`).
 fn base() -> &'static str {
     static BASE: OnceLock<String> = OnceLock::new();
-    BASE.get_or_init(|| {
-        let recipe = scratch().join("scbase.spk.yaml");
-        std::fs::write(&recipe, BASE_RECIPE).expect("write scbase's recipe");
-        let out = spk(&["build", "-L", recipe.to_str().expect("utf-8 path")])
-            .output()
-            .expect("run spk build");
-        let log = format!("{}{}", text(&out.stdout), text(&out.stderr));
-        assert!(out.status.success(), "building scbase failed:\n{log}");
-        let ls = spk(&["ls", "-L", "scbase/1.0.0"]).output().expect("spk ls");
-        let builds = text(&ls.stdout);
-        let build = builds
-            .split_whitespace()
-            .find(|w| w.starts_with("scbase/1.0.0/") && !w.ends_with("/src"))
-            .map(str::to_string)
-            .or_else(|| {
-                // `spk ls` prints bare builds in some versions.
-                builds
-                    .split_whitespace()
-                    .find(|w| w.len() == 8 && *w != "src")
-                    .map(|b| format!("scbase/1.0.0/{b}"))
-            });
-        build.unwrap_or_else(|| panic!("scbase's build in `spk ls`: {builds}"))
+    BASE.get_or_init(|| build_dependency("scbase", BASE_RECIPE))
+}
+
+/// A second dependency, with files of its own beside its metadata.
+fn other() -> &'static str {
+    static OTHER: OnceLock<String> = OnceLock::new();
+    OTHER.get_or_init(|| {
+        build_dependency(
+            "scother",
+            "pkg: scother/1.0.0\napi: v0/package\nsources: []\nbuild:\n  script:\n    - mkdir -p /spfs/share/scother\n    - echo other > /spfs/share/scother/o.txt\n",
+        )
     })
+}
+
+/// Builds package `name` (version 1.0.0) from `recipe`; returns its ident.
+fn build_dependency(name: &str, recipe: &str) -> String {
+    let path = scratch().join(format!("{name}.spk.yaml"));
+    std::fs::write(&path, recipe).expect("write the recipe");
+    let out = spk(&["build", "-L", path.to_str().expect("utf-8 path")])
+        .output()
+        .expect("run spk build");
+    let log = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "building {name} failed:\n{log}");
+    let version = format!("{name}/1.0.0");
+    let ls = spk(&["ls", "-L", &version]).output().expect("spk ls");
+    let builds = text(&ls.stdout);
+    let build = builds
+        .split_whitespace()
+        .find(|w| w.starts_with(&format!("{version}/")) && !w.ends_with("/src"))
+        .map(str::to_string)
+        .or_else(|| {
+            // `spk ls` prints bare builds in some versions.
+            builds
+                .split_whitespace()
+                .find(|w| w.len() == 8 && *w != "src")
+                .map(|b| format!("{version}/{b}"))
+        });
+    build.unwrap_or_else(|| panic!("{name}'s build in `spk ls`: {builds}"))
 }
 
 /// The recipe of a case; its script ends by saving our report beside it.
@@ -237,8 +255,13 @@ fn probe_recipe(case: &Case, report: &Path) -> String {
     } else {
         format!("  validation:\n    rules: {}\n", case.rules)
     };
+    let other = if case.with_other {
+        "    - pkg: scother\n"
+    } else {
+        ""
+    };
     format!(
-        "pkg: scprobe/1.0.0\napi: v0/package\nsources: []\nbuild:\n  options:\n    - pkg: scbase\n{rules}  script: |\n{script}"
+        "pkg: scprobe/1.0.0\napi: v0/package\nsources: []\nbuild:\n  options:\n    - pkg: scbase\n{other}{rules}  script: |\n{script}"
     )
 }
 
@@ -459,6 +482,85 @@ fn no_false_pass_through_spks_remount() {
         let built = build(case, Attached::ByHand, n + 1);
         assert_eq!(built.our_rc, 1, "{} #{n}: {:#}", case.name, built.ours);
         check(case, &built, Attached::ByHand);
+    }
+}
+
+/// Two dependencies: spk 0.44 pictures the build environment with only the top-most
+/// package's `spk/pkg` (it merges layers one level below each top-level dir), so it
+/// reports an edit of that package's metadata and not of the other's. Both are
+/// violations as documented; ours says which one spk misses, and why.
+#[test]
+fn a_dependencys_metadata_edit_is_judged_as_spk_pictures_the_environment() {
+    if !need_spk() {
+        return;
+    }
+    let _one = ONE_BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    let owners = [base(), other()];
+    let case = Case {
+        name: "metadata",
+        script: "echo more >> /spfs/spk/pkg/$SPK_PKG_scbase/spec.yaml\necho more >> /spfs/spk/pkg/$SPK_PKG_scother/spec.yaml",
+        rules: "",
+        installs: true,
+        missed: &[],
+        with_other: true,
+    };
+    let built = build(&case, Attached::ByHand, 0);
+    let doc = &built.ours;
+    let violations = doc["violations"].as_array().cloned().unwrap_or_default();
+    let reported: BTreeSet<Key> = violations
+        .iter()
+        .filter(|v| v["spk_0_44"] == "reported")
+        .map(key)
+        .collect();
+    assert_eq!(
+        reported, built.spk_says,
+        "what we say spk 0.44 reports is what it printed\nours: {doc:#}\nspk:\n{}",
+        built.log
+    );
+    assert!(built.spk_failed, "spk fails the build:\n{}", built.log);
+    let metadata = |owner: &str| format!("/spfs/spk/pkg/{owner}/spec.yaml");
+    let mut documented = BTreeSet::new();
+    for owner in owners {
+        documented.insert((
+            "AlterExistingFiles".into(),
+            Some("Change".into()),
+            metadata(owner),
+        ));
+        documented.insert(("CollectExistingFiles".into(), None, metadata(owner)));
+    }
+    assert_eq!(
+        violations.iter().map(key).collect::<BTreeSet<Key>>(),
+        documented,
+        "both edits break the documented rules\n{doc:#}"
+    );
+    let missed: BTreeSet<String> = violations
+        .iter()
+        .filter(|v| v["spk_0_44"] != "reported")
+        .map(|v| {
+            assert!(
+                v["spk_0_44"]
+                    .as_str()
+                    .is_some_and(|why| why.contains("one level below")),
+                "the reason spk misses it: {v}"
+            );
+            v["path"].as_str().unwrap_or_default().to_string()
+        })
+        .collect();
+    assert_eq!(
+        missed.len(),
+        1,
+        "spk 0.44 misses the edit of exactly one package's metadata\n{doc:#}"
+    );
+    for v in &violations {
+        let owner = owners
+            .iter()
+            .find(|o| v["path"].as_str() == Some(metadata(o).as_str()))
+            .expect("a metadata path");
+        assert_eq!(
+            v["package"].as_str(),
+            Some(*owner),
+            "the owner is named: {v}"
+        );
     }
 }
 

@@ -439,17 +439,35 @@ impl Classifier {
     /// that one layer holds), each with whether it is a dir; empty when the layer has
     /// no dir there. Used to learn which spk package a layer installs.
     pub fn layer_listing(&self, layer: usize, rel: &[u8]) -> io::Result<Vec<(Vec<u8>, bool)>> {
+        match self.layer_dir(layer, rel)? {
+            Some(dir) => list_dir(&dir),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// What lower layer `layer` itself holds at `rel` (not the merged view):
+    /// `Some(is_dir)`, or `None` when nothing (a whiteout counts as an entry).
+    pub fn layer_entry(&self, layer: usize, rel: &[u8]) -> io::Result<Option<bool>> {
+        let (dir_rel, name) = parent_and_name(rel);
+        let Some(dir) = self.layer_dir(layer, dir_rel)? else {
+            return Ok(None);
+        };
+        Ok(lstat_at(dir.as_fd(), name)?.map(|s| is_type(&s, SFlag::S_IFDIR)))
+    }
+
+    /// Lower layer `layer`'s own dir `rel`, when it has one.
+    fn layer_dir(&self, layer: usize, rel: &[u8]) -> io::Result<Option<File>> {
         let Some(top) = self.lowers.get(layer) else {
-            return Ok(Vec::new());
+            return Ok(None);
         };
         let mut dir = dup(top.as_fd())?;
         for name in rel.split(|&b| b == b'/').filter(|n| !n.is_empty()) {
             match open_dir(dir.as_fd(), OsStr::from_bytes(name))? {
                 Some(sub) => dir = sub,
-                None => return Ok(Vec::new()),
+                None => return Ok(None),
             }
         }
-        list_dir(&dir)
+        Ok(Some(dir))
     }
 
     /// Every changed path at and below `rel` (a dir, or the upper dir itself when

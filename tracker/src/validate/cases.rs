@@ -25,8 +25,10 @@ fn package(ident: &str) -> Package {
 
 fn entry(line: &str) -> Entry {
     let f: Vec<&str> = line.split_whitespace().collect();
-    let [path, upper, lower, owner] = f[..] else {
-        panic!("entry: PATH UPPER LOWER OWNER, got {line}");
+    let (path, upper, lower, owner, spk) = match f[..] {
+        [path, upper, lower, owner] => (path, upper, lower, owner, None),
+        [path, upper, lower, owner, spk] => (path, upper, lower, owner, spk.strip_prefix("spk:")),
+        _ => panic!("entry: PATH UPPER LOWER OWNER [spk:OWNER], got {line}"),
     };
     let upper = match upper {
         "file" => Some(Upper { is_dir: false }),
@@ -47,9 +49,21 @@ fn entry(line: &str) -> Entry {
         is_dir,
         same,
     });
+    // spk 0.44 pictures a package's original as it is, unless the case says its
+    // merge lost it (`spk:-`) or took another package's; removals it does not look at.
+    let spk044 = match spk {
+        Some("-") => None,
+        Some(other) => original.clone().map(|o| Original {
+            package: Some(package(other)),
+            same: false,
+            ..o
+        }),
+        None => original.clone().filter(|o| o.package.is_some()),
+    };
     Entry {
         path: path.as_bytes().to_vec(),
         upper,
+        spk044: if upper.is_some() { spk044 } else { None },
         original,
     }
 }
@@ -141,6 +155,7 @@ fn spk_rules_over_build_changes() {
                     path: path.into_bytes(),
                     upper: Some(Upper { is_dir }),
                     original: None,
+                    spk044: None,
                 });
             }
         }

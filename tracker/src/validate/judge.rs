@@ -23,6 +23,11 @@ pub struct Entry {
     pub upper: Option<Upper>,
     /// What the lower layers hold there: `None` when nothing.
     pub original: Option<Original>,
+    /// What spk 0.44's picture of the build environment holds there (see
+    /// `environment`): the original of a package's layer, unless spk's merge lost it
+    /// or took another package's. `None` for removed paths too, which spk 0.44 does
+    /// not look at.
+    pub spk044: Option<Original>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -206,11 +211,7 @@ impl<'a> Seen<'a> {
                 {
                     return None;
                 }
-                // spk's environment holds only the packages' layers.
-                let original = e
-                    .original
-                    .as_ref()
-                    .filter(|o| view == View::Documented || o.package.is_some());
+                let original = Self::original_in(view, e);
                 let diff = match (&e.upper, original) {
                     (None, None) => return None,
                     (None, Some(_)) => Diff::Removed,
@@ -247,9 +248,9 @@ impl<'a> Seen<'a> {
 
     /// spk's `DiffMode::is_dir`: a change between two dirs, or a dir added, removed
     /// or unchanged.
-    fn is_dir(e: &Entry, diff: Diff) -> bool {
+    fn is_dir(&self, e: &Entry, diff: Diff) -> bool {
         let upper = e.upper.is_some_and(|u| u.is_dir);
-        let original = e.original.as_ref().is_some_and(|o| o.is_dir);
+        let original = self.original(e).is_some_and(|o| o.is_dir);
         match diff {
             Diff::Changed => upper && original,
             Diff::Added | Diff::Unchanged => upper,
@@ -272,8 +273,20 @@ impl<'a> Seen<'a> {
             .collect()
     }
 
-    fn owner(e: &Entry) -> Option<&Package> {
-        e.original.as_ref().and_then(|o| o.package.as_ref())
+    /// The original this view compares `e` with.
+    fn original(&self, e: &'a Entry) -> Option<&'a Original> {
+        Self::original_in(self.view, e)
+    }
+
+    fn original_in(view: View, e: &Entry) -> Option<&Original> {
+        match view {
+            View::Documented => e.original.as_ref(),
+            View::Spk044 => e.spk044.as_ref(),
+        }
+    }
+
+    fn owner(&self, e: &'a Entry) -> Option<&'a Package> {
+        self.original(e).and_then(|o| o.package.as_ref())
     }
 
     /// Whether an owner is among `names` (any owner when there are none).
@@ -329,7 +342,7 @@ impl<'a> Seen<'a> {
                         .as_deref()
                         .is_some_and(|m| is_at_or_below(&e.path, m) || is_at_or_below(m, &e.path));
                     // A dir that was already there is no installed file.
-                    collected && !spk_own && !(diff == Diff::Changed && Self::is_dir(e, diff))
+                    collected && !spk_own && !(diff == Diff::Changed && self.is_dir(e, diff))
                 })
             }
         };
@@ -394,7 +407,7 @@ impl<'a> Seen<'a> {
         entries
             .into_iter()
             .map(|i| {
-                let owner = Self::owner(&self.build.entries[i]);
+                let owner = self.owner(&self.build.entries[i]);
                 Outcome {
                     condition,
                     locality: format!("{prefix}{}", named_owner(packages, owner)),
@@ -429,14 +442,14 @@ impl<'a> Seen<'a> {
         let altered: Vec<usize> = self
             .entries()
             .filter(|&(_, e, diff, _)| {
-                !Self::is_dir(e, diff)
+                !self.is_dir(e, diff)
                     && matches!(
                         (action, diff),
                         (AlterAction::Remove, Diff::Removed)
                             | (AlterAction::Touch, Diff::Unchanged)
                             | (AlterAction::Change, Diff::Changed)
                     )
-                    && Self::owned_by(&names, Self::owner(e))
+                    && Self::owned_by(&names, self.owner(e))
             })
             .map(|(i, ..)| i)
             .collect();
@@ -477,10 +490,8 @@ impl<'a> Seen<'a> {
             .entries()
             .filter(|&(_, e, _, collected)| {
                 collected
-                    && e.original.as_ref().is_some_and(|o| {
-                        !o.is_dir && (self.view == View::Documented || o.package.is_some())
-                    })
-                    && Self::owned_by(&names, Self::owner(e))
+                    && self.original(e).is_some_and(|o| !o.is_dir)
+                    && Self::owned_by(&names, self.owner(e))
             })
             .map(|(i, ..)| i)
             .collect();

@@ -31,6 +31,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod environment;
 pub mod judge;
 pub mod packages;
 pub mod rules;
@@ -42,6 +43,7 @@ pub use rules::{AlterAction, Rule, RuleKind};
 use crate::TrackerError;
 use crate::classify::{Classifier, Original};
 use crate::masks::Masks;
+use environment::Spk044Environment;
 use judge::{Build, Entry, Finding, View};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
@@ -161,6 +163,10 @@ pub fn validate(
         .filter(|p| p.build != "src")
         .cloned()
         .collect();
+    let package_layers: Vec<usize> = (0..layer_packages.len())
+        .filter(|&i| !layer_packages[i].is_empty())
+        .collect();
+    let mut spk_environment = Spk044Environment::new(layers, &package_layers);
     let set = store.query(&Query {
         since: request.since.clone(),
         ..Query::default()
@@ -174,16 +180,36 @@ pub fn validate(
         }
         let original = inspect(layers, masks, &c.path)?;
         let was_dir = original.layer.is_some() && original.is_dir;
+        let documented = original.layer.map(|i| judge::Original {
+            package: owner(Some(i)),
+            is_dir: original.is_dir,
+            same: kind == NetKind::Metadata && !original.mode_differs,
+        });
+        let spk044 = match (&documented, kind) {
+            (Some(o), k) if k != NetKind::Removed => spk_environment
+                .holder(&c.path)
+                .map_err(|e| {
+                    TrackerError::Validate(format!(
+                        "cannot look up {} in the layers: {e}",
+                        String::from_utf8_lossy(&c.path)
+                    ))
+                })?
+                .map(|(layer, is_dir)| judge::Original {
+                    package: owner(Some(layer)),
+                    is_dir,
+                    // Compared with another layer's entry than the overlay shows: taken
+                    // as changed.
+                    same: o.same && Some(layer) == original.layer,
+                }),
+            _ => None,
+        };
         entries.push(Entry {
             path: c.path.clone(),
             upper: (kind != NetKind::Removed).then_some(judge::Upper {
                 is_dir: c.file_type == FileType::Dir,
             }),
-            original: original.layer.map(|i| judge::Original {
-                package: owner(Some(i)),
-                is_dir: original.is_dir,
-                same: kind == NetKind::Metadata && !original.mode_differs,
-            }),
+            original: documented,
+            spk044,
         });
         about.push(About {
             kind,
@@ -201,6 +227,7 @@ pub fn validate(
                         is_dir,
                         same: false,
                     }),
+                    spk044: None,
                 });
                 about.push(About {
                     kind: NetKind::Removed,
@@ -329,6 +356,15 @@ fn why_spk_misses(f: &Finding, build: &Build<'_>) -> String {
         (RuleName::EmptyPackage, _) => "it counts its own metadata files as installed",
         _ if original.is_some_and(|o| o.package.is_none()) => {
             "it knows only the files of the packages it solved, and this one is in a layer of none"
+        }
+        _ if let Some(e) = entry.filter(|e| e.upper.is_some() && e.spk044.is_none()) => {
+            let dir: Vec<&[u8]> = e.path.splitn(3, |&b| b == b'/').take(2).collect();
+            return format!(
+                "spk 0.44 misses this: its picture of the build environment merges the \
+                 packages' layers only one level below each top-level dir, and another \
+                 package's {} hides this file",
+                String::from_utf8_lossy(&dir.join(&b'/'))
+            );
         }
         (_, Some(AlterAction::Remove)) => "it drops removals before it validates",
         (_, Some(AlterAction::Touch)) => {
