@@ -210,7 +210,11 @@ fn print_human(report: &Report, mount: &Path) -> std::io::Result<()> {
     }
     for v in &report.violations {
         writeln!(out, "{}", describe(v, mount))?;
-        if let Some(why) = &v.spk_misses {
+        if let Some(why) = v
+            .spk_misses
+            .as_ref()
+            .filter(|_| v.rule != RuleName::DenyPath)
+        {
             writeln!(out, "  ({why})")?;
         }
     }
@@ -229,27 +233,44 @@ fn print_human(report: &Report, mount: &Path) -> std::io::Result<()> {
         .as_deref()
         .map(|p| format!(" of {p}"))
         .unwrap_or_default();
-    if report.violations.is_empty() {
-        writeln!(
-            out,
-            "valid: the build{built} passes spk's rules ({}); {} changed paths checked",
-            report.rules_from, report.checked
-        )?;
-    } else {
-        let missed = report
-            .violations
-            .iter()
-            .filter(|v| v.spk_misses.is_some())
-            .count();
-        writeln!(
-            out,
-            "invalid: the build{built} breaks spk's rules ({}) {} times ({missed} of them spk 0.44 would not report); {} changed paths checked",
-            report.rules_from,
-            report.violations.len(),
-            report.checked
-        )?;
-    }
+    writeln!(out, "{}", summary(report, &built))?;
     out.flush()
+}
+
+/// The last line of the report: the verdict, what broke it, how much was checked.
+fn summary(report: &Report, built: &str) -> String {
+    let (paths, rules): (Vec<&Violation>, Vec<&Violation>) = report
+        .violations
+        .iter()
+        .partition(|v| v.rule == RuleName::DenyPath);
+    let times = |n: usize| match n {
+        1 => "once".to_string(),
+        n => format!("{n} times"),
+    };
+    let spk = if rules.is_empty() {
+        format!("passes spk's rules ({})", report.rules_from)
+    } else {
+        let missed = rules.iter().filter(|v| v.spk_misses.is_some()).count();
+        format!(
+            "breaks spk's rules ({}) {} ({missed} of them spk 0.44 would not report)",
+            report.rules_from,
+            times(rules.len())
+        )
+    };
+    let denied = match paths.len() {
+        0 => String::new(),
+        1 => " and changes 1 path --deny-path forbids".to_string(),
+        n => format!(" and changes {n} paths --deny-path forbids"),
+    };
+    let verdict = if report.violations.is_empty() {
+        "valid"
+    } else {
+        "invalid"
+    };
+    format!(
+        "{verdict}: the build{built} {spk}{denied}; {} changed paths checked",
+        report.checked
+    )
 }
 
 fn violation_json(v: &Violation, mount: &Path) -> serde_json::Value {

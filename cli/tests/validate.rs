@@ -634,6 +634,13 @@ fn deny_path_globs_deny_changes_under_them() {
         "{:?} does not start with {line:?}",
         human.stdout
     );
+    assert!(
+        human.stdout.lines().last().is_some_and(|l| l.starts_with(
+            "invalid: the build passes spk's rules (spk's defaults) and changes 1 path --deny-path forbids; "
+        )),
+        "{}",
+        human.stdout
+    );
 
     // A build that leaves etc alone.
     let rt = Runtime::new();

@@ -123,7 +123,13 @@ impl Rule {
             Some((n, a)) => (n, Some(a)),
             None => (arg, None),
         };
-        let packages: Vec<PackageName> = packages.iter().map(|p| package_name(p)).collect();
+        let packages: Vec<PackageName> = packages
+            .iter()
+            .map(|p| match p.as_str() {
+                "~" => Ok(PackageName::Current),
+                name => package_name(name).map_err(invalid),
+            })
+            .collect::<Result<_, _>>()?;
         let mut matcher = matcher_named(name)?;
         match &mut matcher {
             Matcher::AlterExistingFiles {
@@ -327,20 +333,28 @@ fn parse_packages(v: &Value) -> Result<Vec<PackageName>, String> {
     };
     list.iter()
         .map(|p| match p {
+            // YAML's null (`~`), as spk's untagged `NameOrCurrent::Current` reads it.
             Value::Null => Ok(PackageName::Current),
-            Value::String(s) => Ok(package_name(s)),
+            Value::String(s) => package_name(s),
             _ => Err("packages: expected package names (or ~ for this package)".to_string()),
         })
         .collect()
 }
 
-/// A package name as a rule or a command line gives it; `~` is the package being
-/// built.
-fn package_name(s: &str) -> PackageName {
-    if s == "~" {
-        PackageName::Current
+/// A package name as spk accepts one (`validate_pkg_name` in spk-schema's
+/// foundation/src/name: 2 to 64 characters of `a-z`, `0-9` and `-`, not starting
+/// with `-`).
+fn package_name(s: &str) -> Result<PackageName, String> {
+    let valid = (2..=64).contains(&s.len())
+        && !s.starts_with('-')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if valid {
+        Ok(PackageName::Name(s.to_string()))
     } else {
-        PackageName::Name(s.to_string())
+        Err(format!(
+            "{s:?} is not a package name (2 to 64 of a-z, 0-9 and -, not starting with -)"
+        ))
     }
 }
 
@@ -495,6 +509,20 @@ mod tests {
                 "- deny: AlterExistingFiles\n  action: Melt",
                 Err("validate: rule 1: validate: unknown AlterExistingFiles action"),
             ),
+            // spk reads only YAML's null as the package being built; a quoted "~" is
+            // a name, and not a valid one.
+            (
+                "- deny: CollectExistingFiles\n  packages: [\"~\"]",
+                Err("validate: rule 1: \"~\" is not a package name"),
+            ),
+            (
+                "- deny: CollectExistingFiles\n  packages: [/root]",
+                Err("validate: rule 1: \"/root\" is not a package name"),
+            ),
+            (
+                "- deny: CollectExistingFiles\n  packages: [-x, Base]",
+                Err("validate: rule 1: \"-x\" is not a package name"),
+            ),
             (
                 "- action: Touch\n  deny: AlterExistingFiles",
                 Err("validate: rule 1: unknown rule kind"),
@@ -528,5 +556,16 @@ mod tests {
         assert!(Rule::from_arg(RuleKind::Deny, "EmptyPackage:Touch", &[]).is_err());
         assert!(Rule::from_arg(RuleKind::Deny, "AlterExistingFiles:Melt", &[]).is_err());
         assert!(Rule::from_arg(RuleKind::Deny, "NoSuchRule", &[]).is_err());
+        // `~` on a command line is the package being built; other names are spk's.
+        let current = ["~".to_string()];
+        let r = Rule::from_arg(RuleKind::Allow, "CollectExistingFiles", &current).expect("~");
+        assert_eq!(
+            r.matcher,
+            Matcher::CollectExistingFiles {
+                packages: vec![PackageName::Current]
+            }
+        );
+        let bad = ["/root".to_string()];
+        assert!(Rule::from_arg(RuleKind::Allow, "CollectExistingFiles", &bad).is_err());
     }
 }
