@@ -70,7 +70,6 @@ impl<'a, L: LayerEntries> Spk044Environment<'a, L> {
         let mut parts = rel.splitn(3, |&b| b == b'/');
         let first = parts.next().unwrap_or_default();
         let second = parts.next();
-        let rest = parts.next();
         if first.is_empty() {
             return Ok(None);
         }
@@ -90,18 +89,15 @@ impl<'a, L: LayerEntries> Spk044Environment<'a, L> {
             Some(h) => *h,
             None => {
                 let h = self.last_with(since, &prefix)?;
-                self.seconds.insert(prefix.clone(), h);
+                self.seconds.insert(prefix, h);
                 h
             }
         };
         let Some(layer) = holder else {
             return Ok(None);
         };
-        match rest {
-            None => Ok(self.layers.layer_entry(layer, &prefix)?.map(|d| (layer, d))),
-            // Below `A/B`, spk holds that one layer's subtree as it is.
-            Some(_) => Ok(self.layers.layer_entry(layer, rel)?.map(|d| (layer, d))),
-        }
+        // At and below `A/B`, spk holds that one layer's subtree as it is.
+        Ok(self.layers.layer_entry(layer, rel)?.map(|d| (layer, d)))
     }
 
     /// What spk's manifest holds at top-level name `name`.
