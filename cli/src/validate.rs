@@ -85,6 +85,13 @@ pub fn validate(args: ValidateArgs) -> ExitCode {
 }
 
 fn run(args: &ValidateArgs) -> anyhow::Result<(Report, PathBuf)> {
+    if !args.packages.is_empty()
+        && args.allow.is_empty()
+        && args.deny.is_empty()
+        && args.require.is_empty()
+    {
+        bail!("--packages names the packages of --allow/--deny/--require rules, and none is given");
+    }
     let Target::Live { mut client, mount } = target::open(&args.target, true)? else {
         bail!(
             "no tracker runs for this runtime: validation compares changes with the runtime's lower layers"
@@ -267,10 +274,11 @@ fn summary(report: &Report, built: &str) -> String {
     } else {
         "invalid"
     };
-    format!(
-        "{verdict}: the build{built} {spk}{denied}; {} changed paths checked",
-        report.checked
-    )
+    let checked = match report.checked {
+        1 => "1 changed path checked".to_string(),
+        n => format!("{n} changed paths checked"),
+    };
+    format!("{verdict}: the build{built} {spk}{denied}; {checked}")
 }
 
 fn violation_json(v: &Violation, mount: &Path) -> serde_json::Value {

@@ -4,7 +4,7 @@
 //!
 //! A dependency, `scbase/1.0.0`, is built once per run. Each case is a recipe `scprobe`
 //! that builds against it and whose build script does one thing to scbase's files
-//! (modify, sed -i, chmod, remove, rm -rf of a dir, an identical rewrite, ...), then
+//! (modify, sed -i, chmod, remove, rm -rf of a dir, a dir removed and made again, an identical rewrite, ...), then
 //! runs `spfs-changes validate --json` (without failing the build, so that spk's own
 //! validation runs too). The tracker is attached before `spk build` starts: by hand
 //! (`spfs-changes track` in a runtime where `spk build --no-runtime` then runs,
@@ -128,6 +128,17 @@ fn cases() -> Vec<Case> {
                     "/spfs/share/scbase/sub/two.txt",
                 ),
             ],
+        ),
+        case(
+            "dir-made-again",
+            "rm -rf /spfs/share/scbase/sub\nmkdir /spfs/share/scbase/sub\necho changed > /spfs/share/scbase/sub/one.txt",
+            "",
+            true,
+            &[(
+                "AlterExistingFiles",
+                Some("Remove"),
+                "/spfs/share/scbase/sub/two.txt",
+            )],
         ),
         case(
             "identical-rewrite",

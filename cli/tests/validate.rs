@@ -696,6 +696,8 @@ fn rules_files_are_honoured_and_bad_rules_cannot_validate() {
             with_rules(&not_rules),
             with_rules(&rt.path("missing.yaml")),
             json_since(&["--deny", "NoSuchRule"]),
+            // Packages of no rule: a mistake, not "every package".
+            json_since(&["--packages", "base"]),
         ],
     );
     let gone = rt.alter("Remove", "lib/gone");
@@ -711,6 +713,7 @@ fn rules_files_are_honoured_and_bad_rules_cannot_validate() {
     ran.validations[6].one_line_error("not-rules.yaml");
     ran.validations[7].one_line_error("missing.yaml");
     ran.validations[8].one_line_error("NoSuchRule");
+    ran.validations[9].one_line_error("--packages");
 }
 
 #[test]
@@ -733,7 +736,7 @@ fn since_build_start_ignores_what_came_before() {
         human
             .stdout
             .starts_with("valid: the build passes spk's rules")
-            && human.stdout.ends_with("; 1 changed paths checked\n"),
+            && human.stdout.ends_with("; 1 changed path checked\n"),
         "{}",
         human.stdout
     );
@@ -924,6 +927,55 @@ fn a_removal_before_the_mark_is_not_blamed_on_the_build() {
         [rt.alter("Change", "lib/same"), rt.collect("lib/same")],
         "{}",
         report.stdout
+    );
+}
+
+/// A lower dir removed and made again: the overlay shows new files in it (the dir is
+/// opaque now), where spfs and spk compare path by path. A file written differently
+/// is a Change of the original, one written as it was a Touch, one not made again a
+/// Remove, by what removed the dir (not by what made it again).
+#[test]
+fn a_dir_removed_and_made_again_is_compared_path_by_path() {
+    if !need_root() {
+        return;
+    }
+    let rt = Runtime::new();
+    let ran = rt.run(
+        "",
+        r#"rm -r "$M/lib" & echo $! > "$T/rm.pid"; wait $!
+mkdir "$M/lib"
+printf 'other bytes' > "$M/lib/a.so"
+echo same > "$M/lib/same""#,
+        &[
+            json_since(&[]),
+            json_since(&["--deny", "AlterExistingFiles:Touch"]),
+        ],
+    );
+    let rm_pid = Ran::pid_file(&rt, "rm.pid");
+    let report = ran.validations[0].expect_code(1);
+    assert_eq!(
+        report.summary(),
+        [
+            rt.alter("Change", "lib/a.so"),
+            rt.alter("Remove", "lib/gone"),
+            rt.alter("Remove", "lib/shadowed"),
+            rt.collect("lib/a.so"),
+        ],
+        "{}",
+        report.stdout
+    );
+    for removed in ["lib/gone", "lib/shadowed"] {
+        let v = report.violation("AlterExistingFiles", &rt.m(removed));
+        assert_by_tool(&v, rm_pid, "rm");
+    }
+    let changed = report.violation("AlterExistingFiles", &rt.m("lib/a.so"));
+    assert_eq!(changed["spk_0_44"], "reported", "{changed}");
+    assert_by_build(&changed, &ran);
+    let touched = ran.validations[1].expect_code(1);
+    assert!(
+        touched.summary().contains(&rt.alter("Touch", "lib/same")),
+        "{}",
+        touched.stdout
     );
 }
 

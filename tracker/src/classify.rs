@@ -348,6 +348,18 @@ impl Classifier {
 
     /// The lower original of `rel`, as overlayfs would show it below the upper dir.
     pub fn original(&self, rel: &[u8]) -> io::Result<Original> {
+        self.original_at(rel, true)
+    }
+
+    /// The lower original of `rel` path by path, as `spfs diff` and spk's validation
+    /// compare the upper dir with the layers: what the lower layers hold at `rel` even
+    /// where an opaque upper dir above it hides them from the overlay (a dir removed
+    /// and made again).
+    pub fn original_by_path(&self, rel: &[u8]) -> io::Result<Original> {
+        self.original_at(rel, false)
+    }
+
+    fn original_at(&self, rel: &[u8], overlay: bool) -> io::Result<Original> {
         let none = Original {
             layer: None,
             mode_differs: false,
@@ -358,8 +370,8 @@ impl Classifier {
         }
         let (dir_rel, name) = parent_and_name(rel);
         let dir = self.upper_dir(dir_rel)?;
-        // Hidden by an opaque upper ancestor: the original is gone either way.
-        if dir.as_ref().is_some_and(|d| d.hidden) {
+        // Hidden by an opaque upper ancestor: the overlay shows no original.
+        if overlay && dir.as_ref().is_some_and(|d| d.hidden) {
             return Ok(none);
         }
         let upper = match &dir {

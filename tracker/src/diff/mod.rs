@@ -578,6 +578,39 @@ fn in_spfs_model(f: Field) -> bool {
     )
 }
 
+impl Pair {
+    /// Both sides hold an entry and spfs's model finds them equal (kind, mode, size,
+    /// content): a path rewritten as it was, which spk calls touched.
+    pub fn same_in_spfs_model(&self) -> bool {
+        match (self.before, self.after) {
+            (Some(a), Some(b)) => model_fields(a, b, self.content_differs).is_empty(),
+            _ => false,
+        }
+    }
+}
+
+/// What spfs's `Entry` equality compares and finds different between `a` and `b`:
+/// mode (with the type bits), content, size.
+fn model_fields(a: Node, b: Node, content_differs: bool) -> Vec<Field> {
+    let mut fields = Vec::new();
+    if a.mode != b.mode {
+        fields.push(Field::Mode);
+    }
+    let content = match (a.has_content(), b.has_content()) {
+        (true, true) => content_differs,
+        // A null digest against a real one.
+        (true, false) | (false, true) => true,
+        (false, false) => false,
+    };
+    if content {
+        fields.push(Field::Content);
+    }
+    if a.size != b.size {
+        fields.push(Field::Size);
+    }
+    fields
+}
+
 /// spfs's comparison of one path (crates/spfs/src/tracking/diff.rs `diff_path` and
 /// `Entry`'s equality), with what its model leaves out for recorded changes. `None`:
 /// no difference at all, and nothing recorded.
@@ -604,22 +637,7 @@ fn compare(
         (None, Some(_)) => return Ok(Some(entry(Sign::Added, Vec::new(), change))),
         (Some(a), Some(b)) => (a, b),
     };
-    let mut fields = Vec::new();
-    if a.mode != b.mode {
-        fields.push(Field::Mode);
-    }
-    let content = match (a.has_content(), b.has_content()) {
-        (true, true) => pair.content_differs,
-        // A null digest against a real one.
-        (true, false) | (false, true) => true,
-        (false, false) => false,
-    };
-    if content {
-        fields.push(Field::Content);
-    }
-    if a.size != b.size {
-        fields.push(Field::Size);
-    }
+    let mut fields = model_fields(a, b, pair.content_differs);
     if !fields.is_empty() {
         return Ok(Some(entry(Sign::Changed, fields, change)));
     }

@@ -42,6 +42,7 @@ pub use rules::{AlterAction, Rule, RuleKind};
 
 use crate::TrackerError;
 use crate::classify::{Classifier, Original};
+use crate::diff::{Live, Sides};
 use crate::masks::Masks;
 use environment::Spk044Environment;
 use judge::{Build, Entry, Finding, View};
@@ -50,7 +51,7 @@ use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use store::{FileType, FreshReason, NetKind, Origin, Query, Since, Store, Token};
+use store::{Action, FileType, FreshReason, NetKind, Origin, Query, Since, Store, Token};
 
 /// What to validate.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -171,6 +172,8 @@ pub fn validate(
         since: request.since.clone(),
         ..Query::default()
     })?;
+    let sides = Live::new(layers, masks);
+    let mut taken_along = HashSet::new();
     let mut entries = Vec::new();
     let mut about = Vec::new();
     for c in &set.changes {
@@ -180,10 +183,25 @@ pub fn validate(
         }
         let original = inspect(layers, masks, &c.path)?;
         let was_dir = original.layer.is_some() && original.is_dir;
+        let same = match kind {
+            NetKind::Metadata => !original.mode_differs,
+            // Below a dir removed and made again the overlay shows a new entry, where
+            // spfs and spk compare with the lower one at the same path.
+            NetKind::Added if original.layer.is_some() => sides
+                .pair(&c.path)
+                .map_err(|e| {
+                    TrackerError::Validate(format!(
+                        "cannot compare {} with the lower layers: {e}",
+                        String::from_utf8_lossy(&c.path)
+                    ))
+                })?
+                .same_in_spfs_model(),
+            _ => false,
+        };
         let documented = original.layer.map(|i| judge::Original {
             package: owner(Some(i)),
             is_dir: original.is_dir,
-            same: kind == NetKind::Metadata && !original.mode_differs,
+            same,
         });
         let spk044 = match (&documented, kind) {
             (Some(o), k) if k != NetKind::Removed => spk_environment
@@ -216,9 +234,18 @@ pub fn validate(
             layer: original.layer,
             origin: c.origin.clone(),
         });
-        // A removed or replaced dir took every original below it along.
+        // A removed or replaced dir took every original below it along, by the hand
+        // of what removed it (a replaced dir's last writer is what made it again).
         if was_dir && matches!(kind, NetKind::Removed | NetKind::Replaced) {
+            let remover = match kind {
+                NetKind::Replaced => removal_origin(store, &c.path)?,
+                _ => None,
+            };
             for (path, layer, is_dir) in originals_below(layers, masks, &c.path)? {
+                // A dir below, replaced too, lists what it took with it again.
+                if !taken_along.insert(path.clone()) {
+                    continue;
+                }
                 entries.push(Entry {
                     path,
                     upper: None,
@@ -232,7 +259,7 @@ pub fn validate(
                 about.push(About {
                     kind: NetKind::Removed,
                     layer: Some(layer),
-                    origin: c.origin.clone(),
+                    origin: remover.clone().or_else(|| c.origin.clone()),
                 });
             }
         }
@@ -302,7 +329,8 @@ struct About {
     origin: Option<Origin>,
 }
 
-/// The lower original of `path`; none where the environment's masks hide it.
+/// The lower original of `path`, path by path as spk compares (`original_by_path`);
+/// none where the environment's masks hide it.
 fn inspect(layers: &Classifier, masks: &Masks, path: &[u8]) -> Result<Original, TrackerError> {
     if masks.hides(path) {
         return Ok(Original {
@@ -311,12 +339,22 @@ fn inspect(layers: &Classifier, masks: &Masks, path: &[u8]) -> Result<Original, 
             is_dir: false,
         });
     }
-    layers.original(path).map_err(|e| {
+    layers.original_by_path(path).map_err(|e| {
         TrackerError::Validate(format!(
             "cannot compare {} with the lower layers: {e}",
             String::from_utf8_lossy(path)
         ))
     })
+}
+
+/// Who last removed or renamed away `path`, as its history records.
+fn removal_origin(store: &Store, path: &[u8]) -> Result<Option<Origin>, TrackerError> {
+    Ok(store
+        .history(path)?
+        .into_iter()
+        .rev()
+        .find(|r| matches!(r.action, Action::Deleted | Action::RenamedFrom))
+        .and_then(|r| r.origin))
 }
 
 /// The originals below the removed or replaced dir `dir` that are gone: not hidden
