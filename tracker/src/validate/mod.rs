@@ -189,12 +189,7 @@ pub fn validate(
             // spfs and spk compare with the lower one at the same path.
             NetKind::Added if original.layer.is_some() => sides
                 .pair(&c.path)
-                .map_err(|e| {
-                    TrackerError::Validate(format!(
-                        "cannot compare {} with the lower layers: {e}",
-                        String::from_utf8_lossy(&c.path)
-                    ))
-                })?
+                .map_err(at_path("cannot compare", &c.path, " with the lower layers"))?
                 .same_in_spfs_model(),
             _ => false,
         };
@@ -206,12 +201,7 @@ pub fn validate(
         let spk044 = match (&documented, kind) {
             (Some(o), k) if k != NetKind::Removed => spk_environment
                 .holder(&c.path)
-                .map_err(|e| {
-                    TrackerError::Validate(format!(
-                        "cannot look up {} in the layers: {e}",
-                        String::from_utf8_lossy(&c.path)
-                    ))
-                })?
+                .map_err(at_path("cannot look up", &c.path, " in the layers"))?
                 .map(|(layer, is_dir)| judge::Original {
                     package: owner(Some(layer)),
                     is_dir,
@@ -339,12 +329,23 @@ fn inspect(layers: &Classifier, masks: &Masks, path: &[u8]) -> Result<Original, 
             is_dir: false,
         });
     }
-    layers.original_by_path(path).map_err(|e| {
+    layers
+        .original_by_path(path)
+        .map_err(at_path("cannot compare", path, " with the lower layers"))
+}
+
+/// The error of a look at `path` in the layers: "`what` PATH`tail`: cause".
+fn at_path<'p>(
+    what: &'p str,
+    path: &'p [u8],
+    tail: &'p str,
+) -> impl FnOnce(std::io::Error) -> TrackerError + 'p {
+    move |e| {
         TrackerError::Validate(format!(
-            "cannot compare {} with the lower layers: {e}",
+            "{what} {}{tail}: {e}",
             String::from_utf8_lossy(path)
         ))
-    })
+    }
 }
 
 /// Who last removed or renamed away `path`, as its history records.
@@ -365,20 +366,17 @@ fn originals_below(
     masks: &Masks,
     dir: &[u8],
 ) -> Result<Vec<(Vec<u8>, usize, bool)>, TrackerError> {
-    let below = layers.lower_tree(dir).map_err(|e| {
-        TrackerError::Validate(format!(
-            "cannot list the originals below {}: {e}",
-            String::from_utf8_lossy(dir)
-        ))
-    })?;
+    let below =
+        layers
+            .lower_tree(dir)
+            .map_err(at_path("cannot list the originals below", dir, ""))?;
     let mut out = Vec::new();
     for (path, layer, is_dir) in below {
-        let there = layers.upper_inode(&path).map_err(|e| {
-            TrackerError::Validate(format!(
-                "cannot look at {} in the upper dir: {e}",
-                String::from_utf8_lossy(&path)
-            ))
-        })?;
+        let there = layers.upper_inode(&path).map_err(at_path(
+            "cannot look at",
+            &path,
+            " in the upper dir",
+        ))?;
         if !masks.hides(&path) && there.is_none() {
             out.push((path, layer, is_dir));
         }
