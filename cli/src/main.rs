@@ -225,6 +225,9 @@ fn changes(args: ChangesArgs) -> anyhow::Result<ExitCode> {
             output::fresh_reason(reason)
         );
     }
+    if let (Some(ended), output::Format::Diff) = (&set.ended, format) {
+        eprintln!("spfs-changes: note: {}", output::ended_note(ended));
+    }
     let how = output::Listing {
         format,
         all: args.all,
@@ -238,6 +241,9 @@ fn history(args: HistoryArgs) -> anyhow::Result<ExitCode> {
     let mut target = target::open(&args.target, true)?;
     let rel = target.relative(&args.path);
     let records = target.history(&rel)?;
+    if let Some(ended) = target.ended()? {
+        eprintln!("spfs-changes: note: {}", output::ended_note(&ended));
+    }
     if records.is_empty() {
         // Said, so that a path outside the runtime or mistyped is not a silent blank.
         eprintln!(

@@ -53,6 +53,7 @@ pub fn write_changes(
             let doc = json!({
                 "token": set.token.to_string(),
                 "fresh": set.fresh.as_ref().map(fresh_reason),
+                "ended": set.ended.as_ref().map(ended_note),
                 "mount": mount.to_string_lossy(),
                 "changes": recorded.iter().map(|e| entry_json(e, mount)).collect::<Vec<_>>(),
                 "implied": implied.iter().map(|e| entry_json(e, mount)).collect::<Vec<_>>(),
@@ -68,6 +69,7 @@ pub fn write_changes(
             let trailer = json!({
                 "token": set.token.to_string(),
                 "fresh": set.fresh.as_ref().map(fresh_reason),
+                "ended": set.ended.as_ref().map(ended_note),
             });
             serde_json::to_writer(&mut *out, &trailer)?;
             writeln!(out)?;
@@ -267,6 +269,16 @@ pub fn write_list(out: &mut impl Write, listed: &[Listed], as_json: bool) -> io:
         )?;
     }
     out.flush()
+}
+
+/// Why an answer lacks what changed after some moment (`ChangeSet::ended`).
+pub fn ended_note(e: &store::Ended) -> String {
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(e.time_ns);
+    format!(
+        "the tracker stopped on {} at {} while the runtime went on: what changed after that is not in this changelog (a tracker started on the runtime again rescans it)",
+        e.why,
+        humantime::format_rfc3339_seconds(at)
+    )
 }
 
 pub fn fresh_reason(r: &FreshReason) -> String {

@@ -6,7 +6,6 @@ use crate::output::{self, Format};
 use crate::target::RUNS_DIR;
 use anyhow::{Context, bail};
 use clap::Args;
-use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -45,13 +44,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             bail!("lower dir {} is not a directory", lower.display());
         }
     }
-    // Ctrl-C reaches the whole foreground group: let it end the command, not us, so
-    // the changelog is still printed and flushed. Threads started below inherit this
-    // mask; std resets it for the child command.
-    let mut terminal = SigSet::empty();
-    terminal.add(Signal::SIGINT);
-    terminal.add(Signal::SIGQUIT);
-    pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&terminal), None)?;
+    // A signal ends the command, never this process before it: the changelog is
+    // still flushed and printed.
+    tracker::service::hold_termination_signals()?;
 
     let state = match &args.state {
         Some(s) => s.clone(),
@@ -76,13 +71,20 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let socket = service.socket();
 
     let (program, rest) = args.command.split_first().context("no command given")?;
-    let status = std::process::Command::new(program)
-        .args(rest)
-        .env("SPFS_CHANGES_SOCKET", &socket)
-        .env("SPFS_CHANGES_STATE", &state)
-        .env("PATH", path_with_self()?)
-        .status()
-        .with_context(|| format!("cannot run {}", program.to_string_lossy()))?;
+    let (status, passed) = tracker::service::run_command(
+        std::process::Command::new(program)
+            .args(rest)
+            .env("SPFS_CHANGES_SOCKET", &socket)
+            .env("SPFS_CHANGES_STATE", &state)
+            .env("PATH", path_with_self()?),
+    )
+    .with_context(|| format!("cannot run {}", program.to_string_lossy()))?;
+    for signal in passed {
+        eprintln!(
+            "spfs-changes: passed {} on to the command",
+            nix::sys::signal::Signal::try_from(signal).map_or("a signal", |s| s.as_str())
+        );
+    }
 
     let set = service.tracker().diff(&store::Query::default());
     // Stopped (the changelog flushed) whatever became of the listing.
@@ -99,7 +101,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         )
         .map_err(anyhow::Error::from)
     });
-    service.stop()?;
+    service.stop(tracker::service::Ending::RuntimeEnded)?;
     match listed {
         // Nobody reads the listing any more (`run ... | head`): the command's exit
         // status still stands.

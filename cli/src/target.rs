@@ -177,6 +177,15 @@ impl Target {
         }
     }
 
+    /// Set when the changelog is a kept one that stopped recording before its runtime
+    /// ended (`ChangeSet::ended`).
+    pub fn ended(&self) -> anyhow::Result<Option<store::Ended>> {
+        match self {
+            Target::Live { .. } => Ok(None),
+            Target::Kept { store, .. } => Ok(store.ended()?),
+        }
+    }
+
     pub fn history(&mut self, path: &[u8]) -> anyhow::Result<Vec<store::LogRecord>> {
         match self {
             Target::Live { client, .. } => match client.call(&Request::History(path.to_vec()))? {
@@ -217,7 +226,13 @@ impl Target {
                     gaps: stats.gaps,
                     net_paths: stats.net_paths,
                     db_bytes: stats.db_bytes,
-                    watch: "none (no tracker is running; reading the kept changelog)".into(),
+                    watch: match store.ended()? {
+                        Some(e) => format!(
+                            "none (no tracker is running; reading the kept changelog): {}",
+                            crate::output::ended_note(&e)
+                        ),
+                        None => "none (no tracker is running; reading the kept changelog)".into(),
+                    },
                     ..Status::default()
                 })
             }

@@ -42,6 +42,8 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuar
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const META_KEY: &[u8] = b"state";
+/// In the `meta` tree: an `Ended`, while recording is stopped before the runtime ended.
+const ENDED_KEY: &[u8] = b"ended";
 
 /// Where the history stands; persisted as one record so it changes atomically.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -991,6 +993,26 @@ impl Store {
 
     pub fn info(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.info.get(key.as_bytes())?.map(|v| v.to_vec()))
+    }
+
+    /// Records that recording stopped while the runtime went on (`None`: it records
+    /// again, or stopped with its runtime), flushed at once. Every answer carries it
+    /// (`ChangeSet::ended`) until a tracker starts again.
+    pub fn set_ended(&self, ended: Option<&Ended>) -> Result<(), StoreError> {
+        match ended {
+            Some(e) => self.meta.insert(ENDED_KEY, encode(e))?,
+            None => self.meta.remove(ENDED_KEY)?,
+        };
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// See `set_ended`.
+    pub fn ended(&self) -> Result<Option<Ended>, StoreError> {
+        self.meta
+            .get(ENDED_KEY)?
+            .map(|b| decode::<Ended>(&b).map_err(|e| e.context("end record")))
+            .transpose()
     }
 }
 

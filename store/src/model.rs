@@ -244,8 +244,21 @@ pub struct ChangeSet {
     pub token: Token,
     /// Set when `since` could not be honoured and the full net state is returned.
     pub fresh: Option<FreshReason>,
+    /// Set when the changelog stopped recording while its runtime went on (a kept
+    /// changelog whose tracker was stopped or signalled): what changed after that is
+    /// not in the answer.
+    pub ended: Option<Ended>,
     /// Sorted by path.
     pub changes: Vec<Change>,
+}
+
+/// How a changelog stopped recording before its runtime ended (`Store::set_ended`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ended {
+    /// When, in nanoseconds since the Unix epoch.
+    pub time_ns: u64,
+    /// What stopped it, in words ("SIGTERM", "a stop request").
+    pub why: String,
 }
 
 /// A recorded loss of history.

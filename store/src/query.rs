@@ -100,6 +100,7 @@ impl Store {
         let filter = Filter::new(&q.prefixes, &q.globs)?;
         let state = self.read_state();
         let token = state.token();
+        let ended = self.ended()?;
         let since = match &q.since {
             None => None,
             Some(Since::Token(t)) => Some(*t),
@@ -112,6 +113,7 @@ impl Store {
             return Ok(ChangeSet {
                 token,
                 fresh: None,
+                ended,
                 changes: self.full(&filter)?,
             });
         };
@@ -119,12 +121,14 @@ impl Store {
             return Ok(ChangeSet {
                 token,
                 fresh: Some(fresh),
+                ended,
                 changes: self.full(&filter)?,
             });
         }
         Ok(ChangeSet {
             token,
             fresh: None,
+            ended,
             changes: self.since(since.seq, &filter)?,
         })
     }

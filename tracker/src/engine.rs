@@ -168,6 +168,8 @@ impl Tracker {
             &config.state_dir,
         ))?;
         let store = Arc::new(Store::open(&config.state_dir)?);
+        // Recording again: what was missed while stopped comes from the rescan below.
+        store.set_ended(None)?;
 
         let group = FanotifyGroup::new().map_err(|e| match e.raw_os_error() {
             Some(libc::EPERM) => TrackerError::NotRoot,

@@ -105,27 +105,34 @@ impl Service {
         &self.runtime
     }
 
-    /// Serves until a client asks to stop or no process is left in the runtime.
-    pub fn supervise(&mut self) {
+    /// Serves until a client asks to stop, a termination signal arrives (`signals`,
+    /// checked every 250 ms) or no process is left in the runtime; says which.
+    pub fn supervise(&mut self, signals: &Signals) -> Ending {
         loop {
             if self.server.stop_requested(LIFETIME_CHECK) {
                 tracing::info!("stop requested");
-                return;
+                return Ending::StopRequested;
+            }
+            if let Some(signal) = signals.received() {
+                tracing::info!(signal, "stopping on a termination signal");
+                return Ending::Signal(signal);
             }
             if !self.runtime.alive() {
                 tracing::info!("the runtime is gone");
-                return;
+                return Ending::RuntimeEnded;
             }
             // The witness may have moved to another process of the runtime.
             self.server.set_runtime(self.runtime.info());
         }
     }
 
-    /// Stops serving, lets the watcher process what is queued and flushes the
-    /// changelog. When the runtime has ended, its changelog is handed to the runtime's
-    /// owner, who can then read it (and remove it) without root: no tracker will
-    /// write it again.
-    pub fn stop(self) -> Result<(), TrackerError> {
+    /// Stops serving, lets the watcher process what is queued (everything done before
+    /// this call) and flushes the changelog. When the runtime goes on (stopped by a
+    /// request or a signal), the changelog says from when it misses changes
+    /// (`Store::set_ended`), until a tracker starts on it again. When the runtime has
+    /// ended, its changelog is handed to the runtime's owner, who can then read it
+    /// (and remove it) without root: no tracker will write it again.
+    pub fn stop(self, ending: Ending) -> Result<(), TrackerError> {
         let Service {
             tracker,
             server,
@@ -133,15 +140,29 @@ impl Service {
             state,
         } = self;
         drop(server);
+        let store = tracker.store().clone();
         let stopped = match Arc::try_unwrap(tracker) {
             Ok(t) => t.stop(),
             Err(_) => Err(TrackerError::Stopped(
                 "the control socket still holds the tracker".into(),
             )),
         };
+        let alive = runtime.alive();
+        if let Some(why) = ending.cut_short()
+            && alive
+        {
+            let ended = store::Ended {
+                time_ns: now_ns(),
+                why,
+            };
+            if let Err(e) = store.set_ended(Some(&ended)) {
+                tracing::error!(error = %e, "cannot record that the changelog stops here");
+            }
+        }
+        drop(store);
         if stopped.is_ok()
             && runtime.owner_uid != 0
-            && !runtime.alive()
+            && !alive
             && let Err(e) = hand_over(&state, runtime.owner_uid)
         {
             tracing::warn!(error = %e, state = %state.display(), "cannot hand the ended runtime's changelog to its owner");
@@ -150,6 +171,156 @@ impl Service {
         let _ = std::fs::remove_file(state.join(PID_FILE_NAME));
         stopped
     }
+}
+
+/// Why a service stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// No process is left in the runtime (or, for `run`, its command ended).
+    RuntimeEnded,
+    /// A client asked (`spfs-changes stop`).
+    StopRequested,
+    /// A termination signal (its number) arrived.
+    Signal(i32),
+}
+
+impl Ending {
+    /// In words, when the runtime may go on without its tracker.
+    fn cut_short(self) -> Option<String> {
+        match self {
+            Ending::RuntimeEnded => None,
+            Ending::StopRequested => Some("a stop request".into()),
+            Ending::Signal(n) => Some(
+                nix::sys::signal::Signal::try_from(n)
+                    .map(|s| s.as_str().to_string())
+                    .unwrap_or_else(|_| format!("signal {n}")),
+            ),
+        }
+    }
+}
+
+/// The termination signals (SIGTERM, SIGINT, SIGHUP: what `timeout`, service
+/// managers, CI runners and a closed terminal send), caught instead of ending the
+/// process at once, so that a tracker stops as `spfs-changes stop` stops it: the
+/// kernel queue drained, the changelog flushed, its end recorded.
+pub struct Signals {
+    last: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Signals {
+    /// Installs the handlers (for the whole process, once per call).
+    pub fn catch() -> Result<Signals, TrackerError> {
+        let last = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        for signal in [
+            signal_hook::consts::SIGTERM,
+            signal_hook::consts::SIGINT,
+            signal_hook::consts::SIGHUP,
+        ] {
+            signal_hook::flag::register_usize(signal, last.clone(), signal as usize).map_err(
+                |e| TrackerError::Stopped(format!("cannot handle termination signals: {e}")),
+            )?;
+        }
+        Ok(Signals { last })
+    }
+
+    /// The last termination signal received, if any.
+    pub fn received(&self) -> Option<i32> {
+        match self.last.load(std::sync::atomic::Ordering::SeqCst) {
+            0 => None,
+            n => i32::try_from(n).ok(),
+        }
+    }
+}
+
+/// The signals `run_command` passes on: what asks a process to end.
+fn passed_on() -> nix::sys::signal::SigSet {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    for s in [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+    ] {
+        set.add(s);
+    }
+    set
+}
+
+/// Blocks the signals `run_command` passes on, in the calling thread and every thread
+/// it starts from now on: call it before any thread starts. (The command itself
+/// starts with none blocked: std resets the mask in the child.)
+pub fn hold_termination_signals() -> Result<(), TrackerError> {
+    passed_on()
+        .thread_block()
+        .map_err(|e| TrackerError::Stopped(format!("cannot block termination signals: {e}")))
+}
+
+/// Runs `command` to its end, as `run` runs its runtime's command. SIGTERM, SIGINT,
+/// SIGHUP and SIGQUIT sent to this process by another (`kill`, `timeout`, a CI
+/// runner) are passed on to the command, which decides when to end; those a terminal
+/// sends to its whole foreground group (Ctrl-C) reach the command directly and are not
+/// sent twice. Needs `hold_termination_signals` first. Returns its exit status and the
+/// signals passed on.
+pub fn run_command(
+    command: &mut std::process::Command,
+) -> std::io::Result<(std::process::ExitStatus, Vec<i32>)> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut child = command.spawn()?;
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let done = Arc::new(AtomicBool::new(false));
+    let forwarder = {
+        let done = done.clone();
+        std::thread::Builder::new()
+            .name("spfs-changes-signals".into())
+            .spawn(move || {
+                let set = passed_on();
+                let mut passed = Vec::new();
+                while !done.load(Ordering::SeqCst) {
+                    match crate::sys::take_signal(&set, Duration::from_millis(100)) {
+                        Ok(Some((signal, true))) => {
+                            // The command is not reaped before `done` is set, so `pid`
+                            // is still its own here.
+                            if let Ok(s) = nix::sys::signal::Signal::try_from(signal) {
+                                tracing::info!(
+                                    signal = s.as_str(),
+                                    "passing a signal on to the command"
+                                );
+                                let _ = nix::sys::signal::kill(pid, s);
+                                passed.push(signal);
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot wait for signals");
+                            break;
+                        }
+                    }
+                }
+                passed
+            })?
+    };
+    // Waits for the end without reaping, so that the forwarder never signals a pid
+    // the kernel may have handed to another process.
+    let waited = loop {
+        match nix::sys::wait::waitid(
+            nix::sys::wait::Id::Pid(pid),
+            nix::sys::wait::WaitPidFlag::WEXITED | nix::sys::wait::WaitPidFlag::WNOWAIT,
+        ) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            other => break other,
+        }
+    };
+    done.store(true, Ordering::SeqCst);
+    let passed = forwarder.join().unwrap_or_default();
+    waited.map_err(std::io::Error::from)?;
+    Ok((child.wait()?, passed))
+}
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 /// Makes `uid` the owner of `dir` and everything in it (symlinks themselves, never
@@ -215,9 +386,7 @@ impl Record {
             mount_ns: info.mount_ns,
             owner_uid: runtime.owner_uid,
             tracker_pid: std::process::id(),
-            started_ns: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos() as u64),
+            started_ns: now_ns(),
         }
     }
 
@@ -497,14 +666,15 @@ pub fn track(
         if runtime.contains_self() {
             crate::runtime::leave_runtime_ns()?;
         }
+        let signals = Signals::catch()?;
         let mut service = Service::start(runtime, state)?;
         let t = Tracking::Started {
             pid: std::process::id(),
             socket: service.socket(),
         };
         on_ready(&t);
-        service.supervise();
-        service.stop()?;
+        let ending = service.supervise(&signals);
+        service.stop(ending)?;
         return Ok(t);
     }
     let (read_end, write_end) = nix::unistd::pipe()
@@ -548,7 +718,7 @@ fn background(
 ) -> Result<(), TrackerError> {
     use std::io::Write;
     let mut ready = std::fs::File::from(ready);
-    let started = (|| -> Result<Service, TrackerError> {
+    let started = (|| -> Result<(Service, Signals), TrackerError> {
         nix::unistd::setsid()
             .map_err(|e| TrackerError::io("cannot start a session for", &state)(e.into()))?;
         if runtime.contains_self() {
@@ -568,9 +738,10 @@ fn background(
         nix::unistd::dup2_stdin(&null).map_err(redirect)?;
         nix::unistd::dup2_stdout(&null).map_err(redirect)?;
         nix::unistd::dup2_stderr(&log).map_err(redirect)?;
-        Service::start(runtime, state.clone())
+        let signals = Signals::catch()?;
+        Ok((Service::start(runtime, state.clone())?, signals))
     })();
-    let mut service = match started {
+    let (mut service, signals) = match started {
         Ok(s) => s,
         Err(e) => {
             let _ = writeln!(ready, "error: {}", e.to_string().replace('\n', " "));
@@ -579,8 +750,8 @@ fn background(
     };
     let _ = writeln!(ready, "ok");
     drop(ready);
-    service.supervise();
-    let stopped = service.stop();
+    let ending = service.supervise(&signals);
+    let stopped = service.stop(ending);
     if let Err(e) = &stopped {
         tracing::error!(error = %e, "tracker ended");
     }

@@ -265,6 +265,34 @@ pub fn fork_single_threaded() -> io::Result<Option<u32>> {
     }
 }
 
+/// Waits up to `timeout` for one of `set` (blocked in every thread, so that none is
+/// delivered to a handler) to be pending and takes it (sigtimedwait(2)): its number,
+/// and whether a process sent it (`kill`, `sigqueue`: `si_code` <= 0) rather than the
+/// kernel (a terminal's Ctrl-C or hangup, `si_code` SI_KERNEL).
+pub fn take_signal(
+    set: &nix::sys::signal::SigSet,
+    timeout: std::time::Duration,
+) -> io::Result<Option<(i32, bool)>> {
+    let wait = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+    };
+    let mut info = std::mem::MaybeUninit::<libc::siginfo_t>::zeroed();
+    // SAFETY: `set` is a valid sigset, `info` a writable siginfo_t and `wait` a valid
+    // timespec, all living across the call.
+    let n = unsafe { libc::sigtimedwait(set.as_ref(), info.as_mut_ptr(), &wait) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    // SAFETY: sigtimedwait returned a signal, so it filled `info`.
+    let info = unsafe { info.assume_init() };
+    Ok(Some((n, info.si_code <= 0)))
+}
+
 /// Moves the calling thread into a mount namespace of its own in which every mount is
 /// private: what it mounts is seen nowhere else and goes away with it. (For a
 /// thread, `unshare(CLONE_NEWNS)` also unshares its filesystem context.)

@@ -2,6 +2,9 @@
 //! private mount namespace of its own process, driven line by line from the test; a
 //! guard that stops every tracker a test started; and readers of the CLI's answers.
 
+// Each test crate uses a part of these.
+#![allow(dead_code)]
+
 use crate::common::{
     alive, bin, cmd, file_type, mount_ns, net_kind, no_ambient_target, ok, processes_in, s,
     sigkill, text, wait_for,

@@ -256,6 +256,7 @@ fn cases_from_the_spec() {
                 seq: 1,
             },
             fresh: None,
+            ended: None,
             changes: case.changed.iter().map(|c| change(c)).collect(),
         };
         let scope = Scope { keep: &|_| true };

@@ -201,6 +201,8 @@ impl DiffEntry {
 pub struct DiffSet {
     pub token: Token,
     pub fresh: Option<FreshReason>,
+    /// See `ChangeSet::ended`.
+    pub ended: Option<store::Ended>,
     pub entries: Vec<DiffEntry>,
 }
 
@@ -496,6 +498,7 @@ pub fn diff(set: ChangeSet, sides: &dyn Sides, scope: &Scope<'_>) -> io::Result<
     Ok(DiffSet {
         token: set.token,
         fresh: set.fresh,
+        ended: set.ended,
         entries,
     })
 }
@@ -725,6 +728,7 @@ pub fn recorded_only(set: ChangeSet) -> DiffSet {
     let mut set = DiffSet {
         token: set.token,
         fresh: set.fresh,
+        ended: set.ended,
         entries,
     };
     set.entries.sort_by_cached_key(|e| {

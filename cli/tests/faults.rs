@@ -1,0 +1,204 @@
+//! Faults injected for real, as root on the real kernel: signals to a running tracker
+//! and to `run`, damaged and full state, a reused state key, other users. Each test
+//! checks what survives and what the user is told against a walk of the upper dir.
+
+mod common;
+#[path = "../../tests/support/mod.rs"]
+mod support;
+mod track_support;
+
+use common::{cmd, ok, output, s, text};
+use std::time::Duration;
+use support::{LowerSpec, need_root};
+use track_support::*;
+
+fn temp() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("spfs-changes-faults.")
+        .tempdir_in("/tmp")
+        .expect("temp dir")
+}
+
+fn lower() -> LowerSpec {
+    LowerSpec::new()
+        .file("keep.txt", "keep\n", 0o644)
+        .file("log.txt", "0\n", 0o644)
+        .dir("sub")
+}
+
+/// A storm of creates, appends to a lower file, renames and removes, started in the
+/// background inside the runtime. Each step touches only its own names, so what a
+/// finished step leaves stays: `$T/progress` holds the number of steps finished, and
+/// `$T/storm.done` appears at the end.
+const STORM: &str = "( i=0; while [ $i -lt 1500 ]; do echo $i > \"$M/sub/f$i\"; echo $i >> \"$M/log.txt\"; \
+     if [ $((i % 5)) -eq 4 ]; then echo $i > \"$M/sub/t$i\"; mv \"$M/sub/t$i\" \"$M/sub/g$i\"; \
+     echo $i > \"$M/sub/r$i\"; rm \"$M/sub/r$i\"; fi; \
+     i=$((i+1)); echo $i > \"$T/progress.new\"; mv \"$T/progress.new\" \"$T/progress\"; done; \
+     touch \"$T/storm.done\" ) >/dev/null 2>&1 &";
+
+/// Where two net states differ, briefly (a storm's states are long).
+fn differences(got: &support::Truth, truth: &support::Truth) -> String {
+    let mut lines: Vec<String> = truth
+        .iter()
+        .filter(|(p, e)| got.get(*p) != Some(e))
+        .map(|(p, e)| {
+            format!(
+                "  truth has {}={e:?}, kept {:?}",
+                String::from_utf8_lossy(p),
+                got.get(p)
+            )
+        })
+        .chain(
+            got.iter()
+                .filter(|(p, _)| !truth.contains_key(*p))
+                .map(|(p, e)| {
+                    format!(
+                        "  kept has {}={e:?}, truth nothing",
+                        String::from_utf8_lossy(p)
+                    )
+                }),
+        )
+        .collect();
+    let n = lines.len();
+    lines.truncate(10);
+    format!(
+        "{n} paths differ ({} kept, {} in truth):\n{}",
+        got.len(),
+        truth.len(),
+        lines.join("\n")
+    )
+}
+
+#[test]
+fn sigterm_during_a_write_storm_keeps_every_change_made_before_it_and_says_where_it_ends() {
+    if !need_root() {
+        return;
+    }
+    // The signal lands at a different point of the storm each round.
+    for (round, delay_ms) in [0u64, 15, 40, 90, 200].into_iter().enumerate() {
+        let tmp = temp();
+        let mut rt = FakeRuntime::start(tmp.path(), &lower());
+        let state = tmp.path().join("state");
+        let mut trackers = Trackers::new(&state);
+        let tracker = trackers.track_runtime(&rt);
+        rt.run(STORM);
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        // Every step counted here was done before the signal.
+        let done_before: u32 = std::fs::read_to_string(tmp.path().join("progress"))
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or(0);
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(tracker as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("SIGTERM to the tracker");
+        assert!(
+            wait_gone(tracker, Duration::from_secs(20)).is_some(),
+            "round {round}: the tracker did not stop on SIGTERM"
+        );
+        assert!(
+            common::wait_for(Duration::from_secs(60), || tmp
+                .path()
+                .join("storm.done")
+                .exists()),
+            "round {round}: the storm did not finish"
+        );
+        let truth = rt.truth();
+        let doc = changes_json(&state, None);
+        let got = net_state_of(&doc);
+        for i in 0..done_before {
+            let mut made = vec![format!("sub/f{i}")];
+            if i % 5 == 4 {
+                made.push(format!("sub/g{i}"));
+            }
+            for path in made {
+                assert_eq!(
+                    got.get(path.as_bytes()),
+                    truth.get(path.as_bytes()),
+                    "round {round} ({delay_ms} ms, {done_before} steps before SIGTERM): {path} was made before the signal; the kept changelog says otherwise\n{}",
+                    differences(&got, &truth)
+                );
+            }
+        }
+        if got != truth {
+            let ended = doc["ended"].as_str().unwrap_or_else(|| {
+                panic!(
+                    "round {round} ({delay_ms} ms): the kept changelog differs from the upper dir and does not say it ended early\n{}",
+                    differences(&got, &truth)
+                )
+            });
+            assert!(
+                ended.contains("SIGTERM"),
+                "the note names the signal: {ended}"
+            );
+            let note = text(&output(cmd(&["changes", "--state", s(&state)])).stderr);
+            assert!(
+                note.contains("stopped on SIGTERM") && note.lines().count() == 1,
+                "the text answer says it on one line: {note:?}"
+            );
+        }
+        // A tracker started on the runtime again rescans: the whole truth, and no note.
+        trackers.track_runtime(&rt);
+        let doc = changes_json(&state, None);
+        assert!(doc["ended"].is_null(), "a live tracker's answer: {doc}");
+        assert_net_is_truth(&rt, &state, &format!("round {round}: restarted"));
+        rt.end();
+    }
+}
+
+#[test]
+fn run_passes_sigterm_to_its_command_and_still_prints_what_it_changed() {
+    if !need_root() {
+        return;
+    }
+    let tmp = temp();
+    let state = tmp.path().join("state");
+    let script = "trap 'echo late > /spfs/after-term; exit 7' TERM; echo a > /spfs/before; \
+                  touch \"$READY\"; while :; do sleep 0.05; done";
+    let child = cmd(&["run", "--state", s(&state), "--runtime-dir"])
+        .arg(tmp.path().join("rt"))
+        .args(["--", "sh", "-c", script])
+        .env("READY", tmp.path().join("ready"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn run");
+    assert!(
+        common::wait_for(Duration::from_secs(20), || tmp
+            .path()
+            .join("ready")
+            .exists()),
+        "the command did not start"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM to run");
+    let out = child.wait_with_output().expect("run's output");
+    let stdout = text(&out.stdout);
+    let stderr = text(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "run exits as its command did\nstdout: {stdout}\nstderr: {stderr}"
+    );
+    assert!(
+        stdout.contains("+/spfs/before") && stdout.contains("+/spfs/after-term"),
+        "the summary lists what the command did, also in its SIGTERM handler:\n{stdout}\nstderr: {stderr}"
+    );
+    assert!(
+        stderr.contains("passed SIGTERM on to the command"),
+        "says it: {stderr}"
+    );
+    assert!(
+        !state.join("control.sock").exists(),
+        "the socket is removed when run ends"
+    );
+    let kept = ok(cmd(&["changes", "--state", s(&state)]));
+    assert!(
+        kept.contains("/spfs/after-term"),
+        "the kept changelog holds it too: {kept}"
+    );
+}
