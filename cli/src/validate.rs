@@ -64,7 +64,10 @@ pub fn validate(args: ValidateArgs) -> ExitCode {
             } else {
                 print_human(&report, &mount)
             };
-            if let Err(e) = printed {
+            // Nobody reads the rest (`validate --json | head`): the verdict still stands.
+            if let Err(e) = printed
+                && e.kind() != std::io::ErrorKind::BrokenPipe
+            {
                 eprintln!("spfs-changes: error: cannot print the report: {e}");
                 return ExitCode::from(CANNOT_VALIDATE);
             }
@@ -92,15 +95,23 @@ fn run(args: &ValidateArgs) -> anyhow::Result<(Report, PathBuf)> {
     {
         bail!("--packages names the packages of --allow/--deny/--require rules, and none is given");
     }
+    if args.deny_paths.iter().any(|g| g.is_empty()) {
+        bail!("--deny-path needs a glob, and one is empty");
+    }
     let Target::Live { mut client, mount } = target::open(&args.target, true)? else {
         bail!(
             "no tracker runs for this runtime: validation compares changes with the runtime's lower layers"
         );
     };
-    let package = args
+    let mut package = args
         .package
         .clone()
         .or_else(|| std::env::var("SPK_PKG").ok().filter(|p| !p.is_empty()));
+    // Validating from outside the build (`--runtime`, `--pid`): the package is the one
+    // whose build spk set up in the runtime, and its recipe's rules apply.
+    if package.is_none() && args.rules.is_none() {
+        package = package_being_built(&mut client)?.map(|p| p.to_string());
+    }
     let (rules, rules_from) = build_rules(args.rules.as_deref(), package.as_deref())?;
     let mut extra = Vec::new();
     for (kind, given) in [
@@ -132,6 +143,26 @@ fn run(args: &ValidateArgs) -> anyhow::Result<(Report, PathBuf)> {
     }
 }
 
+/// The package whose build spk set up in the tracked runtime, from the tracker's
+/// changelog (`packages::building_among`).
+fn package_being_built(
+    client: &mut tracker::control::Client,
+) -> anyhow::Result<Option<tracker::validate::Package>> {
+    let query = store::Query {
+        prefixes: vec![tracker::validate::packages::METADATA_ROOT.to_vec()],
+        ..store::Query::default()
+    };
+    match client.call(&Request::Changes(query))? {
+        Response::Changes(set) => Ok(tracker::validate::packages::building_among(
+            set.changes
+                .iter()
+                .filter_map(|c| Some((c.path.as_slice(), c.kind?))),
+            None,
+        )),
+        other => bail!("unexpected answer from tracker: {other:?}"),
+    }
+}
+
 /// The build's own rules: those of `--rules`, else those of the recipe spk published
 /// for the package being built; with where they came from.
 fn build_rules(
@@ -154,7 +185,10 @@ fn build_rules(
     let Some(recipe) = tracker::validate::packages::stored_recipe(&package)? else {
         return Ok((
             None,
-            format!("spk's defaults; no recipe of {package} was found"),
+            format!(
+                "spk's defaults; no recipe of {}/{} was found",
+                package.name, package.version
+            ),
         ));
     };
     let rules = tracker::validate::rules::parse(&recipe).with_context(|| {

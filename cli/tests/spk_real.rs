@@ -261,6 +261,10 @@ fn probe_recipe(case: &Case, report: &Path) -> String {
     script.push_str(&format!(
         "    rc=0; spfs-changes validate --json > {report}.json 2> {report}.err || rc=$?\n    echo $rc > {report}.rc\n"
     ));
+    // As a validation from outside the build sees it (`--runtime`): no SPK_PKG.
+    script.push_str(&format!(
+        "    env -u SPK_PKG spfs-changes validate --json > {report}.outside.json 2>&1 || true\n"
+    ));
     let rules = if case.rules.is_empty() {
         String::new()
     } else {
@@ -291,6 +295,8 @@ struct Built {
     spk_says: BTreeSet<Key>,
     log: String,
     ours: serde_json::Value,
+    /// Our report without `SPK_PKG`, as from outside the build.
+    outside: serde_json::Value,
     our_rc: i32,
 }
 
@@ -331,11 +337,20 @@ fn build(case: &Case, attached: Attached, n: usize) -> Built {
             read("err")
         )
     });
+    let outside =
+        serde_json::from_str(&read("outside.json").unwrap_or_default()).unwrap_or_else(|e| {
+            panic!(
+                "{}: validate without SPK_PKG printed no JSON ({e}): {:?}",
+                case.name,
+                read("outside.json")
+            )
+        });
     Built {
         spk_failed: !out.status.success(),
         spk_says: spk_violations(&log),
         log,
         ours,
+        outside,
         our_rc,
     }
 }
@@ -420,6 +435,28 @@ fn check(case: &Case, built: &Built, attached: Attached) {
         .map(|(r, a, p)| (r.to_string(), a.map(str::to_string), p.to_string()))
         .collect();
     assert_eq!(missed, want_missed, "{ctx}: what spk 0.44 misses\n{doc:#}");
+    // Found from the build's metadata instead of SPK_PKG: the same package, the same
+    // recipe's rules, the same verdict.
+    let outside = &built.outside;
+    for field in ["package", "rules_from", "valid"] {
+        assert_eq!(
+            outside[field], doc[field],
+            "{ctx}: without SPK_PKG, {field}\n{outside:#}"
+        );
+    }
+    let keys = |d: &serde_json::Value| -> BTreeSet<Key> {
+        d["violations"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(key)
+            .collect()
+    };
+    assert_eq!(
+        keys(outside),
+        keys(doc),
+        "{ctx}: without SPK_PKG\n{outside:#}"
+    );
     assert_eq!(
         built.our_rc,
         if violations.is_empty() { 0 } else { 1 },

@@ -1015,8 +1015,8 @@ fn removing_a_denied_tree_is_denied() {
 }
 
 /// What spk does around a build script, done by hand: it writes the package's
-/// metadata (`spk/pkg/probe/1.0.0/PROBE001/`) into /spfs before the script runs, and
-/// the source dir `spk/pkg/probe/1.0.0/src` is the build's sandbox. `validate` finds
+/// metadata (`spk/pkg/unpublished-probe/1.0.0/PROBE001/`) into /spfs before the script runs, and
+/// the source dir `spk/pkg/unpublished-probe/1.0.0/src` is the build's sandbox. `validate` finds
 /// the build, applies the recipe's rules after spk's defaults, and ignores the
 /// sandbox. (The recipe spk publishes is read in cli/tests/spk_real.rs.)
 #[test]
@@ -1024,25 +1024,25 @@ fn an_spk_build_is_judged_by_its_recipe_and_its_sandbox_ignored() {
     if !need_root() {
         return;
     }
-    let meta = "spk/pkg/probe/1.0.0/PROBE001";
+    let meta = "spk/pkg/unpublished-probe/1.0.0/PROBE001";
     let setup = format!(
-        "mkdir -p \"$M/{meta}\" \"$M/spk/pkg/probe/1.0.0/src\"\n\
-         echo 'pkg: probe/1.0.0/PROBE001' > \"$M/{meta}/spec.yaml\"\n\
+        "mkdir -p \"$M/{meta}\" \"$M/spk/pkg/unpublished-probe/1.0.0/src\"\n\
+         echo 'pkg: unpublished-probe/1.0.0/PROBE001' > \"$M/{meta}/spec.yaml\"\n\
          echo 'make install' > \"$M/{meta}/build.sh\"\n"
     );
     let rt = Runtime::new();
     let recipe = rt.rules(
         "probe.spk.yaml",
-        "pkg: probe/1.0.0\nbuild:\n  script: [make install]\n  validation:\n    rules:\n    - deny: AlterExistingFiles\n      action: Touch\n",
+        "pkg: unpublished-probe/1.0.0\nbuild:\n  script: [make install]\n  validation:\n    rules:\n    - deny: AlterExistingFiles\n      action: Touch\n",
     );
     let obsolete = rt.rules(
         "obsolete.spk.yaml",
-        "pkg: probe/1.0.0\nbuild:\n  validation:\n    disabled: [MustInstallSomething]\n",
+        "pkg: unpublished-probe/1.0.0\nbuild:\n  validation:\n    disabled: [MustInstallSomething]\n",
     );
     let ran = rt.run(
         &setup,
         r#"echo same > "$M/lib/same"
-echo obj > "$M/spk/pkg/probe/1.0.0/src/out.o"
+echo obj > "$M/spk/pkg/unpublished-probe/1.0.0/src/out.o"
 echo new > "$M/lib/probe.so""#,
         &[
             json_since(&["--rules", s(&recipe)]),
@@ -1062,13 +1062,22 @@ echo new > "$M/lib/probe.so""#,
         report.stdout
     );
     let doc = report.json();
-    assert_eq!(doc["package"], "probe/1.0.0/PROBE001", "{doc}");
+    assert_eq!(doc["package"], "unpublished-probe/1.0.0/PROBE001", "{doc}");
     let from = doc["rules_from"].as_str().unwrap_or("");
     assert!(from.ends_with(s(&recipe)), "{doc}");
     let t = report.violation("AlterExistingFiles", &rt.m("lib/same"));
     assert_kind_layer(&t, "metadata", &rt.layer("base"), BASE);
     assert_by_build(&t, &ran);
-    ran.validations[1].clean();
+    // Found from its metadata, with no recipe published: spk's defaults, said so.
+    let found = ran.validations[1].clean();
+    let doc = found.json();
+    assert_eq!(doc["package"], "unpublished-probe/1.0.0/PROBE001", "{doc}");
+    assert!(
+        doc["rules_from"]
+            .as_str()
+            .is_some_and(|f| f.contains("no recipe of unpublished-probe/1.0.0 was found")),
+        "{doc}"
+    );
     let other = ran.validations[2].clean();
     let doc = other.json();
     assert_eq!(doc["package"], "other/2.0.0", "{doc}");
@@ -1081,7 +1090,7 @@ echo new > "$M/lib/probe.so""#,
     let human = ran.validations[3].expect_code(1);
     assert!(
         human.stdout.lines().last().is_some_and(|l| l.starts_with(
-            "invalid: the build of probe/1.0.0/PROBE001 breaks spk's rules (spk's defaults and "
+            "invalid: the build of unpublished-probe/1.0.0/PROBE001 breaks spk's rules (spk's defaults and "
         )),
         "{}",
         human.stdout

@@ -133,11 +133,14 @@ pub fn validate(
         None => None,
     };
     let package = packages::building(store, given.as_ref())?;
-    let rules_from = if request.rules_from.is_empty() {
+    let mut rules_from = if request.rules_from.is_empty() {
         "spk's defaults".to_string()
     } else {
         request.rules_from.clone()
     };
+    if !request.extra.is_empty() {
+        rules_from.push_str(" and the rules given with --allow/--deny/--require");
+    }
     let not_evaluated = request
         .rules
         .iter()

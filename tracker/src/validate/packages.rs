@@ -41,7 +41,12 @@ impl Package {
     pub fn parse(ident: &str) -> Option<Package> {
         let mut parts = ident.split('/');
         let name = parts.next().filter(|n| valid(n))?;
-        let version = parts.next().filter(|v| valid(v))?;
+        // spk's versions: dot-separated numbers, `-pre` and `+post` tags.
+        let version = parts.next().filter(|v| {
+            valid(v)
+                && v.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '+' | '-' | '_' | ','))
+        })?;
         let build = parts.next().unwrap_or("");
         if parts.next().is_some() || (!build.is_empty() && !valid(build)) {
             return None;
@@ -110,9 +115,27 @@ pub fn building(
         Some(p) => format!("spk/pkg/{}/{}", p.name, p.version).into_bytes(),
         None => METADATA_ROOT.to_vec(),
     };
+    let entries = store.net_under(&prefix)?;
+    Ok(building_among(
+        entries.iter().map(|(path, e)| (path.as_slice(), e.kind)),
+        given,
+    ))
+}
+
+/// `building` over net changes `(path relative to the mount, kind)`, as a client
+/// reads them from a tracker's answer (`METADATA_ROOT` and below is enough).
+pub fn building_among<'a>(
+    changes: impl IntoIterator<Item = (&'a [u8], NetKind)>,
+    given: Option<&Package>,
+) -> Option<Package> {
+    if let Some(p) = given
+        && !p.build.is_empty()
+    {
+        return Some(p.clone());
+    }
     let mut found: Vec<Package> = Vec::new();
-    for (path, entry) in store.net_under(&prefix)? {
-        if entry.kind != NetKind::Added {
+    for (path, kind) in changes {
+        if kind != NetKind::Added {
             continue;
         }
         let Some(rest) = path
@@ -125,6 +148,7 @@ pub fn building(
         // The build script spk wrote: spk/pkg/<name>/<version>/<build>/build.sh.
         if let [name, version, build, b"build.sh"] = parts[..]
             && build != b"src"
+            && given.is_none_or(|g| g.name.as_bytes() == name && g.version.as_bytes() == version)
         {
             let ident = [name, b"/", version, b"/", build].concat();
             if let Some(p) = std::str::from_utf8(&ident).ok().and_then(Package::parse)
@@ -134,10 +158,10 @@ pub fn building(
             }
         }
     }
-    Ok(match found.len() {
+    match found.len() {
         1 => found.pop(),
         _ => given.cloned(),
-    })
+    }
 }
 
 /// The recipe `spk build` published for `package` before building it (the spfs blob
