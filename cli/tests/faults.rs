@@ -8,6 +8,7 @@ mod support;
 mod track_support;
 
 use common::{cmd, ok, output, s, text};
+use std::path::Path;
 use std::time::Duration;
 use support::{LowerSpec, need_root};
 use track_support::*;
@@ -201,4 +202,114 @@ fn run_passes_sigterm_to_its_command_and_still_prints_what_it_changed() {
         kept.contains("/spfs/after-term"),
         "the kept changelog holds it too: {kept}"
     );
+}
+
+/// Reads `path` as user nobody: `Ok` when it could (a dir listed, a file read).
+fn read_as_nobody(path: &Path) -> bool {
+    let what = if path.is_dir() { "ls" } else { "cat" };
+    std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", what])
+        .arg(path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("run setpriv (util-linux)")
+        .success()
+}
+
+/// Every path at and below `dir` but sockets.
+fn walk(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+    out.push(dir.to_path_buf());
+    for entry in std::fs::read_dir(dir).expect("read state dir").flatten() {
+        let kind = entry.file_type().expect("file type");
+        if kind.is_dir() {
+            walk(&entry.path(), out);
+        } else if !std::os::unix::fs::FileTypeExt::is_socket(&kind) {
+            out.push(entry.path());
+        }
+    }
+}
+
+#[test]
+fn no_other_user_reads_a_state_dir_and_no_runtime_inherits_another_ones_changelog() {
+    if !need_root() {
+        return;
+    }
+    let tmp = temp();
+    let first = tmp.path().join("first");
+    std::fs::create_dir(&first).expect("mkdir");
+    let mut rt = FakeRuntime::start(&first, &lower());
+    // The same state dir for two runtimes, one after the other: what a reused mount
+    // namespace inode (the default key `mntns-<inode>`) does.
+    let state = tmp.path().join("state");
+    let mut trackers = Trackers::new(&state);
+    let tracker = trackers.track_runtime(&rt);
+    rt.run("echo one > \"$M/first.txt\"");
+    ok(cmd(&["mark", "first-mark", "--state", s(&state)]));
+    let mut paths = Vec::new();
+    walk(&state, &mut paths);
+    assert!(
+        paths.len() > 5,
+        "the state dir holds a changelog: {paths:?}"
+    );
+    for p in &paths[1..] {
+        assert!(
+            !read_as_nobody(p),
+            "another user can read {} (live tracker)",
+            p.display()
+        );
+    }
+    assert!(
+        !read_as_nobody(&state),
+        "another user can list the state dir"
+    );
+    ok(cmd(&["stop", "--state", s(&state)]));
+    assert!(wait_gone(tracker, Duration::from_secs(20)).is_some(), "stopped");
+    rt.end();
+
+    let second = tmp.path().join("second");
+    std::fs::create_dir(&second).expect("mkdir");
+    let mut rt2 = FakeRuntime::start(&second, &lower());
+    trackers.track_runtime(&rt2);
+    rt2.run("echo two > \"$M/second.txt\"");
+    let doc = changes_json(&state, None);
+    let got = net_state_of(&doc);
+    assert!(
+        !got.contains_key(b"first.txt".as_slice()),
+        "the second runtime sees the first one's change: {doc}"
+    );
+    assert_net_is_truth(&rt2, &state, "the second runtime");
+    let history = ok(cmd(&["history", "first.txt", "--state", s(&state)]));
+    assert!(history.is_empty(), "the first runtime's history: {history}");
+    let mark = output(cmd(&[
+        "changes",
+        "--since",
+        "first-mark",
+        "--state",
+        s(&state),
+    ]));
+    assert!(
+        !mark.status.success(),
+        "the first runtime's mark is not this one's"
+    );
+    let aside: Vec<_> = std::fs::read_dir(&state)
+        .expect("read state dir")
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("changelog.sled.earlier-")
+        })
+        .collect();
+    assert_eq!(
+        aside.len(),
+        1,
+        "the first changelog is kept aside, not deleted"
+    );
+    let mut paths = Vec::new();
+    walk(&state, &mut paths);
+    for p in &paths[1..] {
+        assert!(!read_as_nobody(p), "another user can read {}", p.display());
+    }
+    rt2.end();
 }

@@ -37,6 +37,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, Hasher};
 use std::io::Read;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -142,6 +143,14 @@ pub const DB_DIR_NAME: &str = "changelog.sled";
 const CACHE_BYTES: u64 = 32 * 1024 * 1024;
 
 fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
+    // The changelog names files, pids and command lines: its owner's alone (sled
+    // creates its files with the process umask; a private dir keeps them private).
+    let db_dir = dir.join(DB_DIR_NAME);
+    if let Err(e) = std::fs::DirBuilder::new().mode(0o700).create(&db_dir)
+        && e.kind() != std::io::ErrorKind::AlreadyExists
+    {
+        return Err(open_error(dir, e.into()));
+    }
     sled::Config::new()
         .path(dir.join(DB_DIR_NAME))
         .cache_capacity(CACHE_BYTES)

@@ -304,6 +304,27 @@ impl Runtime {
         Ok(Some((identity, masks)))
     }
 
+    /// What tells a runtime outside spfs from any other that had or will have its state
+    /// dir (the kernel reuses mount namespace inodes, and `mntns-<inode>` keys state
+    /// dirs): its upper dir's device, inode and birth time. A remount keeps the upper
+    /// dir, so it keeps this too.
+    pub fn upper_identity(&self) -> Result<String, TrackerError> {
+        let upper = self.reachable(&self.layers.upper);
+        let meta = std::fs::metadata(&upper).map_err(TrackerError::io("upper dir", &upper))?;
+        let born = meta
+            .created()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        Ok(format!(
+            "upper dir {} (device {}:{}, inode {}, born {born})",
+            self.layers.upper.display(),
+            self.upper_dev.0,
+            self.upper_dev.1,
+            meta.ino()
+        ))
+    }
+
     /// A process of the runtime (this one when it is reached here).
     fn witness_pid(&self) -> u32 {
         match self.reach {

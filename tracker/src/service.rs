@@ -31,7 +31,8 @@ pub const RUNS_DIR: &str = "/var/lib/spfs-changes/runs";
 /// The file in a state dir describing the runtime it tracks (`Record`).
 pub const RECORD_NAME: &str = "runtime.json";
 
-/// The changelog's info key naming the runtime it belongs to (`Runtime::spfs`).
+/// The changelog's info key naming the runtime it belongs to (`Runtime::spfs`, else
+/// `Runtime::upper_identity`).
 const IDENTITY_KEY: &str = "runtime";
 
 /// How often `supervise` checks that the runtime still exists.
@@ -51,32 +52,29 @@ impl Service {
     /// tracker follows the runtime's remounts itself. Fails when the kernel, the
     /// layers, the state dir or spfs (for an spfs runtime's masks) cannot be used.
     pub fn start(runtime: Runtime, state: PathBuf) -> Result<Service, TrackerError> {
-        std::fs::create_dir_all(&state)
-            .map_err(TrackerError::io("cannot create state dir", &state))?;
+        make_private(&state)?;
         let (identity, masks) = match runtime.spfs()? {
-            Some((identity, masks)) => (Some(identity), masks),
-            None => (None, Masks::default()),
+            Some((identity, masks)) => (identity, masks),
+            None => (runtime.upper_identity()?, Masks::default()),
         };
-        if let Some(identity) = &identity {
-            set_aside_other_runtimes_changelog(&state, identity)?;
-        }
+        set_aside_other_runtimes_changelog(&state, &identity)?;
         let sync_dir = runtime.sync_dir()?;
         let config = Config::for_runtime(runtime.clone(), masks, state.clone(), sync_dir);
         let tracker = Arc::new(Tracker::start(config)?);
         if std::env::var_os(BATCH_AT_SYNCS_ENV).is_some_and(|v| v == "1") {
             tracker.batch_at_syncs(true);
         }
-        if let Some(identity) = &identity {
-            tracker
-                .store()
-                .set_info(IDENTITY_KEY, identity.as_bytes())?;
-        }
+        tracker
+            .store()
+            .set_info(IDENTITY_KEY, identity.as_bytes())?;
         let socket = state.join(SOCKET_NAME);
         let server = Server::start(tracker.clone(), &socket, runtime.owner_uid, runtime.info())?;
-        let pid_file = state.join(PID_FILE_NAME);
-        std::fs::write(&pid_file, format!("{}\n", std::process::id()))
-            .map_err(TrackerError::io("cannot write", &pid_file))?;
-        Record::of(&runtime).write(&state)?;
+        write_for_owner(
+            &state.join(PID_FILE_NAME),
+            format!("{}\n", std::process::id()).as_bytes(),
+            runtime.owner_uid,
+        )?;
+        Record::of(&runtime).write(&state, runtime.owner_uid)?;
         Ok(Service {
             tracker,
             server,
@@ -323,6 +321,81 @@ fn now_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
+/// Makes a state dir what only root may read: created if missing, owned by root,
+/// mode 0711 (the control socket inside is reached by name; the socket's peer check
+/// decides who is answered), and nothing in it that another user could have planted
+/// (a state dir handed to a runtime's owner when its runtime ended is taken back when
+/// a tracker starts on it again: `spfs run --rerun`).
+fn make_private(state: &Path) -> Result<(), TrackerError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    std::fs::create_dir_all(state).map_err(TrackerError::io("cannot create state dir", state))?;
+    let meta = std::fs::symlink_metadata(state).map_err(TrackerError::io("state dir", state))?;
+    if !meta.is_dir() {
+        return Err(TrackerError::io("state dir", state)(std::io::Error::other(
+            "not a directory",
+        )));
+    }
+    if meta.uid() != 0 {
+        if let Some(link) = first_symlink(state) {
+            return Err(TrackerError::io("refusing to write", &link)(
+                std::io::Error::other(
+                    "another user's state dir holds a symbolic link; move the state dir away",
+                ),
+            ));
+        }
+        give(state, 0).map_err(TrackerError::io("cannot take back", state))?;
+    }
+    std::fs::set_permissions(state, std::fs::Permissions::from_mode(0o711))
+        .map_err(TrackerError::io("cannot restrict", state))?;
+    let db = state.join(store::DB_DIR_NAME);
+    if db.is_dir() {
+        std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o700))
+            .map_err(TrackerError::io("cannot restrict", &db))?;
+    }
+    for name in [LOG_NAME, RECORD_NAME, PID_FILE_NAME] {
+        let p = state.join(name);
+        if p.exists() {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))
+                .map_err(TrackerError::io("cannot restrict", &p))?;
+        }
+    }
+    Ok(())
+}
+
+/// The first symbolic link at or below `dir`, if any.
+fn first_symlink(dir: &Path) -> Option<PathBuf> {
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let kind = entry.file_type().ok()?;
+        if kind.is_symlink() {
+            return Some(entry.path());
+        }
+        if kind.is_dir()
+            && let Some(p) = first_symlink(&entry.path())
+        {
+            return Some(p);
+        }
+    }
+    None
+}
+
+/// Writes a state file only root and the runtime's owner may read (mode 0600, owned
+/// by `owner_uid`): what `list` and a client need to find their runtime's tracker.
+fn write_for_owner(path: &Path, bytes: &[u8], owner_uid: u32) -> Result<(), TrackerError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(TrackerError::io("cannot write", path))?;
+    file.write_all(bytes)
+        .map_err(TrackerError::io("cannot write", path))?;
+    std::os::unix::fs::fchown(&file, Some(owner_uid), None)
+        .map_err(TrackerError::io("cannot hand to the runtime's owner", path))
+}
+
 /// Makes `uid` the owner of `dir` and everything in it (symlinks themselves, never
 /// what they point to), readable by that user alone: the changelog names their files
 /// and command lines.
@@ -390,11 +463,10 @@ impl Record {
         }
     }
 
-    fn write(&self, state: &Path) -> Result<(), TrackerError> {
-        let path = state.join(RECORD_NAME);
+    fn write(&self, state: &Path, owner_uid: u32) -> Result<(), TrackerError> {
         // Serializing a struct of plain fields to JSON cannot fail.
         let text = serde_json::to_vec_pretty(self).expect("a record serializes");
-        std::fs::write(&path, text).map_err(TrackerError::io("cannot write", &path))
+        write_for_owner(&state.join(RECORD_NAME), &text, owner_uid)
     }
 
     /// The record in state dir `state`, if it has a readable one.
@@ -717,6 +789,7 @@ fn background(
     ready: std::os::fd::OwnedFd,
 ) -> Result<(), TrackerError> {
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let mut ready = std::fs::File::from(ready);
     let started = (|| -> Result<(Service, Signals), TrackerError> {
         nix::unistd::setsid()
@@ -728,6 +801,7 @@ fn background(
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&log_path)
             .map_err(TrackerError::io("cannot open", &log_path))?;
         let null = std::fs::File::open("/dev/null")
