@@ -264,7 +264,10 @@ fn no_other_user_reads_a_state_dir_and_no_runtime_inherits_another_ones_changelo
         "another user can list the state dir"
     );
     ok(cmd(&["stop", "--state", s(&state)]));
-    assert!(wait_gone(tracker, Duration::from_secs(20)).is_some(), "stopped");
+    assert!(
+        wait_gone(tracker, Duration::from_secs(20)).is_some(),
+        "stopped"
+    );
     rt.end();
 
     let second = tmp.path().join("second");
@@ -312,4 +315,48 @@ fn no_other_user_reads_a_state_dir_and_no_runtime_inherits_another_ones_changelo
         assert!(!read_as_nobody(p), "another user can read {}", p.display());
     }
     rt2.end();
+}
+
+/// CPU time (user + system) of process `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let rest = stat.rsplit_once(')').expect("stat fields").1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+}
+
+#[test]
+fn a_tracker_out_of_descriptors_waits_instead_of_spinning_and_recovers() {
+    if !need_root() {
+        return;
+    }
+    let tmp = temp();
+    let mut rt = FakeRuntime::start(tmp.path(), &lower());
+    let state = tmp.path().join("state");
+    let mut trackers = Trackers::new(&state);
+    let tracker = trackers.track_runtime(&rt);
+    let open = std::fs::read_dir(format!("/proc/{tracker}/fd"))
+        .expect("the tracker's descriptors")
+        .count();
+    let limit = format!("--nofile={}", open + 8);
+    ok(std::process::Command::new("prlimit").args(["--pid", &tracker.to_string(), &limit]));
+    // Held connections use up what is left; more wait in the listen queue.
+    let held: Vec<_> = (0..60)
+        .filter_map(|_| std::os::unix::net::UnixStream::connect(trackers.socket()).ok())
+        .collect();
+    assert!(held.len() > 20, "connections made: {}", held.len());
+    let log = state.join("tracker.log");
+    let ticks = cpu_ticks(tracker);
+    std::thread::sleep(Duration::from_secs(2));
+    let spent = cpu_ticks(tracker) - ticks;
+    assert!(
+        spent < 50,
+        "the tracker spun for {spent} ticks in 2 s while out of descriptors"
+    );
+    let logged = std::fs::metadata(&log).map_or(0, |m| m.len());
+    assert!(logged < 64 * 1024, "the log grew to {logged} bytes");
+    drop(held);
+    rt.run("echo after > \"$M/after.txt\"");
+    assert_net_is_truth(&rt, &state, "once the connections are closed");
+    rt.end();
 }

@@ -155,6 +155,10 @@ impl Server {
                         }
                     };
                     let (stop_async_tx, mut stop_async_rx) = mpsc::unbounded_channel();
+                    let connections = Connections::default();
+                    let mut backoff = Duration::ZERO;
+                    let mut refused = RateLimited::default();
+                    let mut failed = RateLimited::default();
                     tokio::pin!(shutdown_rx);
                     loop {
                         tokio::select! {
@@ -162,9 +166,26 @@ impl Server {
                             Some(()) = stop_async_rx.recv() => { let _ = stop_tx.send(()); }
                             accepted = listener.accept() => match accepted {
                                 Ok((stream, _)) => {
-                                    tokio::spawn(serve_client(stream, tracker.clone(), served_runtime.clone(), served_socket.clone(), owner_uid, stop_async_tx.clone()));
+                                    backoff = Duration::ZERO;
+                                    let uid = stream.peer_cred().map_or(u32::MAX, |c| c.uid());
+                                    let Some(held) = connections.admit(uid) else {
+                                        refused.note(|n| tracing::warn!(uid, refused = n, "too many connections to the control socket: refused"));
+                                        continue;
+                                    };
+                                    let serve = serve_client(stream, tracker.clone(), served_runtime.clone(), served_socket.clone(), owner_uid, stop_async_tx.clone());
+                                    tokio::spawn(async move {
+                                        serve.await;
+                                        drop(held);
+                                    });
                                 }
-                                Err(e) => tracing::warn!(error = %e, "accept on control socket"),
+                                // Out of descriptors (or another transient failure): the
+                                // pending connection stays queued, so retrying at once
+                                // would spin; wait for connections to close.
+                                Err(e) => {
+                                    failed.note(|n| tracing::warn!(error = %e, failures = n, "accept on control socket"));
+                                    backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                                    tokio::time::sleep(backoff).await;
+                                }
                             }
                         }
                     }
@@ -202,6 +223,77 @@ impl Drop for Server {
             let _ = t.join();
         }
         let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Connections served at once, in all and per user other than root: a runtime's owner
+/// holding connections open must not use up the tracker's descriptors.
+const MAX_CONNECTIONS: usize = 256;
+const MAX_CONNECTIONS_PER_USER: usize = 32;
+
+/// Open connections by peer uid.
+#[derive(Default, Clone)]
+struct Connections {
+    open: Arc<Mutex<std::collections::HashMap<u32, usize>>>,
+}
+
+/// One admitted connection; counted until dropped.
+struct Held {
+    connections: Connections,
+    uid: u32,
+}
+
+impl Connections {
+    /// Counts a connection of `uid`, unless it would pass a limit.
+    fn admit(&self, uid: u32) -> Option<Held> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let total: usize = open.values().sum();
+        let mine = open.get(&uid).copied().unwrap_or(0);
+        if total >= MAX_CONNECTIONS || (uid != 0 && mine >= MAX_CONNECTIONS_PER_USER) {
+            return None;
+        }
+        open.insert(uid, mine + 1);
+        Some(Held {
+            connections: self.clone(),
+            uid,
+        })
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut open = self
+            .connections
+            .open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.uid);
+            }
+        }
+    }
+}
+
+/// Logs a repeated condition at most every 10 s, with how often it happened since.
+#[derive(Default)]
+struct RateLimited {
+    last: Option<std::time::Instant>,
+    count: u64,
+}
+
+impl RateLimited {
+    fn note(&mut self, log: impl FnOnce(u64)) {
+        self.count += 1;
+        if self
+            .last
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+        {
+            log(self.count);
+            self.count = 0;
+            self.last = Some(std::time::Instant::now());
+        }
     }
 }
 
