@@ -131,14 +131,6 @@ struct StatusArgs {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SPFS_CHANGES_LOG")
-                // sled reports its own troubles through log lines; ours say it once.
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,sled=off")),
-        )
-        .init();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         // clap's own message would be several lines and name no argument.
@@ -151,6 +143,17 @@ fn main() -> ExitCode {
         }
         Err(e) => e.exit(),
     };
+    // A background tracker's stderr becomes its log file: no terminal colours there.
+    let detaching = matches!(&cli.command, Some(Command::Track(args)) if !args.foreground);
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(!detaching && std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SPFS_CHANGES_LOG")
+                // sled reports its own troubles through log lines; ours say it once.
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,sled=off")),
+        )
+        .init();
     // Trackers this program starts reset for their runtime's owner with it.
     if let Ok(exe) = std::env::current_exe() {
         let _ = tracker::control::RESET_HELPER.set(exe);

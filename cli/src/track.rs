@@ -20,7 +20,7 @@ pub struct TrackArgs {
     runtime_name: Option<String>,
     /// Stay in the foreground (for service managers) instead of detaching.
     #[arg(long)]
-    foreground: bool,
+    pub foreground: bool,
     /// Where to keep the changelog [default: /var/lib/spfs-changes/runtimes/<runtime>].
     #[arg(long)]
     state: Option<PathBuf>,

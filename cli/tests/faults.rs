@@ -360,3 +360,35 @@ fn a_tracker_out_of_descriptors_waits_instead_of_spinning_and_recovers() {
     assert_net_is_truth(&rt, &state, "once the connections are closed");
     rt.end();
 }
+
+#[test]
+fn a_second_tracker_with_another_state_dir_names_the_first_instead_of_starting() {
+    if !need_root() {
+        return;
+    }
+    let tmp = temp();
+    let mut rt = FakeRuntime::start(tmp.path(), &lower());
+    let state = tmp.path().join("state");
+    let mut trackers = Trackers::new(&state);
+    let first = trackers.track_runtime(&rt);
+    let other = tmp.path().join("other-state");
+    let _other_guard = Trackers::new(&other);
+    let second = output(cmd(&[
+        "track",
+        "--pid",
+        &rt.pid.to_string(),
+        "--mount",
+        s(&rt.mnt),
+        "--state",
+        s(&other),
+    ]));
+    common::assert_one_line_error(&second, &format!("already tracked by tracker pid {first}"));
+    assert!(
+        text(&second.stderr).contains(s(&state)),
+        "names the first one's state dir: {}",
+        text(&second.stderr)
+    );
+    rt.run("echo x > \"$M/x.txt\"");
+    assert_net_is_truth(&rt, &state, "the first tracker goes on");
+    rt.end();
+}

@@ -44,6 +44,8 @@ pub struct Service {
     server: Server,
     runtime: Runtime,
     state: PathBuf,
+    /// Held while the service lives: no second tracker watches the runtime.
+    _claim: nix::fcntl::Flock<std::fs::File>,
 }
 
 impl Service {
@@ -53,6 +55,7 @@ impl Service {
     /// layers, the state dir or spfs (for an spfs runtime's masks) cannot be used.
     pub fn start(runtime: Runtime, state: PathBuf) -> Result<Service, TrackerError> {
         make_private(&state)?;
+        let claim = claim(&runtime, &state)?;
         let (identity, masks) = match runtime.spfs()? {
             Some((identity, masks)) => (identity, masks),
             None => (runtime.upper_identity()?, Masks::default()),
@@ -80,6 +83,7 @@ impl Service {
             server,
             runtime,
             state,
+            _claim: claim,
         })
     }
 
@@ -136,6 +140,7 @@ impl Service {
             server,
             mut runtime,
             state,
+            _claim,
         } = self;
         drop(server);
         let store = tracker.store().clone();
@@ -360,6 +365,56 @@ fn make_private(state: &Path) -> Result<(), TrackerError> {
         }
     }
     Ok(())
+}
+
+/// The lock file on the runtime's own filesystem, beside its upper dir (outside upper
+/// and work): whichever state dir a tracker keeps its changelog in, the runtime has
+/// one tracker.
+pub const CLAIM_NAME: &str = ".spfs-changes-tracker.lock";
+
+/// Claims `runtime` for a tracker keeping its changelog in `state` (an exclusive
+/// `flock`, released when the process ends however it ends). Errors when another
+/// tracker holds it, naming that one's pid and state dir.
+fn claim(
+    runtime: &Runtime,
+    state: &Path,
+) -> Result<nix::fcntl::Flock<std::fs::File>, TrackerError> {
+    use std::io::{Read, Seek, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let parent = runtime.layers.upper.parent().ok_or_else(|| {
+        TrackerError::Attach(
+            "the upper dir is a filesystem root: no room for a lock beside it".into(),
+        )
+    })?;
+    let path = runtime.reachable(&parent.join(CLAIM_NAME));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(TrackerError::io("cannot open", &path))?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(mut held) => {
+            let said = format!("{} {}\n", std::process::id(), state.display());
+            held.set_len(0)
+                .and_then(|()| held.rewind())
+                .and_then(|()| held.write_all(said.as_bytes()))
+                .map_err(TrackerError::io("cannot write", &path))?;
+            Ok(held)
+        }
+        Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+            let mut said = String::new();
+            let _ = file.read_to_string(&mut said);
+            let (pid, dir) = said.trim().split_once(' ').unwrap_or(("?", "?"));
+            Err(TrackerError::Attach(format!(
+                "the runtime at {} is already tracked by tracker pid {pid}, with its changelog in {dir}",
+                runtime.mount_point.display()
+            )))
+        }
+        Err((_, e)) => Err(TrackerError::io("cannot lock", &path)(e.into())),
+    }
 }
 
 /// The first symbolic link at or below `dir`, if any.
