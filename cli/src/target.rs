@@ -88,7 +88,12 @@ pub fn open(args: &TargetArgs, auto_start: bool) -> anyhow::Result<Target> {
             state.display()
         );
     }
-    let store = Box::new(Store::open(&state)?);
+    let store = Box::new(Store::open(&state).map_err(|e| match e {
+        store::StoreError::Corrupt { .. } => anyhow::anyhow!(
+            "{e}; no answer is given from it (a tracker started on the runtime keeps it aside and rebuilds the changelog from the upper dir)"
+        ),
+        other => other.into(),
+    })?);
     let mount = store
         .info("mount")?
         .map(|b| PathBuf::from(std::ffi::OsString::from_vec(b)))

@@ -392,3 +392,101 @@ fn a_second_tracker_with_another_state_dir_names_the_first_instead_of_starting()
     assert_net_is_truth(&rt, &state, "the first tracker goes on");
     rt.end();
 }
+
+#[test]
+fn a_damaged_changelog_gives_the_right_answer_or_a_one_line_error_never_less() {
+    if !need_root() {
+        return;
+    }
+    let tmp = temp();
+    let mut rt = FakeRuntime::start(tmp.path(), &lower());
+    let state = tmp.path().join("state");
+    let mut trackers = Trackers::new(&state);
+    let tracker = trackers.track_runtime(&rt);
+    rt.run("for i in $(seq 1 400); do echo $i > \"$M/sub/f$i\"; done; rm \"$M/keep.txt\"");
+    ok(cmd(&["stop", "--state", s(&state)]));
+    assert!(
+        wait_gone(tracker, Duration::from_secs(20)).is_some(),
+        "stopped"
+    );
+    let whole = net_state_of(&changes_json(&state, None));
+    assert_eq!(whole, rt.truth(), "the changelog before any damage");
+    let db = state.join("changelog.sled/db");
+    // sled's segments are mostly unused space: damage where something was written.
+    let bytes = std::fs::read(&db).expect("the db file");
+    let size = bytes
+        .iter()
+        .rposition(|&b| b != 0)
+        .map_or(1, |p| p as u64 + 1);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .subsec_nanos() as u64;
+    eprintln!("damage seed {seed}");
+    let mut rng = seed | 1;
+    let mut next = move || {
+        // xorshift: enough to spread offsets over the file.
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let (mut right, mut refused) = (0, 0);
+    for trial in 0..40 {
+        let copy = tmp.path().join(format!("trial-{trial}"));
+        ok(std::process::Command::new("cp").args(["-a", s(&state), s(&copy)]));
+        let offset = next() % size;
+        let mut garbage = [0u8; 32];
+        for b in &mut garbage {
+            *b = next() as u8;
+        }
+        {
+            use std::io::{Seek, SeekFrom, Write};
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(copy.join("changelog.sled/db"))
+                .expect("open the copy's db");
+            f.seek(SeekFrom::Start(offset)).expect("seek");
+            f.write_all(&garbage).expect("damage");
+        }
+        let out = output(cmd(&["changes", "--state", s(&copy), "--json"]));
+        let ctx = format!("seed {seed} trial {trial}: 32 bytes at {offset} of {size} used");
+        if out.status.success() {
+            let doc: serde_json::Value =
+                serde_json::from_slice(&out.stdout).expect("changes --json is JSON");
+            assert_eq!(
+                net_state_of(&doc),
+                whole,
+                "{ctx}: a damaged changelog answered as if whole\n{}",
+                differences(&net_state_of(&doc), &whole)
+            );
+            right += 1;
+        } else {
+            assert_ne!(
+                out.status.code(),
+                Some(101),
+                "{ctx}: a panic: {}",
+                text(&out.stderr)
+            );
+            common::assert_one_line_error(&out, "changelog");
+            refused += 1;
+        }
+        std::fs::remove_dir_all(&copy).expect("remove the copy");
+    }
+    eprintln!("{right} right answers, {refused} one-line errors");
+
+    // A tracker started over a damaged changelog keeps it aside and starts again from
+    // the upper dir.
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&db)
+            .expect("open the db");
+        f.seek(SeekFrom::Start(size / 2)).expect("seek");
+        f.write_all(&vec![0x5a; 4096]).expect("damage");
+    }
+    trackers.track_runtime(&rt);
+    assert_net_is_truth(&rt, &state, "a tracker started over a damaged changelog");
+    rt.end();
+}

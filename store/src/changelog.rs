@@ -219,7 +219,28 @@ struct Plan<'a> {
 
 impl Store {
     /// Opens or creates the changelog in `dir` (the sled db is `dir/changelog.sled`).
+    /// Damage is an error (`StoreError::Corrupt`), never a panic or a shorter history:
+    /// a panic of sled's while reading the db is caught here, and a changelog shorter
+    /// than when it was last flushed (sled's recovery drops everything after a damaged
+    /// entry) is told by the seal kept beside it (`SEAL_NAME`).
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        let store = guarded("opening", || Store::open_unguarded(dir))?;
+        if let Some(sealed) = read_seal(dir) {
+            let meta = *store.read_state();
+            if meta.last_seq < sealed {
+                return Err(StoreError::Corrupt {
+                    what: format!(
+                        "{} holds records up to {} but was flushed with {sealed}: it is damaged",
+                        dir.join(DB_DIR_NAME).display(),
+                        meta.last_seq
+                    ),
+                });
+            }
+        }
+        Ok(store)
+    }
+
+    fn open_unguarded(dir: &Path) -> Result<Store, StoreError> {
         let open_err = |source: sled::Error| open_error(dir, source);
         std::fs::create_dir_all(dir).map_err(|e| open_err(e.into()))?;
         let key = dir.canonicalize().map_err(|e| open_err(e.into()))?;
@@ -990,7 +1011,9 @@ impl Store {
 
     /// Makes everything written so far durable (sled otherwise flushes on a timer).
     pub fn flush(&self) -> Result<(), StoreError> {
+        let meta = *self.read_state();
         self.db.flush()?;
+        write_seal(&self.dir, meta.last_seq);
         Ok(())
     }
 
@@ -1012,8 +1035,7 @@ impl Store {
             Some(e) => self.meta.insert(ENDED_KEY, encode(e))?,
             None => self.meta.remove(ENDED_KEY)?,
         };
-        self.db.flush()?;
-        Ok(())
+        self.flush()
     }
 
     /// See `set_ended`.
@@ -1085,10 +1107,82 @@ fn open_error(dir: &Path, source: sled::Error) -> StoreError {
             path: dir.to_owned(),
         };
     }
+    if matches!(
+        source,
+        sled::Error::Corruption { .. } | sled::Error::ReportableBug(_)
+    ) {
+        return StoreError::Corrupt {
+            what: format!(
+                "{}: {}",
+                dir.join(DB_DIR_NAME).display(),
+                source.to_string().replace(" backtrace ()", "")
+            ),
+        };
+    }
     StoreError::Open {
         path: dir.to_owned(),
         source,
     }
+}
+
+/// Renames a damaged changelog in `dir` aside (`changelog.sled.damaged-<unix
+/// seconds>`, with its seal), so that a new one can start there; returns where it went.
+pub fn set_aside_damaged(dir: &Path) -> std::io::Result<PathBuf> {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let aside = dir.join(format!("{DB_DIR_NAME}.damaged-{secs}"));
+    std::fs::rename(dir.join(DB_DIR_NAME), &aside)?;
+    if let Err(e) = std::fs::rename(dir.join(SEAL_NAME), aside.join(SEAL_NAME))
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        return Err(e);
+    }
+    Ok(aside)
+}
+
+/// A file beside the db (`<state>/changelog.seal`) holding the last seq the db held
+/// when it was last flushed: a db found shorter than that is damaged.
+pub const SEAL_NAME: &str = "changelog.seal";
+
+fn read_seal(dir: &Path) -> Option<u64> {
+    std::fs::read_to_string(dir.join(SEAL_NAME))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Written after the db's flush, replaced atomically; a failure only loses the check.
+fn write_seal(dir: &Path, last_seq: u64) {
+    let tmp = dir.join(format!("{SEAL_NAME}.new"));
+    let written = std::fs::write(&tmp, format!("{last_seq}\n"))
+        .and_then(|()| std::fs::rename(&tmp, dir.join(SEAL_NAME)));
+    if let Err(e) = written {
+        tracing::warn!(error = %e, dir = %dir.display(), "cannot write the changelog's seal");
+    }
+}
+
+/// Runs `f`, turning a panic inside it (sled's, on a damaged db) into
+/// `StoreError::Corrupt`, with the panic's own report kept off the terminal.
+pub(crate) fn guarded<T>(
+    doing: &str,
+    f: impl FnOnce() -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(hook);
+    result.unwrap_or_else(|panic| {
+        let why = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "a panic".into());
+        Err(StoreError::Corrupt {
+            what: format!("sled failed while {doing} it ({why}): it is damaged"),
+        })
+    })
 }
 
 pub(crate) fn now_ns() -> u64 {

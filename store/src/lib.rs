@@ -15,7 +15,7 @@ mod pathmap;
 mod query;
 mod token;
 
-pub use changelog::{DB_DIR_NAME, MarkRecords, Store};
+pub use changelog::{DB_DIR_NAME, MarkRecords, SEAL_NAME, Store, set_aside_damaged};
 pub use error::StoreError;
 pub use model::*;
 pub use query::Filter;

@@ -97,6 +97,10 @@ impl Store {
     /// its net kind at the position, `kind` its net kind now; paths created and gone
     /// again within the window are left out.
     pub fn query(&self, q: &Query) -> Result<ChangeSet, StoreError> {
+        crate::changelog::guarded("reading", || self.query_unguarded(q))
+    }
+
+    fn query_unguarded(&self, q: &Query) -> Result<ChangeSet, StoreError> {
         let filter = Filter::new(&q.prefixes, &q.globs)?;
         let state = self.read_state();
         let token = state.token();

@@ -167,7 +167,27 @@ impl Tracker {
             "cannot create state dir",
             &config.state_dir,
         ))?;
-        let store = Arc::new(Store::open(&config.state_dir)?);
+        let mut start_reason =
+            "tracker started over an existing upper dir or changelog".to_string();
+        let store = match Store::open(&config.state_dir) {
+            // Never answer from a damaged changelog: keep it for a look, start a new one
+            // and rebuild the net state from the upper dir (a gap says so).
+            Err(store::StoreError::Corrupt { what }) => {
+                let aside =
+                    store::set_aside_damaged(&config.state_dir).map_err(TrackerError::io(
+                        "cannot set aside the damaged changelog in",
+                        &config.state_dir,
+                    ))?;
+                tracing::error!(damage = %what, kept = %aside.display(), "the changelog is damaged: starting a new one from the upper dir");
+                start_reason = format!(
+                    "the changelog was damaged ({what}); kept at {}",
+                    aside.display()
+                );
+                Store::open(&config.state_dir)?
+            }
+            other => other?,
+        };
+        let store = Arc::new(store);
         // Recording again: what was missed while stopped comes from the rescan below.
         store.set_ended(None)?;
 
@@ -257,7 +277,7 @@ impl Tracker {
                 .next()
                 .is_some();
         if existing {
-            watcher.rescan("tracker started over an existing upper dir or changelog")?;
+            watcher.rescan(&start_reason)?;
         }
         let stop = shared.stop_flag.clone();
         let mut threads = Vec::new();

@@ -698,7 +698,12 @@ fn set_aside_other_runtimes_changelog(state: &Path, identity: &str) -> Result<()
     if !db.exists() {
         return Ok(());
     }
-    let recorded = store::Store::open(state)?.info(IDENTITY_KEY)?;
+    let recorded = match store::Store::open(state) {
+        Ok(store) => store.info(IDENTITY_KEY)?,
+        // The tracker sets a damaged changelog aside itself.
+        Err(store::StoreError::Corrupt { .. }) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
     if recorded.as_deref() == Some(identity.as_bytes()) {
         return Ok(());
     }
