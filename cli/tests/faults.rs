@@ -14,10 +14,26 @@ use support::{LowerSpec, need_root};
 use track_support::*;
 
 fn temp() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("spfs-changes-faults.")
-        .tempdir_in("/tmp")
-        .expect("temp dir")
+    temp_dir("faults")
+}
+
+/// A runtime over `lower()` in `root`, tracked with its changelog in `root/state`: the
+/// runtime, the state dir, the guard of its trackers and the tracker's pid.
+fn tracked_runtime(root: &Path) -> (FakeRuntime, std::path::PathBuf, Trackers, u32) {
+    let rt = FakeRuntime::start(root, &lower());
+    let state = root.join("state");
+    let mut trackers = Trackers::new(&state);
+    let tracker = trackers.track_runtime(&rt);
+    (rt, state, trackers, tracker)
+}
+
+/// `spfs-changes stop --state STATE`, then waits for the tracker to be gone.
+fn stop_and_wait(state: &Path, tracker: u32) {
+    ok(cmd(&["stop", "--state", s(state)]));
+    assert!(
+        wait_gone(tracker, Duration::from_secs(20)).is_some(),
+        "the tracker did not stop"
+    );
 }
 
 fn lower() -> LowerSpec {
@@ -78,10 +94,7 @@ fn sigterm_during_a_write_storm_keeps_every_change_made_before_it_and_says_where
     // The signal lands at a different point of the storm each round.
     for (round, delay_ms) in [0u64, 15, 40, 90, 200].into_iter().enumerate() {
         let tmp = temp();
-        let mut rt = FakeRuntime::start(tmp.path(), &lower());
-        let state = tmp.path().join("state");
-        let mut trackers = Trackers::new(&state);
-        let tracker = trackers.track_runtime(&rt);
+        let (mut rt, state, mut trackers, tracker) = tracked_runtime(tmp.path());
         rt.run(STORM);
         std::thread::sleep(Duration::from_millis(delay_ms));
         // Every step counted here was done before the signal.
@@ -263,11 +276,7 @@ fn no_other_user_reads_a_state_dir_and_no_runtime_inherits_another_ones_changelo
         !read_as_nobody(&state),
         "another user can list the state dir"
     );
-    ok(cmd(&["stop", "--state", s(&state)]));
-    assert!(
-        wait_gone(tracker, Duration::from_secs(20)).is_some(),
-        "stopped"
-    );
+    stop_and_wait(&state, tracker);
     rt.end();
 
     let second = tmp.path().join("second");
@@ -331,10 +340,7 @@ fn a_tracker_out_of_descriptors_waits_instead_of_spinning_and_recovers() {
         return;
     }
     let tmp = temp();
-    let mut rt = FakeRuntime::start(tmp.path(), &lower());
-    let state = tmp.path().join("state");
-    let mut trackers = Trackers::new(&state);
-    let tracker = trackers.track_runtime(&rt);
+    let (mut rt, state, trackers, tracker) = tracked_runtime(tmp.path());
     let open = std::fs::read_dir(format!("/proc/{tracker}/fd"))
         .expect("the tracker's descriptors")
         .count();
@@ -367,21 +373,10 @@ fn a_second_tracker_with_another_state_dir_names_the_first_instead_of_starting()
         return;
     }
     let tmp = temp();
-    let mut rt = FakeRuntime::start(tmp.path(), &lower());
-    let state = tmp.path().join("state");
-    let mut trackers = Trackers::new(&state);
-    let first = trackers.track_runtime(&rt);
+    let (mut rt, state, _trackers, first) = tracked_runtime(tmp.path());
     let other = tmp.path().join("other-state");
     let _other_guard = Trackers::new(&other);
-    let second = output(cmd(&[
-        "track",
-        "--pid",
-        &rt.pid.to_string(),
-        "--mount",
-        s(&rt.mnt),
-        "--state",
-        s(&other),
-    ]));
+    let second = track_output(&rt, &other);
     common::assert_one_line_error(&second, &format!("already tracked by tracker pid {first}"));
     assert!(
         text(&second.stderr).contains(s(&state)),
@@ -399,16 +394,9 @@ fn a_damaged_changelog_gives_the_right_answer_or_a_one_line_error_never_less() {
         return;
     }
     let tmp = temp();
-    let mut rt = FakeRuntime::start(tmp.path(), &lower());
-    let state = tmp.path().join("state");
-    let mut trackers = Trackers::new(&state);
-    let tracker = trackers.track_runtime(&rt);
+    let (mut rt, state, mut trackers, tracker) = tracked_runtime(tmp.path());
     rt.run("for i in $(seq 1 400); do echo $i > \"$M/sub/f$i\"; done; rm \"$M/keep.txt\"");
-    ok(cmd(&["stop", "--state", s(&state)]));
-    assert!(
-        wait_gone(tracker, Duration::from_secs(20)).is_some(),
-        "stopped"
-    );
+    stop_and_wait(&state, tracker);
     let whole = net_state_of(&changes_json(&state, None));
     assert_eq!(whole, rt.truth(), "the changelog before any damage");
     let db = state.join("changelog.sled/db");

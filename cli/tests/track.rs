@@ -21,10 +21,7 @@ use track_support::*;
 use tracker::control::{Client, MAX_REQUEST, Request, Response};
 
 fn temp() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("spfs-changes-track.")
-        .tempdir_in("/tmp")
-        .expect("temp dir")
+    temp_dir("track")
 }
 
 /// Lower files every test can change: keep, modify, delete, replace.
@@ -75,15 +72,7 @@ fn attach_by_pid_from_outside_reports_changes_made_inside() {
     );
 
     // A second start finds the first.
-    let again = output(cmd(&[
-        "track",
-        "--pid",
-        &rt.pid.to_string(),
-        "--mount",
-        s(&rt.mnt),
-        "--state",
-        s(&state),
-    ]));
+    let again = track_output(&rt, &state);
     assert!(again.status.success(), "{}", text(&again.stderr));
     let printed = text(&again.stdout);
     assert!(

@@ -1156,8 +1156,19 @@ fn read_seal(dir: &Path) -> Option<u64> {
 /// Written after the db's flush, replaced atomically; a failure only loses the check.
 fn write_seal(dir: &Path, last_seq: u64) {
     let tmp = dir.join(format!("{SEAL_NAME}.new"));
-    let written = std::fs::write(&tmp, format!("{last_seq}\n"))
-        .and_then(|()| std::fs::rename(&tmp, dir.join(SEAL_NAME)));
+    let written = (|| {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        // Private like the db itself.
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(format!("{last_seq}\n").as_bytes())?;
+        std::fs::rename(&tmp, dir.join(SEAL_NAME))
+    })();
     if let Err(e) = written {
         tracing::warn!(error = %e, dir = %dir.display(), "cannot write the changelog's seal");
     }

@@ -357,7 +357,7 @@ fn make_private(state: &Path) -> Result<(), TrackerError> {
         std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o700))
             .map_err(TrackerError::io("cannot restrict", &db))?;
     }
-    for name in [LOG_NAME, RECORD_NAME, PID_FILE_NAME] {
+    for name in [LOG_NAME, RECORD_NAME, PID_FILE_NAME, store::SEAL_NAME] {
         let p = state.join(name);
         if p.exists() {
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))

@@ -16,6 +16,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// A temp dir under /tmp (the runtimes' tmpfs and overlay mount there), named for the
+/// test file.
+pub fn temp_dir(file: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("spfs-changes-{file}."))
+        .tempdir_in("/tmp")
+        .expect("temp dir")
+}
+
 pub fn own_mount_ns() -> u64 {
     std::fs::metadata("/proc/thread-self/ns/mnt")
         .expect("own mount namespace")
@@ -269,6 +278,20 @@ impl Trackers {
     pub fn socket(&self) -> PathBuf {
         self.state.join("control.sock")
     }
+}
+
+/// `track --pid <the runtime's pid> --mount <its mount> --state <state>`, whatever it
+/// answers (a tracker started this way is not guarded: see [`Trackers`]).
+pub fn track_output(rt: &FakeRuntime, state: &Path) -> std::process::Output {
+    crate::common::output(cmd(&[
+        "track",
+        "--pid",
+        &rt.pid.to_string(),
+        "--mount",
+        s(&rt.mnt),
+        "--state",
+        s(state),
+    ]))
 }
 
 /// The pid in `tracking ... (tracker pid N, socket S)`.
